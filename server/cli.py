@@ -1,0 +1,38 @@
+"""The `fedsqueeze` command line: one typer app, one sub-app per area.
+
+Each area owns its sub-app module and registers it here with one line; heavy imports
+(torch, flwr, sqlalchemy) stay inside the command functions so that `--help` is fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="fedsqueeze",
+    help="Federated learning with bidirectional communication compression on Flower.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Federated learning with bidirectional communication compression on Flower."""
+
+
+@app.command()
+def version() -> None:
+    """Print the installed fedsqueeze version."""
+    from importlib.metadata import version as _version
+
+    typer.echo(_version("fedsqueeze"))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
