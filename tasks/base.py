@@ -79,8 +79,12 @@ class Task(ABC):
 
 TaskFactory = Callable[..., Task]
 
-#: built-in tasks by name; modules under tasks/ add themselves with `register_task`
-TASKS: dict[str, str] = {}
+#: built-in tasks by name -> "module:factory" (imported only when used)
+TASKS: dict[str, str] = {
+    "synthetic-lsq": "tasks.synthetic:make_lsq_task",
+    "synthetic-logreg": "tasks.synthetic:make_logreg_task",
+    "fashion-mnist": "tasks.fashion_mnist:make_task",
+}
 
 
 def register_task(name: str, target: str) -> None:
