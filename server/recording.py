@@ -31,6 +31,8 @@ class RunInfo:
     config: dict[str, Any]
     flower_run_id: int | None = None
     started_at: datetime = field(default_factory=utcnow)
+    # number of model parameters d: the float32 baseline of a message is 4*d bytes
+    num_parameters: int | None = None
 
 
 @dataclass

@@ -1,0 +1,144 @@
+"""Engines, sessions and schema migrations of the round-history store.
+
+SQLite (the embedded default) is opened in WAL mode with foreign keys on, a busy timeout
+and ``synchronous=NORMAL`` (a committed round survives a crash of the process; in WAL
+mode only a power loss can lose the last commits). PostgreSQL is reached through
+psycopg 3. The schema is created and changed only by Alembic (`upgrade`), which
+`ensure_schema` runs on an empty database so a newcomer needs no extra step.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.settings import resolve_database_url
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+class SchemaError(RuntimeError):
+    """The database schema is not at the revision this code expects."""
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def make_engine(database_url: str | None = None, **kwargs: Any) -> Engine:
+    """A new engine for the URL (see `api.settings.resolve_database_url`)."""
+    url = make_url(resolve_database_url(database_url))
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        kwargs.setdefault("connect_args", {"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, **kwargs)
+        event.listen(engine, "connect", _sqlite_on_connect)
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("pool_size", 10)
+    kwargs.setdefault("max_overflow", 20)
+    return create_engine(url, **kwargs)
+
+
+def get_engine(database_url: str | None = None) -> Engine:
+    """A process-wide engine per URL (created on first use)."""
+    url = resolve_database_url(database_url)
+    with _engines_lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = make_engine(url)
+            _engines[url] = engine
+        return engine
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+def _alembic_config(engine: Engine) -> Any:
+    from alembic.config import Config
+
+    cfg = Config(str(MIGRATIONS_DIR / "alembic.ini"))
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option(
+        "sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%")
+    )
+    return cfg
+
+
+def _run_alembic(engine: Engine, fn: Any, revision: str) -> None:
+    cfg = _alembic_config(engine)
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        fn(cfg, revision)
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Apply the migrations up to `revision` (Alembic ``upgrade``)."""
+    from alembic import command
+
+    _run_alembic(engine, command.upgrade, revision)
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    """Revert the migrations down to `revision` (``base`` empties the database)."""
+    from alembic import command
+
+    _run_alembic(engine, command.downgrade, revision)
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory(str(MIGRATIONS_DIR))
+    head = script.get_current_head()
+    if head is None:
+        raise SchemaError("no migrations found in " + str(MIGRATIONS_DIR))
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Migrate an empty database to head; refuse a database at another revision.
+
+    A database that holds tables but no Alembic revision, or an older revision, is not
+    touched: the operator runs ``fedsqueeze db upgrade`` (after a backup) instead.
+    """
+    current = current_revision(engine)
+    head = head_revision()
+    if current == head:
+        return
+    if current is None:
+        tables = set(inspect(engine).get_table_names())
+        if tables - {"alembic_version"}:
+            raise SchemaError(
+                f"database {engine.url.render_as_string(hide_password=True)} has tables "
+                f"{sorted(tables)} but no fedsqueeze schema revision; point DATABASE_URL "
+                "at an empty database"
+            )
+        upgrade(engine)
+        return
+    raise SchemaError(
+        f"database schema is at revision {current}, this fedsqueeze expects {head}: "
+        "run `fedsqueeze db upgrade`"
+    )

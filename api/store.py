@@ -1,0 +1,707 @@
+"""The round-history store: the SQL recorder and the queries of the REST service.
+
+`SqlRecorder` implements `server.recording.Recorder`: ``start_run`` inserts a run,
+``record_round`` appends one round with its client-rounds and updates the run's running
+totals in a single transaction (a crash loses at most the round in flight), and
+``finish_run`` closes the run. `Store` holds the read and write operations shared by the
+recorder, the REST service and the command line.
+
+Run summary (all from the run row, kept up to date as rounds are appended):
+
+- rounds done R, bytes up U = sum_t U_t and down D = sum_t D_t (measured);
+- float32 baseline: an uncompressed message of a model with d parameters is 4d bytes,
+  so the baseline is U32 = 4d * sum_t replied_t up and D32 = 4d * sum_t sampled_t down;
+- compression ratios U32/U, D32/D and (U32+D32)/(U+D).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import math
+import os
+import secrets
+import socket
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, and_, case, delete, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.db import ensure_schema, get_engine, session_factory
+from api.errors import ConflictError, InvalidError, NotFoundError
+from api.models import (
+    CLIENT_STATUSES,
+    OUTCOMES,
+    RUN_STATUSES,
+    ApiToken,
+    Client,
+    ClientRound,
+    Round,
+    Run,
+)
+from server.recording import ClientRoundRecord, RoundRecord, RunInfo
+
+FINAL_STATUSES = ("finished", "failed", "interrupted")
+RUN_SORT_KEYS = ("id", "started_at", "strategy", "status", "rounds_done", "best_eval_accuracy")
+MAX_COMPARE_RUNS = 20
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def hash_token(token: str) -> str:
+    """SHA-256 hex digest of a token (tokens are 256-bit random, so no salt is needed)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def _finite(value: float | None) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _check_nonneg(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def validate_round(record: RoundRecord) -> None:
+    """Raise `InvalidError` naming the first bad field of a round record."""
+    for name in (
+        "round",
+        "sampled",
+        "replied",
+        "failed",
+        "uplink_bytes",
+        "downlink_bytes",
+        "predicted_uplink_bytes",
+        "predicted_downlink_bytes",
+    ):
+        _check_nonneg(name, getattr(record, name))
+    if record.replied + record.failed > record.sampled:
+        raise InvalidError(
+            f"replied ({record.replied}) + failed ({record.failed}) exceed sampled "
+            f"({record.sampled})"
+        )
+    if record.ended_at < record.started_at:
+        raise InvalidError("ended_at is before started_at")
+    for i, c in enumerate(record.clients):
+        if c.outcome not in OUTCOMES:
+            raise InvalidError(f"clients[{i}].outcome {c.outcome!r} is not one of {OUTCOMES}")
+        _check_nonneg(f"clients[{i}].node_id", c.node_id)
+        if c.node_id >= 1 << 64:
+            raise InvalidError(f"clients[{i}].node_id does not fit in 64 bits")
+        for name in ("uplink_bytes", "downlink_bytes", "num_examples"):
+            _check_nonneg(f"clients[{i}].{name}", getattr(c, name))
+
+
+@dataclass
+class Page:
+    items: list[Any]
+    total: int
+    limit: int
+    offset: int
+
+
+@dataclass
+class Participation:
+    rounds: int = 0
+    ok: int = 0
+    failed: int = 0
+    uplink_bytes: int = 0
+    downlink_bytes: int = 0
+    num_examples: int = 0
+    last_round_at: datetime | None = None
+
+
+def _process_alive(pid: int, not_after: datetime) -> bool:
+    """Whether process `pid` exists and was created no later than `not_after`."""
+    import psutil
+
+    try:
+        created = psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return False
+    return created <= not_after.timestamp() + 1.0
+
+
+class Store:
+    """Operations on the round-history store (one short transaction each)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sessions = session_factory(engine)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions() as session:
+            yield session
+
+    # ------------------------------------------------------------------ runs: write
+    def create_run(
+        self, info: RunInfo, recorder_host: str | None = None, recorder_pid: int | None = None
+    ) -> int:
+        for name in ("strategy", "uplink_compressor", "downlink_compressor", "task"):
+            if not getattr(info, name):
+                raise InvalidError(f"{name} must not be empty")
+        num_parameters = info.num_parameters
+        if num_parameters is None:
+            for key in ("num-parameters", "num_parameters"):
+                if isinstance(info.config.get(key), int):
+                    num_parameters = int(info.config[key])
+        if num_parameters is not None and num_parameters <= 0:
+            raise InvalidError("num_parameters must be positive")
+        now = utcnow()
+        with self._sessions.begin() as session:
+            run = Run(
+                flower_run_id=info.flower_run_id,
+                strategy=info.strategy,
+                uplink_compressor=info.uplink_compressor,
+                downlink_compressor=info.downlink_compressor,
+                task=info.task,
+                config=dict(info.config),
+                num_parameters=num_parameters,
+                status="running",
+                started_at=info.started_at,
+                updated_at=now,
+                recorder_host=recorder_host,
+                recorder_pid=recorder_pid,
+                rounds_done=0,
+                sampled_total=0,
+                replied_total=0,
+                failed_total=0,
+                uplink_bytes_total=0,
+                downlink_bytes_total=0,
+                predicted_uplink_bytes_total=0,
+                predicted_downlink_bytes_total=0,
+            )
+            session.add(run)
+            session.flush()
+            return run.id
+
+    def append_round(self, run_id: int, record: RoundRecord) -> int:
+        """Append one round and its client-rounds in one transaction; return its row id.
+
+        Raises `NotFoundError` for an unknown run, `ConflictError` if the run is closed
+        or already has this round number, `InvalidError` for a bad record.
+        """
+        validate_round(record)
+        accuracy = _finite(record.eval_accuracy)
+        extra = dict(record.extra)
+        non_finite = {
+            name: repr(getattr(record, name))
+            for name in ("train_loss", "eval_loss", "eval_accuracy")
+            if getattr(record, name) is not None and _finite(getattr(record, name)) is None
+        }
+        if non_finite:
+            extra["non_finite"] = non_finite
+        now = utcnow()
+        totals: dict[str, Any] = {
+            "rounds_done": Run.rounds_done + 1,
+            "sampled_total": Run.sampled_total + record.sampled,
+            "replied_total": Run.replied_total + record.replied,
+            "failed_total": Run.failed_total + record.failed,
+            "uplink_bytes_total": Run.uplink_bytes_total + record.uplink_bytes,
+            "downlink_bytes_total": Run.downlink_bytes_total + record.downlink_bytes,
+            "predicted_uplink_bytes_total": Run.predicted_uplink_bytes_total
+            + record.predicted_uplink_bytes,
+            "predicted_downlink_bytes_total": Run.predicted_downlink_bytes_total
+            + record.predicted_downlink_bytes,
+            "last_round": case(
+                (or_(Run.last_round.is_(None), Run.last_round < record.round), record.round),
+                else_=Run.last_round,
+            ),
+            "updated_at": now,
+        }
+        if accuracy is not None:
+            better = or_(Run.best_eval_accuracy.is_(None), Run.best_eval_accuracy < accuracy)
+            totals["best_eval_accuracy"] = case((better, accuracy), else_=Run.best_eval_accuracy)
+            totals["best_eval_round"] = case((better, record.round), else_=Run.best_eval_round)
+        with self.engine.begin() as conn:
+            # the UPDATE comes first: it takes the write lock (SQLite) / the run's row lock
+            # (PostgreSQL) so concurrent appends to one run serialize cleanly
+            result = conn.execute(
+                update(Run)
+                .where(Run.id == run_id, Run.status == "running")
+                .values(**totals)
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount == 0:
+                status = conn.execute(select(Run.status).where(Run.id == run_id)).scalar()
+                if status is None:
+                    raise NotFoundError(f"run {run_id} not found")
+                raise ConflictError(f"run {run_id} is {status}; rounds can no longer be added")
+            try:
+                with conn.begin_nested():
+                    round_id = conn.execute(
+                        insert(Round)
+                        .values(
+                            run_id=run_id,
+                            round=record.round,
+                            sampled=record.sampled,
+                            replied=record.replied,
+                            failed=record.failed,
+                            uplink_bytes=record.uplink_bytes,
+                            downlink_bytes=record.downlink_bytes,
+                            predicted_uplink_bytes=record.predicted_uplink_bytes,
+                            predicted_downlink_bytes=record.predicted_downlink_bytes,
+                            train_loss=_finite(record.train_loss),
+                            eval_loss=_finite(record.eval_loss),
+                            eval_accuracy=accuracy,
+                            phase_seconds=dict(record.phase_seconds),
+                            started_at=record.started_at,
+                            ended_at=record.ended_at,
+                            extra=extra,
+                        )
+                        .returning(Round.id)
+                    ).scalar_one()
+            except IntegrityError as exc:
+                raise ConflictError(f"run {run_id} already has round {record.round}") from exc
+            if record.clients:
+                conn.execute(
+                    insert(ClientRound),
+                    [_client_row(round_id, c) for c in record.clients],
+                )
+                seen = sorted({c.node_id for c in record.clients if c.outcome == "ok"})
+                if seen:
+                    conn.execute(
+                        update(Client)
+                        .where(Client.node_id.in_(seen))
+                        .values(last_seen_at=record.ended_at)
+                        .execution_options(synchronize_session=False)
+                    )
+            return int(round_id)
+
+    def finish_run(self, run_id: int, status: str) -> None:
+        if status not in FINAL_STATUSES:
+            raise InvalidError(f"status must be one of {FINAL_STATUSES}, got {status!r}")
+        now = utcnow()
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(Run)
+                .where(Run.id == run_id, Run.status == "running")
+                .values(status=status, ended_at=now, updated_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount == 0:
+                current = conn.execute(select(Run.status).where(Run.id == run_id)).scalar()
+                if current is None:
+                    raise NotFoundError(f"run {run_id} not found")
+                if current != status:
+                    raise ConflictError(f"run {run_id} is already {current}")
+
+    def mark_stale_runs(self, stale_after_s: float, now: datetime | None = None) -> list[int]:
+        """Mark ``running`` runs whose recorder is gone as ``interrupted``; return their ids.
+
+        A run is stale when its recording process on this host no longer exists, or when
+        nothing was recorded for `stale_after_s` seconds (runs recorded from other hosts).
+        """
+        now = now or utcnow()
+        host = socket.gethostname()
+        cutoff = now - timedelta(seconds=stale_after_s)
+        with self._sessions() as session:
+            running = session.execute(
+                select(Run.id, Run.recorder_host, Run.recorder_pid, Run.updated_at).where(
+                    Run.status == "running"
+                )
+            ).all()
+        stale: list[int] = []
+        for run_id, rec_host, rec_pid, updated_at in running:
+            gone = (
+                rec_host == host and rec_pid is not None and not _process_alive(rec_pid, updated_at)
+            )
+            if gone or updated_at < cutoff:
+                stale.append(run_id)
+        if stale:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    update(Run)
+                    .where(Run.id.in_(stale), Run.status == "running")
+                    .values(status="interrupted", ended_at=Run.updated_at)
+                    .execution_options(synchronize_session=False)
+                )
+        return stale
+
+    # ------------------------------------------------------------------ runs: read
+    def get_run(self, run_id: int) -> Run:
+        with self._sessions() as session:
+            run = session.get(Run, run_id)
+            if run is None:
+                raise NotFoundError(f"run {run_id} not found")
+            return run
+
+    def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        strategy: str | None = None,
+        sort: str = "id",
+        order: str = "desc",
+        limit: int = 50,
+        offset: int = 0,
+    ) -> Page:
+        if sort not in RUN_SORT_KEYS:
+            raise InvalidError(f"sort must be one of {RUN_SORT_KEYS}")
+        if order not in ("asc", "desc"):
+            raise InvalidError("order must be asc or desc")
+        conditions = []
+        if status is not None:
+            conditions.append(Run.status == status)
+        if strategy is not None:
+            conditions.append(Run.strategy == strategy)
+        column = getattr(Run, sort)
+        ordering = [column.asc() if order == "asc" else column.desc()]
+        if sort != "id":
+            ordering.append(Run.id.asc() if order == "asc" else Run.id.desc())
+        with self._sessions() as session:
+            total = session.execute(
+                select(func.count()).select_from(Run).where(*conditions)
+            ).scalar_one()
+            items = list(
+                session.scalars(
+                    select(Run).where(*conditions).order_by(*ordering).limit(limit).offset(offset)
+                )
+            )
+        return Page(items, int(total), limit, offset)
+
+    def list_rounds(
+        self,
+        run_id: int,
+        *,
+        from_round: int | None = None,
+        to_round: int | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> Page:
+        conditions = [Round.run_id == run_id]
+        if from_round is not None:
+            conditions.append(Round.round >= from_round)
+        if to_round is not None:
+            conditions.append(Round.round <= to_round)
+        with self._sessions() as session:
+            if session.execute(select(Run.id).where(Run.id == run_id)).first() is None:
+                raise NotFoundError(f"run {run_id} not found")
+            total = session.execute(
+                select(func.count()).select_from(Round).where(*conditions)
+            ).scalar_one()
+            items = list(
+                session.scalars(
+                    select(Round)
+                    .where(*conditions)
+                    .order_by(Round.round)
+                    .limit(limit)
+                    .offset(offset)
+                )
+            )
+        return Page(items, int(total), limit, offset)
+
+    def get_round(self, run_id: int, round_number: int) -> tuple[Round, list[ClientRound]]:
+        with self._sessions() as session:
+            rnd = session.scalars(
+                select(Round).where(Round.run_id == run_id, Round.round == round_number)
+            ).first()
+            if rnd is None:
+                if session.get(Run, run_id) is None:
+                    raise NotFoundError(f"run {run_id} not found")
+                raise NotFoundError(f"run {run_id} has no round {round_number}")
+            clients = list(
+                session.scalars(
+                    select(ClientRound)
+                    .where(ClientRound.round_id == rnd.id)
+                    .order_by(ClientRound.id)
+                )
+            )
+            return rnd, clients
+
+    def series(self, run_ids: Sequence[int]) -> dict[int, list[tuple[Any, ...]]]:
+        """Per run: (round, train_loss, eval_loss, eval_accuracy, up, down, t_end) rows."""
+        ids = list(dict.fromkeys(run_ids))
+        out: dict[int, list[tuple[Any, ...]]] = {i: [] for i in ids}
+        with self._sessions() as session:
+            found = set(session.scalars(select(Run.id).where(Run.id.in_(ids))))
+            missing = [i for i in ids if i not in found]
+            if missing:
+                raise NotFoundError(f"run(s) {missing} not found")
+            rows = session.execute(
+                select(
+                    Round.run_id,
+                    Round.round,
+                    Round.train_loss,
+                    Round.eval_loss,
+                    Round.eval_accuracy,
+                    Round.uplink_bytes,
+                    Round.downlink_bytes,
+                    Round.ended_at,
+                )
+                .where(Round.run_id.in_(ids))
+                .order_by(Round.run_id, Round.round)
+            ).all()
+        for row in rows:
+            out[row[0]].append(tuple(row[1:]))
+        return out
+
+    def runs_by_ids(self, run_ids: Sequence[int]) -> list[Run]:
+        ids = list(dict.fromkeys(run_ids))
+        with self._sessions() as session:
+            runs = {r.id: r for r in session.scalars(select(Run).where(Run.id.in_(ids)))}
+        missing = [i for i in ids if i not in runs]
+        if missing:
+            raise NotFoundError(f"run(s) {missing} not found")
+        return [runs[i] for i in ids]
+
+    # ------------------------------------------------------------------ clients
+    def enroll_client(
+        self,
+        *,
+        name: str,
+        public_key_pem: str,
+        node_id: int | None,
+        location: str | None = None,
+    ) -> Client:
+        if not name.strip():
+            raise InvalidError("name must not be empty")
+        with self._sessions() as session:
+            clash = session.scalars(
+                select(Client).where(
+                    or_(
+                        Client.name == name,
+                        and_(Client.node_id.is_not(None), Client.node_id == node_id),
+                    )
+                    if node_id is not None
+                    else Client.name == name
+                )
+            ).first()
+            if clash is not None:
+                what = f"name {name!r}" if clash.name == name else f"node id {node_id}"
+                raise ConflictError(f"a client with {what} is already enrolled (id {clash.id})")
+            client = Client(
+                name=name,
+                location=location,
+                public_key_pem=public_key_pem,
+                node_id=node_id,
+                status="active",
+                enrolled_at=utcnow(),
+            )
+            session.add(client)
+            try:
+                session.commit()
+            except IntegrityError as exc:
+                raise ConflictError(f"client {name!r} or node id {node_id} already exists") from exc
+            return client
+
+    def get_client(self, client_id: int) -> Client:
+        with self._sessions() as session:
+            client = session.get(Client, client_id)
+            if client is None:
+                raise NotFoundError(f"client {client_id} not found")
+            return client
+
+    def set_client_status(self, client_id: int, status: str) -> Client:
+        if status not in CLIENT_STATUSES:
+            raise InvalidError(f"status must be one of {CLIENT_STATUSES}")
+        with self._sessions() as session:
+            client = session.get(Client, client_id)
+            if client is None:
+                raise NotFoundError(f"client {client_id} not found")
+            client.status = status
+            session.commit()
+            return client
+
+    def delete_client(self, client_id: int) -> Client:
+        """Remove an enrolment (its client-rounds stay: they are history)."""
+        with self._sessions() as session:
+            client = session.get(Client, client_id)
+            if client is None:
+                raise NotFoundError(f"client {client_id} not found")
+            session.execute(delete(Client).where(Client.id == client_id))
+            session.commit()
+            return client
+
+    def list_clients(self, *, status: str | None = None, limit: int = 100, offset: int = 0) -> Page:
+        conditions = [] if status is None else [Client.status == status]
+        with self._sessions() as session:
+            total = session.execute(
+                select(func.count()).select_from(Client).where(*conditions)
+            ).scalar_one()
+            items = list(
+                session.scalars(
+                    select(Client)
+                    .where(*conditions)
+                    .order_by(Client.id)
+                    .limit(limit)
+                    .offset(offset)
+                )
+            )
+        return Page(items, int(total), limit, offset)
+
+    def participation(self, node_ids: Sequence[int]) -> dict[int, Participation]:
+        """Client-round totals per node id, in one grouped query."""
+        ids = sorted(set(node_ids))
+        if not ids:
+            return {}
+        with self._sessions() as session:
+            rows = session.execute(
+                select(
+                    ClientRound.node_id,
+                    func.count(),
+                    func.sum(case((ClientRound.outcome == "ok", 1), else_=0)),
+                    func.sum(ClientRound.uplink_bytes),
+                    func.sum(ClientRound.downlink_bytes),
+                    func.sum(ClientRound.num_examples),
+                    func.max(Round.ended_at),
+                )
+                .join(Round, Round.id == ClientRound.round_id)
+                .where(ClientRound.node_id.in_(ids))
+                .group_by(ClientRound.node_id)
+            ).all()
+        out: dict[int, Participation] = {}
+        for node_id, n, ok, up, down, examples, last in rows:
+            out[int(node_id)] = Participation(
+                int(n),
+                int(ok or 0),
+                int(n) - int(ok or 0),
+                int(up or 0),
+                int(down or 0),
+                int(examples or 0),
+                last,
+            )
+        return out
+
+    # ------------------------------------------------------------------ tokens
+    def create_token(self, name: str, *, admin: bool = False) -> tuple[int, str]:
+        """Create a token; return (id, token). Only its SHA-256 digest is stored."""
+        if not name.strip():
+            raise InvalidError("token name must not be empty")
+        token = secrets.token_urlsafe(32)
+        with self._sessions.begin() as session:
+            row = ApiToken(
+                name=name, token_sha256=hash_token(token), is_admin=admin, created_at=utcnow()
+            )
+            session.add(row)
+            session.flush()
+            return row.id, token
+
+    def verify_token(self, token: str) -> ApiToken | None:
+        with self._sessions() as session:
+            return session.scalars(
+                select(ApiToken).where(
+                    ApiToken.token_sha256 == hash_token(token), ApiToken.revoked_at.is_(None)
+                )
+            ).first()
+
+    def list_tokens(self) -> list[ApiToken]:
+        with self._sessions() as session:
+            return list(session.scalars(select(ApiToken).order_by(ApiToken.id)))
+
+    def revoke_token(self, token_id: int) -> None:
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(ApiToken)
+                .where(ApiToken.id == token_id, ApiToken.revoked_at.is_(None))
+                .values(revoked_at=utcnow())
+            )
+            if result.rowcount == 0:
+                raise NotFoundError(f"no active token with id {token_id}")
+
+
+def _client_row(round_id: int, c: ClientRoundRecord) -> dict[str, Any]:
+    return {
+        "round_id": round_id,
+        "node_id": c.node_id,
+        "outcome": c.outcome,
+        "uplink_bytes": c.uplink_bytes,
+        "downlink_bytes": c.downlink_bytes,
+        "num_examples": c.num_examples,
+        "local_loss": _finite(c.local_loss),
+        "duration_s": c.duration_s,
+        "error": c.error,
+    }
+
+
+def open_store(database_url: str | None = None, stale_after_s: float | None = None) -> Store:
+    """The store at `database_url` (see api.settings), migrated if empty, stale runs closed."""
+    from api.settings import DEFAULT_STALE_AFTER_S
+
+    engine = get_engine(database_url)
+    ensure_schema(engine)
+    store = Store(engine)
+    store.mark_stale_runs(DEFAULT_STALE_AFTER_S if stale_after_s is None else stale_after_s)
+    return store
+
+
+_open_recorders: weakref.WeakSet[SqlRecorder] = weakref.WeakSet()
+
+
+def _interrupt_open_runs() -> None:
+    for recorder in list(_open_recorders):
+        recorder.close("interrupted")
+
+
+atexit.register(_interrupt_open_runs)
+
+
+class SqlRecorder:
+    """`server.recording.Recorder` writing to the SQL store (SQLite or PostgreSQL).
+
+    Each round is one transaction. Runs this recorder started and did not finish are
+    marked ``interrupted`` when the process exits normally; after a hard crash the
+    stale-run check of the next start-up does it.
+    """
+
+    def __init__(self, database_url: str | None = None) -> None:
+        self.store = open_store(database_url)
+        self._open_runs: set[int] = set()
+        self._lock = threading.Lock()
+        _open_recorders.add(self)
+
+    def start_run(self, info: RunInfo) -> int:
+        run_id = self.store.create_run(
+            info, recorder_host=socket.gethostname(), recorder_pid=os.getpid()
+        )
+        with self._lock:
+            self._open_runs.add(run_id)
+        return run_id
+
+    def record_round(self, run_id: int, record: RoundRecord) -> None:
+        self.store.append_round(run_id, record)
+
+    def finish_run(self, run_id: int, status: str) -> None:
+        self.store.finish_run(run_id, status)
+        with self._lock:
+            self._open_runs.discard(run_id)
+
+    def close(self, status: str = "interrupted") -> None:
+        """Mark the runs this recorder left open as `status`."""
+        with self._lock:
+            open_runs, self._open_runs = sorted(self._open_runs), set()
+        for run_id in open_runs:
+            with contextlib.suppress(Exception):
+                self.store.finish_run(run_id, status)
+
+    def __enter__(self) -> SqlRecorder:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.close("failed" if exc_type is not None else "interrupted")
+
+
+__all__ = [
+    "RUN_STATUSES",
+    "ConflictError",
+    "InvalidError",
+    "NotFoundError",
+    "Page",
+    "Participation",
+    "SqlRecorder",
+    "Store",
+    "open_store",
+]
