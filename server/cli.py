@@ -29,6 +29,11 @@ def version() -> None:
     typer.echo(_version("fedsqueeze"))
 
 
+from server.simulate import simulate as _simulate  # noqa: E402  (light: typer only)
+
+app.command("simulate")(_simulate)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
