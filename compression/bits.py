@@ -1,0 +1,196 @@
+"""Vectorized bit-level codes used by the wire formats (numpy, CPU).
+
+Every function here works on whole arrays at once (no Python loop over coordinates; the few
+loops run over bit positions or fixed-size chunks). Encoders take non-negative integer arrays
+and return ``numpy.uint8`` arrays; decoders take ``uint8`` arrays and raise
+:class:`compression.wire.CodecError` on anything that is not a valid code.
+
+Codes:
+
+* :func:`pack_fixed` / :func:`unpack_fixed` -- fixed width ``w`` bits per value (MSB first),
+  ``ceil(n w / 8)`` bytes.
+* :func:`pack_base3` / :func:`unpack_base3` -- symbols in {0, 1, 2}, five per byte
+  (3^5 = 243 <= 256), i.e. 1.6 bits per symbol.
+* :func:`rice_encode` / :func:`rice_decode` -- Golomb-Rice code with parameter ``k`` for
+  non-negative run lengths g: quotient ``g >> k`` in unary (``q`` one-bits and a zero-bit)
+  and remainder in ``k`` bits, ``q + 1 + k`` bits per value. The unary parts and the
+  remainders are written as two separate streams so that both directions vectorize: the
+  zero-bits of the unary stream mark where each value ends.
+* :func:`varint_encode` / :func:`varint_decode` -- LEB128 (7 bits per byte, high bit set on
+  all but the last byte of a value).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from compression.wire import CodecError
+
+U8 = npt.NDArray[np.uint8]
+I64 = npt.NDArray[np.int64]
+
+_CHUNK = 1 << 16
+
+
+def pack_fixed(values: npt.NDArray[np.integer], width: int) -> U8:
+    """Pack non-negative integers ``values < 2**width`` into ``ceil(n * width / 8)`` bytes."""
+    n = int(values.size)
+    if width == 0 or n == 0:
+        return np.zeros(0, dtype=np.uint8)
+    if not 1 <= width <= 32:
+        raise ValueError(f"bit width must be in 1..32, got {width}")
+    if width == 8:
+        return values.astype(np.uint8, copy=False).reshape(-1)
+    if width == 1:
+        return np.packbits(values.astype(np.uint8, copy=False))
+    out = np.empty((n * width + 7) // 8, dtype=np.uint8)
+    # Chunks of a multiple of 8 values always end on a byte boundary.
+    pos = 0
+    for start in range(0, n, _CHUNK):
+        chunk = values[start : start + _CHUNK].astype(">u4").view(np.uint8).reshape(-1, 4)
+        bits = np.unpackbits(chunk, axis=1)[:, 32 - width :]
+        packed = np.packbits(bits.reshape(-1))
+        out[pos : pos + packed.size] = packed
+        pos += packed.size
+    return out
+
+
+def unpack_fixed(data: U8, n: int, width: int) -> npt.NDArray[np.uint32]:
+    """Inverse of :func:`pack_fixed`: ``n`` values of ``width`` bits from ``data``."""
+    if width == 0 or n == 0:
+        return np.zeros(n, dtype=np.uint32)
+    need = (n * width + 7) // 8
+    if data.size != need:
+        raise CodecError(f"fixed-width section has {data.size} bytes, expected {need}")
+    if width == 8:
+        return data.astype(np.uint32)
+    if width == 1:
+        return np.unpackbits(data, count=n).astype(np.uint32)
+    out = np.empty(n, dtype=np.uint32)
+    step = _CHUNK  # multiple of 8 values -> chunk starts on a byte boundary
+    for start in range(0, n, step):
+        m = min(step, n - start)
+        first = start * width // 8
+        nbytes = (m * width + 7) // 8
+        bits = np.unpackbits(data[first : first + nbytes], count=m * width).reshape(m, width)
+        full = np.zeros((m, 32), dtype=np.uint8)
+        full[:, 32 - width :] = bits
+        out[start : start + m] = np.packbits(full, axis=1).view(">u4").reshape(-1)
+    return out
+
+
+_POW3 = np.array([1, 3, 9, 27, 81], dtype=np.uint8)
+_BASE3_TABLE = np.array(
+    [[(v // 3**j) % 3 for j in range(5)] for v in range(256)], dtype=np.uint8
+)  # rows 243..255 are never valid and are rejected before lookup
+
+
+def pack_base3(symbols: U8) -> U8:
+    """Pack symbols in {0, 1, 2} five per byte: byte = t0 + 3 t1 + 9 t2 + 27 t3 + 81 t4."""
+    n = int(symbols.size)
+    pad = (-n) % 5
+    if pad:
+        symbols = np.concatenate([symbols, np.zeros(pad, dtype=np.uint8)])
+    groups = symbols.reshape(-1, 5)
+    out = groups[:, 0].copy()
+    for j in range(1, 5):
+        out += groups[:, j] * _POW3[j]
+    return out
+
+
+def unpack_base3(data: U8, n: int) -> U8:
+    """Inverse of :func:`pack_base3`, ``n`` symbols."""
+    if data.size != (n + 4) // 5:
+        raise CodecError(f"base-3 section has {data.size} bytes, expected {(n + 4) // 5}")
+    if data.size and int(data.max()) > 242:
+        raise CodecError("base-3 section holds a byte above 242 (3^5 - 1)")
+    return _BASE3_TABLE[data].reshape(-1)[:n]
+
+
+def rice_cost_bits(gaps: npt.NDArray[np.int64], k: int) -> int:
+    """Length in bits of the Rice code of ``gaps`` with parameter ``k``: sum(g>>k) + n(k+1)."""
+    return int((gaps >> k).sum()) + int(gaps.size) * (k + 1)
+
+
+def best_rice_parameter(gaps: npt.NDArray[np.int64]) -> int:
+    """The ``k`` minimizing the Rice code length (searched around log2 of the mean gap)."""
+    if gaps.size == 0:
+        return 0
+    mean = float(gaps.mean())
+    centre = max(0, int(np.floor(np.log2(mean * np.log(2) + 1e-12))) if mean > 0 else 0)
+    candidates = range(max(0, centre - 2), min(40, centre + 3))
+    return min(candidates, key=lambda k: rice_cost_bits(gaps, k))
+
+
+def rice_encode(gaps: npt.NDArray[np.int64], k: int) -> tuple[U8, U8]:
+    """Rice-code ``gaps >= 0``: (unary stream, remainder stream).
+
+    The unary stream holds, for each g, ``g >> k`` one-bits followed by one zero-bit; it is
+    padded with one-bits to a whole byte. The remainder stream is ``g mod 2^k`` in ``k`` bits.
+    """
+    q = gaps >> k
+    total = int(q.sum()) + int(gaps.size)
+    bits = np.ones(((total + 7) // 8) * 8, dtype=np.uint8)
+    ends = np.cumsum(q + 1) - 1
+    bits[ends] = 0
+    unary = np.packbits(bits)
+    rem = pack_fixed(gaps & ((1 << k) - 1), k) if k else np.zeros(0, dtype=np.uint8)
+    return unary, rem
+
+
+def rice_decode(unary: U8, rem: U8, n: int, k: int) -> npt.NDArray[np.int64]:
+    """Inverse of :func:`rice_encode`: ``n`` values. Rejects streams that do not hold exactly
+    ``n`` codes or whose padding is not all one-bits."""
+    bits = np.unpackbits(unary)
+    ends = np.flatnonzero(bits == 0)
+    if ends.size != n:
+        raise CodecError(f"unary stream holds {ends.size} codes, header says {n}")
+    if n and bits.size - int(ends[-1]) - 1 >= 8:
+        raise CodecError("unary stream has a whole byte of padding")
+    q = np.diff(ends, prepend=-1) - 1
+    if k == 0:
+        if rem.size:
+            raise CodecError("remainder stream must be empty when k = 0")
+        return q.astype(np.int64)
+    r = unpack_fixed(rem, n, k).astype(np.int64)
+    return (q.astype(np.int64) << k) | r
+
+
+def varint_encode(values: npt.NDArray[np.int64]) -> U8:
+    """LEB128-encode non-negative int64 values (vectorized over values, loop over bytes)."""
+    v = values.astype(np.uint64)
+    nbytes = np.ones(v.size, dtype=np.int64)
+    for j in range(1, 10):
+        nbytes += v >= np.uint64(1 << (7 * j))
+    ends = np.cumsum(nbytes)
+    starts = ends - nbytes
+    out = np.zeros(int(ends[-1]) if v.size else 0, dtype=np.uint8)
+    for j in range(int(nbytes.max()) if v.size else 0):
+        sel = nbytes > j
+        byte = ((v[sel] >> np.uint64(7 * j)) & np.uint64(0x7F)).astype(np.uint8)
+        byte |= np.where(nbytes[sel] > j + 1, 0x80, 0).astype(np.uint8)
+        out[starts[sel] + j] = byte
+    return out
+
+
+def varint_decode(data: U8, n: int) -> npt.NDArray[np.int64]:
+    """Inverse of :func:`varint_encode`: exactly ``n`` values filling ``data`` exactly."""
+    last = np.flatnonzero(data < 0x80)
+    if last.size != n:
+        raise CodecError(f"varint section holds {last.size} values, expected {n}")
+    if n == 0:
+        if data.size:
+            raise CodecError("varint section has trailing bytes")
+        return np.zeros(0, dtype=np.int64)
+    if int(last[-1]) != data.size - 1:
+        raise CodecError("varint section ends inside a value")
+    starts = np.concatenate([[0], last[:-1] + 1])
+    lengths = last - starts + 1
+    if int(lengths.max()) > 9:
+        raise CodecError("varint value longer than 9 bytes (above 2^63)")
+    out = np.zeros(n, dtype=np.int64)
+    for j in range(int(lengths.max())):
+        sel = lengths > j
+        out[sel] |= (data[starts[sel] + j].astype(np.int64) & 0x7F) << (7 * j)
+    return out
