@@ -29,6 +29,20 @@ def version() -> None:
     typer.echo(_version("fedsqueeze"))
 
 
+from server.deploy import cli as _deploy_cli  # noqa: E402  (deployment: server, client, run)
+
+app.add_typer(_deploy_cli.server_app, name="server")
+app.add_typer(_deploy_cli.client_app, name="client")
+app.command("run")(_deploy_cli.run_command)
+
+
+from api.cli import api_app, db_app, stats_app  # noqa: E402  (light: typer only)
+
+app.add_typer(db_app, name="db")
+app.add_typer(api_app, name="api")
+app.add_typer(stats_app, name="stats")
+
+
 from server.simulate import simulate as _simulate  # noqa: E402  (light: typer only)
 
 app.command("simulate")(_simulate)

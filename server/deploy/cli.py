@@ -1,0 +1,381 @@
+"""Command groups `fedsqueeze server ...`, `fedsqueeze client ...` and `fedsqueeze run`.
+
+Heavy imports stay inside the commands so that ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+server_app = typer.Typer(
+    help="Run the deployment server: Flower SuperLink (TLS, SuperNode authentication) "
+    "and the REST service.",
+    no_args_is_help=True,
+)
+client_app = typer.Typer(
+    help="Enrol edge devices and run their Flower SuperNodes.", no_args_is_help=True
+)
+
+DATA_DIR_HELP = "Server data directory [default: $FEDSQUEEZE_HOME/server]."
+
+
+def _data_dir(value: Path | None) -> Path:
+    from server.deploy.launcher import default_data_dir
+
+    return (value or default_data_dir()).expanduser().resolve()
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=1)
+
+
+# ------------------------------------------------------------------------------- server
+@server_app.command("start")
+def server_start(
+    data_dir: Path | None = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+    superlink_host: str | None = typer.Option(
+        None, help="Address the SuperLink binds to [default: 127.0.0.1; 0.0.0.0 for devices]."
+    ),
+    superlink_port: int | None = typer.Option(None, help="SuperLink HTTPS port [default: 9092]."),
+    api_host: str | None = typer.Option(
+        None, help="REST service bind address [default: 127.0.0.1]."
+    ),
+    api_port: int | None = typer.Option(None, help="REST service port [default: 8080]."),
+    public_address: str | None = typer.Option(
+        None, help="host:port devices dial, written into bundles [default: the local address]."
+    ),
+    server_name: list[str] = typer.Option(
+        [], "--server-name", help="Extra DNS name or IP for the server certificate (repeat)."
+    ),
+    database_url: str | None = typer.Option(
+        None, help="Store URL [default: $DATABASE_URL, else SQLite under $FEDSQUEEZE_HOME]."
+    ),
+    ca_cert: Path | None = typer.Option(
+        None, help="Your own CA certificate (with --server-cert/--server-key)."
+    ),
+    server_cert: Path | None = typer.Option(None, help="Your own server certificate (PEM)."),
+    server_key: Path | None = typer.Option(None, help="Your own server private key (PEM)."),
+    timeout: float = typer.Option(60.0, help="Seconds to wait for each process to be ready."),
+) -> None:
+    """Start the SuperLink and the REST service in the background (first start makes the
+    CA, the server certificate and the admin token)."""
+    from server.deploy.launcher import start_server
+
+    own = [ca_cert, server_cert, server_key]
+    if any(own) and not all(own):
+        raise _fail("--ca-cert, --server-cert and --server-key go together")
+    overrides: dict[str, object] = {
+        "superlink_host": superlink_host,
+        "superlink_port": superlink_port,
+        "api_host": api_host,
+        "api_port": api_port,
+        "public_address": public_address,
+        "server_names": list(server_name) or None,
+        "database_url": database_url,
+    }
+    directory = _data_dir(data_dir)
+    try:
+        result = start_server(
+            directory,
+            overrides=overrides,
+            tls_files=(ca_cert, server_cert, server_key) if all(own) else None,  # type: ignore[arg-type]
+            timeout=timeout,
+            echo=typer.echo,
+        )
+    except (OSError, ValueError, RuntimeError, TimeoutError) as exc:
+        raise _fail(str(exc)) from None
+    for warning in result.warnings:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
+    cfg = result.config
+    if not result.started:
+        typer.echo(f"already running (data dir {directory})")
+    typer.echo(
+        f"SuperLink      {cfg.superlink_host}:{cfg.superlink_port}"
+        f"  (devices dial {cfg.device_address})"
+    )
+    typer.echo(f"REST service   {cfg.api_url}")
+    typer.echo(f"CA certificate {result.paths.tls.ca_cert}")
+    if result.admin_token is not None:
+        typer.echo("")
+        typer.secho(
+            f"Admin API token (shown once; also kept, mode 0600, in {result.paths.admin_token}):",
+            bold=True,
+        )
+        typer.echo(result.admin_token)
+
+
+@server_app.command("stop")
+def server_stop(
+    data_dir: Path | None = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+) -> None:
+    """Stop the REST service and the SuperLink started from this data directory."""
+    from server.deploy.launcher import stop_server
+
+    stopped = stop_server(_data_dir(data_dir))
+    typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@server_app.command("status")
+def server_status_cmd(
+    data_dir: Path | None = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Show whether the SuperLink and the REST service run and answer."""
+    from dataclasses import asdict
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from server.deploy.launcher import server_status
+
+    try:
+        rows = server_status(_data_dir(data_dir))
+    except (FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps([asdict(r) for r in rows], indent=2))
+    else:
+        table = Table(title="fedsqueeze server")
+        for col in ("component", "running", "pid", "address", "answers", "log"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(
+                r.name,
+                "yes" if r.running else "no",
+                str(r.pid or "-"),
+                r.address,
+                "yes" if r.reachable else "no",
+                r.log_file,
+            )
+        Console().print(table)
+    if not all(r.running and r.reachable for r in rows):
+        raise typer.Exit(code=3)
+
+
+# ------------------------------------------------------------------------------- clients
+def _rest(data_dir: Path | None, api_url: str | None, token: str | None) -> tuple[str, str]:
+    from server.deploy.launcher import read_admin_token, require_config
+
+    if api_url and token:
+        return api_url, token
+    try:
+        paths, config = require_config(_data_dir(data_dir))
+        return api_url or config.api_url, token or read_admin_token(paths)
+    except (FileNotFoundError, ValueError) as exc:
+        raise _fail(f"{exc} (or give --api-url and --token)") from None
+
+
+@client_app.command("enroll")
+def client_enroll(
+    name: str = typer.Option(..., help="Unique name of the device."),
+    location: str | None = typer.Option(None, help='Where it is, "<latitude>,<longitude>".'),
+    partition_id: int | None = typer.Option(
+        None, help="Its data partition [default: the number of clients already enrolled]."
+    ),
+    num_partitions: int = typer.Option(20, help="How many partitions the data is split into."),
+    out: Path | None = typer.Option(
+        None, help="Bundle path: a directory, or a file ending .tar.gz [default: ./NAME.bundle]."
+    ),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+    api_url: str | None = typer.Option(None, help="REST service URL [default: from the data dir]."),
+    token: str | None = typer.Option(
+        None,
+        envvar="FEDSQUEEZE_TOKEN",
+        help="Admin or enrolment token [env FEDSQUEEZE_TOKEN; default: the data dir's one].",
+    ),
+    superlink: str | None = typer.Option(
+        None, help="SuperLink host:port for the bundle [default: the server's public address]."
+    ),
+    ca_cert: Path | None = typer.Option(
+        None, help="CA certificate for the bundle [default: the data dir's]."
+    ),
+    force: bool = typer.Option(False, help="Overwrite an existing bundle."),
+) -> None:
+    """Make the device's key pair, register it, record the client, write its bundle."""
+    from client.enroll import EnrollError, RestClients, enroll
+    from server.deploy.launcher import ServerPaths, load_config
+
+    url, tok = _rest(data_dir, api_url, token)
+    paths = ServerPaths(_data_dir(data_dir))
+    config = load_config(paths) if paths.config.is_file() else None
+    address = superlink or (config.device_address if config else None)
+    ca_path = ca_cert or (paths.tls.ca_cert if config else None)
+    if not address or ca_path is None or not ca_path.is_file():
+        raise _fail("need the SuperLink address and CA certificate: pass --superlink and --ca-cert")
+    dest = (out or Path(f"{name}.bundle")).expanduser().resolve()
+    try:
+        if partition_id is None:
+            with RestClients(url, tok) as api:
+                partition_id = len(api.list())
+        bundle, info = enroll(
+            name=name,
+            api_url=url,
+            token=tok,
+            superlink=address,
+            ca_cert_pem=ca_path.read_bytes(),
+            dest=dest,
+            partition_id=partition_id,
+            num_partitions=num_partitions,
+            location=location,
+            force=force,
+        )
+    except (EnrollError, OSError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(
+        f"enrolled {info.name}: client {info.client_id}, Flower node {info.node_id}, "
+        f"partition {info.partition_id}/{info.num_partitions}"
+    )
+    typer.echo(f"bundle: {bundle}  (holds the private key: copy it to the device only)")
+    typer.echo(f"on the device: fedsqueeze client start --bundle {bundle.name}")
+
+
+@client_app.command("start")
+def client_start(
+    bundle: Path = typer.Option(..., help="The enrolment bundle (directory or .tar.gz)."),
+    device: str = typer.Option(
+        "auto", help="Where the ClientApp trains: auto (cuda if present), cpu, cuda."
+    ),
+    data: Path | None = typer.Option(None, "--data", help="Local data directory for the task."),
+    clientappio_port: int = typer.Option(
+        9094, help="Local port of the SuperNode's ClientApp API (one per SuperNode on a host)."
+    ),
+    superlink: str | None = typer.Option(None, help="Override the bundle's SuperLink host:port."),
+    max_retries: int | None = typer.Option(
+        None, help="Give up after this many failed connection attempts [default: never]."
+    ),
+    max_wait_time: float | None = typer.Option(
+        None, help="Give up reconnecting after this many seconds [default: never]."
+    ),
+    print_command: bool = typer.Option(
+        False, help="Print the flower-supernode command instead of running it."
+    ),
+) -> None:
+    """Start a Flower SuperNode with the bundle's key and CA (runs in the foreground)."""
+    import shlex
+
+    from client.enroll import open_bundle
+    from client.supernode import exec_supernode, supernode_command, supernode_env
+
+    try:
+        opened = open_bundle(bundle.expanduser().resolve())
+        cmd = supernode_command(
+            opened,
+            device=device,
+            data_dir=data,
+            clientappio_port=clientappio_port,
+            superlink=superlink,
+            max_retries=max_retries,
+            max_wait_time=max_wait_time,
+        )
+    except (OSError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    if print_command:
+        typer.echo(shlex.join(cmd))
+        return
+    typer.echo(
+        f"starting SuperNode {opened.info.name} (node {opened.info.node_id}) -> "
+        f"{superlink or opened.info.superlink}"
+    )
+    exec_supernode(cmd, supernode_env())
+
+
+def _client_action(
+    ref: str, action: str, data_dir: Path | None, api_url: str | None, token: str | None
+) -> dict[str, Any]:
+    from client.enroll import EnrollError, RestClients
+
+    url, tok = _rest(data_dir, api_url, token)
+    try:
+        with RestClients(url, tok) as api:
+            client = api.find(ref)
+            if action == "disable":
+                api.disable(int(client["id"]))
+            else:
+                api.remove(int(client["id"]))
+    except EnrollError as exc:
+        raise _fail(str(exc)) from None
+    return client
+
+
+@client_app.command("disable")
+def client_disable(
+    ref: str = typer.Argument(..., help="Client id, name or Flower node id."),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+    api_url: str | None = typer.Option(None, help="REST service URL."),
+    token: str | None = typer.Option(None, envvar="FEDSQUEEZE_TOKEN", help="Admin token."),
+) -> None:
+    """Disable a client: its key is unregistered from the SuperLink, its record kept."""
+    c = _client_action(ref, "disable", data_dir, api_url, token)
+    typer.echo(f"disabled {c.get('name')} (node {c.get('node_id')})")
+
+
+@client_app.command("remove")
+def client_remove(
+    ref: str = typer.Argument(..., help="Client id, name or Flower node id."),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+    api_url: str | None = typer.Option(None, help="REST service URL."),
+    token: str | None = typer.Option(None, envvar="FEDSQUEEZE_TOKEN", help="Admin token."),
+) -> None:
+    """Remove a client: unregistered from the SuperLink and its enrolment deleted (its
+    round history stays)."""
+    c = _client_action(ref, "remove", data_dir, api_url, token)
+    typer.echo(f"removed {c.get('name')} (node {c.get('node_id')})")
+
+
+# ------------------------------------------------------------------------------- run
+def run_command(
+    strategy: str = typer.Option(..., help="Algorithm name (artemis, mcm, sgd, ...)."),
+    rounds: int | None = typer.Option(
+        None, help="Number of rounds (run config num-server-rounds)."
+    ),
+    run_config: list[str] = typer.Option(
+        [], "--run-config", "-c", help="Extra run-config entries key=value (TOML values; repeat)."
+    ),
+    app_dir: Path | None = typer.Option(
+        None, "--app", help="Flower app directory [default: this repository]."
+    ),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+    quiet: bool = typer.Option(False, help="Do not print the streamed logs."),
+) -> None:
+    """Submit the Flower app to the running SuperLink and stream its progress; the rounds
+    are recorded in the server's store."""
+    import tomllib
+
+    from server.deploy.launcher import require_config
+    from server.deploy.runs import submit_run
+
+    values: dict[str, Any] = {"strategy": strategy}
+    if rounds is not None:
+        if rounds < 1:
+            raise _fail("--rounds must be >= 1")
+        values["num-server-rounds"] = rounds
+    for item in run_config:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise _fail(f"--run-config {item!r} is not key=value")
+        try:
+            values[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            values[key.strip()] = raw
+    try:
+        paths, config = require_config(_data_dir(data_dir))
+        outcome = submit_run(
+            paths,
+            config,
+            values,
+            app_dir=app_dir,
+            on_line=(lambda _l: None) if quiet else typer.echo,
+        )
+    except (OSError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    if outcome.returncode != 0:
+        raise _fail(f"flwr run exited with {outcome.returncode}")
+    typer.echo(
+        f"run finished (Flower run {outcome.flower_run_id}); "
+        f"rounds are in the store at {config.api_url}"
+    )

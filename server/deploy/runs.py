@@ -1,0 +1,144 @@
+"""`fedsqueeze run`: submit the Flower app to the SuperLink of a server data directory.
+
+This is ``flwr run APP fedsqueeze --stream --run-config ...`` with a Flower configuration
+(``FLWR_HOME/config.toml``) that this module writes: one SuperLink connection named
+``fedsqueeze`` with the server's address and CA certificate. The app's dependencies are
+already installed beside the SuperLink, so runtime installation stays off
+(``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``).
+
+The run config always gets ``database-url`` set to the server's store, so that the
+ServerApp (which the SuperLink starts on the server host) records each round where the REST
+service reads it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.deploy.launcher import CONNECTION_NAME, ServerConfig, ServerPaths, _executable
+
+RUN_ID_PATTERN = re.compile(r"Successfully started run (\d+)")
+
+
+def write_flower_config(flwr_home: Path, address: str, ca_cert: Path) -> Path:
+    """FLWR_HOME/config.toml with the ``fedsqueeze`` connection (made default)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    path.write_text(
+        "[superlink]\n"
+        f'default = "{CONNECTION_NAME}"\n\n'
+        f"[superlink.{CONNECTION_NAME}]\n"
+        f'address = "{address}"\n'
+        f'root-certificates = "{ca_cert.resolve()}"\n',
+        encoding="utf-8",
+    )
+    return path
+
+
+def app_config_keys(app_dir: Path) -> dict[str, Any]:
+    """The ``[tool.flwr.app.config]`` table of the app's pyproject.toml."""
+    pyproject = app_dir / "pyproject.toml"
+    if not pyproject.is_file():
+        raise FileNotFoundError(f"{app_dir} is not a Flower app: no pyproject.toml")
+    with pyproject.open("rb") as fh:
+        data = tomllib.load(fh)
+    try:
+        return dict(data["tool"]["flwr"]["app"]["config"])
+    except KeyError:
+        raise ValueError(f"{pyproject} has no [tool.flwr.app.config] table") from None
+
+
+def toml_literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value)
+    if "'" in text:
+        raise ValueError(f"run-config value {text!r} must not contain single quotes")
+    return f"'{text}'"
+
+
+def render_run_config(values: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}={toml_literal(v)}" for k, v in values.items())
+
+
+def default_app_dir() -> Path:
+    """The repository root holding this package's pyproject.toml (the fedsqueeze app)."""
+    return Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class RunOutcome:
+    returncode: int
+    flower_run_id: int | None
+    lines: list[str]
+
+
+def submit_run(
+    paths: ServerPaths,
+    config: ServerConfig,
+    run_config: Mapping[str, Any],
+    *,
+    app_dir: Path | None = None,
+    on_line: Callable[[str], None] = lambda _l: None,
+    timeout: float | None = None,
+) -> RunOutcome:
+    """Run the app on the SuperLink, streaming its log lines to `on_line`."""
+    app = (app_dir or default_app_dir()).resolve()
+    known = app_config_keys(app)
+    values = dict(run_config)
+    if "database-url" in known:
+        values.setdefault("database-url", config.database_url)
+    unknown = sorted(k for k in values if k not in known)
+    if unknown:
+        raise ValueError(
+            f"run-config keys {unknown} are not in {app / 'pyproject.toml'} "
+            f"[tool.flwr.app.config] (known: {', '.join(sorted(known))})"
+        )
+    flwr_home = paths.flwr_home
+    write_flower_config(flwr_home, config.superlink_address, paths.tls.ca_cert)
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    cmd = [_executable("flwr"), "run", str(app), CONNECTION_NAME, "--stream"]
+    if values:
+        cmd += ["--run-config", render_run_config(values)]
+    lines: list[str] = []
+    run_id: int | None = None
+    with subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        text=True,
+        bufsize=1,
+    ) as proc:
+        assert proc.stdout is not None
+        try:
+            for raw in proc.stdout:
+                line = raw.rstrip("\n")
+                lines.append(line)
+                if run_id is None and (m := RUN_ID_PATTERN.search(line)):
+                    run_id = int(m.group(1))
+                on_line(line)
+            returncode = proc.wait(timeout=timeout)
+        except BaseException:
+            proc.terminate()
+            proc.wait(timeout=10)
+            raise
+    return RunOutcome(returncode, run_id, lines)
+
+
+if __name__ == "__main__":  # pragma: no cover - manual use
+    sys.exit("use `fedsqueeze run`")
