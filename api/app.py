@@ -1,0 +1,687 @@
+"""The REST service: round history (read, open) and runs / clients (write, token).
+
+`create_app(settings, registrar)` builds the FastAPI application; `fedsqueeze api serve`
+runs it under uvicorn. Errors always have the body ``{"error": {"code", "message",
+"details"}}``: 401 without or with a wrong token, 403 for a non-admin token on an admin
+endpoint, 404 for unknown ids, 409 for conflicts, 413 for too large bodies, 422 for bad
+parameters or bodies.
+"""
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _pkg_version
+from itertools import accumulate
+from typing import Annotated, Any, Protocol
+
+from fastapi import Depends, FastAPI, Path, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import Field
+from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api import schemas as s
+from api.db import current_revision, ensure_schema, get_engine, head_revision
+from api.errors import InvalidError, NotFoundError, StoreError
+from api.models import ApiToken, Client, Round, Run
+from api.settings import Settings
+from api.store import MAX_COMPARE_RUNS, Page, Participation, Store
+from server.recording import ClientRoundRecord, RoundRecord, RunInfo
+
+log = logging.getLogger("fedsqueeze.api")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class Registrar(Protocol):
+    """Registers enrolled clients' public keys with the SuperLink (node authentication)."""
+
+    def register(self, public_key_pem: str) -> int:
+        """Register the key; return the Flower node id the SuperLink assigned."""
+        ...
+
+    def unregister(self, node_id: int) -> None:
+        """Remove the node from the SuperLink: its key is refused from now on."""
+        ...
+
+
+class ApiError(Exception):
+    def __init__(self, status_code: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status_code, self.code, self.message = status_code, code, message
+
+
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    500: "internal_error",
+    502: "bad_gateway",
+    503: "unavailable",
+}
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": s.ErrorBody, "description": name.replace("_", " ")}
+    for code, name in _STATUS_CODES.items()
+    if code in (404, 422)
+}
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": s.ErrorBody, "description": "missing or unknown token"},
+    403: {"model": s.ErrorBody, "description": "the token is not an admin token"},
+    409: {"model": s.ErrorBody, "description": "conflict with stored state"},
+    413: {"model": s.ErrorBody, "description": "request body too large"},
+    **ERROR_RESPONSES,
+}
+
+
+def error_response(
+    status_code: int,
+    message: str,
+    code: str | None = None,
+    details: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = s.ErrorBody(
+        error=s.ErrorInfo(
+            code=code or _STATUS_CODES.get(status_code, "error"), message=message, details=details
+        )
+    )
+    return JSONResponse(body.model_dump(mode="json"), status_code=status_code, headers=headers)
+
+
+class BodySizeLimit:
+    """Refuse request bodies larger than `max_bytes` with 413 (checked while reading)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        too_large = error_response(
+            413, f"request body larger than {self.max_bytes} bytes", headers={"Connection": "close"}
+        )
+        if declared is not None:
+            try:
+                if int(declared) > self.max_bytes:
+                    await too_large(scope, receive, send)
+                    return
+            except ValueError:
+                await error_response(400, "invalid Content-Length")(scope, receive, send)
+                return
+        if scope.get("method") in ("GET", "HEAD", "DELETE", "OPTIONS") and declared is None:
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_bytes:
+                await too_large(scope, receive, send)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _run_out(run: Run) -> s.RunOut:
+    d = run.num_parameters
+    up32 = 4 * d * run.replied_total if d else None
+    down32 = 4 * d * run.sampled_total if d else None
+
+    def ratio(base: int | None, measured: int) -> float | None:
+        return base / measured if base is not None and measured > 0 else None
+
+    summary = s.RunSummary(
+        rounds_done=run.rounds_done,
+        last_round=run.last_round,
+        sampled=run.sampled_total,
+        replied=run.replied_total,
+        failed=run.failed_total,
+        uplink_bytes=run.uplink_bytes_total,
+        downlink_bytes=run.downlink_bytes_total,
+        predicted_uplink_bytes=run.predicted_uplink_bytes_total,
+        predicted_downlink_bytes=run.predicted_downlink_bytes_total,
+        best_eval_accuracy=run.best_eval_accuracy,
+        best_eval_round=run.best_eval_round,
+        float32_uplink_bytes=up32,
+        float32_downlink_bytes=down32,
+        uplink_compression_ratio=ratio(up32, run.uplink_bytes_total),
+        downlink_compression_ratio=ratio(down32, run.downlink_bytes_total),
+        total_compression_ratio=ratio(
+            None if up32 is None or down32 is None else up32 + down32,
+            run.uplink_bytes_total + run.downlink_bytes_total,
+        ),
+    )
+    return s.RunOut(
+        id=run.id,
+        flower_run_id=run.flower_run_id,
+        strategy=run.strategy,
+        uplink_compressor=run.uplink_compressor,
+        downlink_compressor=run.downlink_compressor,
+        task=run.task,
+        config=run.config,
+        num_parameters=run.num_parameters,
+        status=run.status,  # type: ignore[arg-type]
+        started_at=run.started_at,
+        ended_at=run.ended_at,
+        updated_at=run.updated_at,
+        summary=summary,
+    )
+
+
+def _round_fields(rnd: Round) -> dict[str, Any]:
+    return {
+        "run_id": rnd.run_id,
+        "round": rnd.round,
+        "sampled": rnd.sampled,
+        "replied": rnd.replied,
+        "failed": rnd.failed,
+        "uplink_bytes": rnd.uplink_bytes,
+        "downlink_bytes": rnd.downlink_bytes,
+        "predicted_uplink_bytes": rnd.predicted_uplink_bytes,
+        "predicted_downlink_bytes": rnd.predicted_downlink_bytes,
+        "train_loss": rnd.train_loss,
+        "eval_loss": rnd.eval_loss,
+        "eval_accuracy": rnd.eval_accuracy,
+        "phase_seconds": rnd.phase_seconds,
+        "started_at": rnd.started_at,
+        "ended_at": rnd.ended_at,
+        "extra": rnd.extra,
+    }
+
+
+def _client_out(client: Client, part: Participation | None) -> s.ClientOut:
+    p = part or Participation()
+    return s.ClientOut(
+        id=client.id,
+        name=client.name,
+        location=client.location,
+        node_id=client.node_id,
+        status=client.status,  # type: ignore[arg-type]
+        enrolled_at=client.enrolled_at,
+        last_seen_at=client.last_seen_at,
+        public_key_pem=client.public_key_pem,
+        participation=s.Participation(
+            rounds=p.rounds,
+            ok=p.ok,
+            failed=p.failed,
+            uplink_bytes=p.uplink_bytes,
+            downlink_bytes=p.downlink_bytes,
+            num_examples=p.num_examples,
+            last_round_at=p.last_round_at,
+        ),
+    )
+
+
+def _series(run_id: int, rows: list[tuple[Any, ...]]) -> s.Series:
+    return s.Series(
+        run_id=run_id,
+        rounds=[r[0] for r in rows],
+        train_loss=[r[1] for r in rows],
+        eval_loss=[r[2] for r in rows],
+        eval_accuracy=[r[3] for r in rows],
+        uplink_bytes_cumulative=list(accumulate(r[4] for r in rows)),
+        downlink_bytes_cumulative=list(accumulate(r[5] for r in rows)),
+        ended_at=[r[6] for r in rows],
+    )
+
+
+def _page_meta(page: Page) -> dict[str, Any]:
+    nxt = page.offset + len(page.items)
+    return {
+        "total": page.total,
+        "limit": page.limit,
+        "offset": page.offset,
+        "next_offset": nxt if nxt < page.total else None,
+    }
+
+
+def _validate_public_key(pem: str) -> None:
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        load_pem_public_key(pem.encode("utf-8"))
+    except (ValueError, TypeError, UnicodeEncodeError) as exc:
+        raise InvalidError(f"public_key_pem is not a PEM public key: {exc}") from exc
+
+
+def _package_version() -> str:
+    try:
+        return _pkg_version("fedsqueeze")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def create_app(settings: Settings | None = None, registrar: Registrar | None = None) -> FastAPI:
+    """The FastAPI application on `settings.database_url` (migrated if empty)."""
+    settings = settings or Settings.from_env()
+    engine = get_engine(settings.database_url)
+    ensure_schema(engine)
+    store = Store(engine)
+    expected_revision = head_revision()
+    max_page = settings.max_page_size
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> Any:
+        stale = store.mark_stale_runs(settings.stale_after_s)
+        if stale:
+            log.warning("marked stale runs %s as interrupted", stale)
+        yield
+
+    app = FastAPI(
+        title="fedsqueeze round history",
+        version=_package_version(),
+        description=(
+            "Runs, rounds and clients of fedsqueeze federated runs. Reads are open; writes "
+            "need `Authorization: Bearer <token>` (tokens from `fedsqueeze api token "
+            "create`); enrolling, disabling and removing clients need an admin token."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.store = store
+    app.state.settings = settings
+    app.state.registrar = registrar
+
+    # ------------------------------------------------------------ errors
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_r: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(
+            exc.status_code, str(exc.detail), headers=dict(exc.headers) if exc.headers else None
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_r: Request, exc: RequestValidationError) -> JSONResponse:
+        details = jsonable_encoder(
+            [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        )
+        first = details[0] if details else {}
+        where = ".".join(str(p) for p in first.get("loc", []))
+        return error_response(422, f"{where}: {first.get('msg', 'invalid')}", details=details)
+
+    @app.exception_handler(StoreError)
+    async def _store_error(_r: Request, exc: StoreError) -> JSONResponse:
+        return error_response(exc.status_code, str(exc), code=exc.code)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_r: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status_code, exc.message, code=exc.code)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_r: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return error_response(500, "internal error (see the service log)")
+
+    # ------------------------------------------------------------ auth
+    bearer = HTTPBearer(auto_error=False, description="token from `fedsqueeze api token create`")
+
+    def writer(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> ApiToken:
+        if credentials is None:
+            raise ApiError(401, "unauthorized", "this endpoint needs a bearer token")
+        token = store.verify_token(credentials.credentials)
+        if token is None:
+            raise ApiError(401, "unauthorized", "unknown or revoked token")
+        return token
+
+    def admin(token: Annotated[ApiToken, Depends(writer)]) -> ApiToken:
+        if not token.is_admin:
+            raise ApiError(403, "forbidden", "this endpoint needs an admin token")
+        return token
+
+    Writer = Annotated[ApiToken, Depends(writer)]
+    Admin = Annotated[ApiToken, Depends(admin)]
+    RunId = Annotated[int, Path(ge=1, le=s.INT32_MAX, description="run id in the store")]
+    ClientId = Annotated[int, Path(ge=1, le=s.INT32_MAX)]
+    Limit = Annotated[int, Query(ge=1, le=max_page, description=f"page size, at most {max_page}")]
+    Offset = Annotated[int, Query(ge=0, le=1_000_000_000)]
+
+    # ------------------------------------------------------------ health
+    @app.get("/health", response_model=s.Health, tags=["health"])
+    def health() -> s.Health:
+        """Liveness: the process answers."""
+        return s.Health(version=app.version)
+
+    @app.get(
+        "/ready",
+        response_model=s.Ready,
+        tags=["health"],
+        responses={503: {"model": s.Ready, "description": "database unreachable or stale"}},
+    )
+    def ready(response: Response) -> s.Ready:
+        """Readiness: the database answers and its schema is at this code's revision."""
+        revision: str | None = None
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            revision = current_revision(engine)
+            ok = revision == expected_revision
+        except Exception:
+            log.exception("readiness check failed")
+            ok = False
+        if not ok:
+            response.status_code = 503
+        return s.Ready(
+            status="ready" if ok else "unavailable",
+            database=engine.dialect.name,
+            revision=revision,
+            expected_revision=expected_revision,
+        )
+
+    # ------------------------------------------------------------ runs: read
+    @app.get("/runs", response_model=s.Page[s.RunOut], tags=["runs"], responses=ERROR_RESPONSES)
+    def list_runs(
+        status: Annotated[s.RunStatus | None, Query()] = None,
+        strategy: Annotated[str | None, Query(max_length=64)] = None,
+        sort: Annotated[s.RunSort, Query()] = "id",
+        order: Annotated[s.SortOrder, Query()] = "desc",
+        limit: Limit = 50,
+        offset: Offset = 0,
+    ) -> s.Page[s.RunOut]:
+        """Runs with their summaries, filtered by status and strategy, newest first."""
+        page = store.list_runs(
+            status=status, strategy=strategy, sort=sort, order=order, limit=limit, offset=offset
+        )
+        return s.Page[s.RunOut](items=[_run_out(r) for r in page.items], **_page_meta(page))
+
+    @app.get("/runs/{run_id}", response_model=s.RunOut, tags=["runs"], responses=ERROR_RESPONSES)
+    def get_run(run_id: RunId) -> s.RunOut:
+        """One run with its summary: rounds done, best accuracy, bytes, compression ratios."""
+        return _run_out(store.get_run(run_id))
+
+    @app.get(
+        "/runs/{run_id}/rounds",
+        response_model=s.Page[s.RoundOut],
+        tags=["rounds"],
+        responses=ERROR_RESPONSES,
+    )
+    def list_rounds(
+        run_id: RunId,
+        from_round: Annotated[int | None, Query(ge=0, le=s.INT32_MAX)] = None,
+        to_round: Annotated[int | None, Query(ge=0, le=s.INT32_MAX)] = None,
+        limit: Limit = 100,
+        offset: Offset = 0,
+    ) -> s.Page[s.RoundOut]:
+        """A run's rounds in order, optionally within [from_round, to_round]."""
+        if from_round is not None and to_round is not None and from_round > to_round:
+            raise InvalidError("from_round must not exceed to_round")
+        page = store.list_rounds(
+            run_id, from_round=from_round, to_round=to_round, limit=limit, offset=offset
+        )
+        return s.Page[s.RoundOut](
+            items=[s.RoundOut(**_round_fields(r)) for r in page.items], **_page_meta(page)
+        )
+
+    @app.get(
+        "/runs/{run_id}/rounds/{round_number}",
+        response_model=s.RoundDetail,
+        tags=["rounds"],
+        responses=ERROR_RESPONSES,
+    )
+    def get_round(
+        run_id: RunId, round_number: Annotated[int, Path(ge=0, le=s.INT32_MAX)]
+    ) -> s.RoundDetail:
+        """One round with every client's part in it."""
+        rnd, clients = store.get_round(run_id, round_number)
+        return s.RoundDetail(
+            **_round_fields(rnd),
+            clients=[
+                s.ClientRoundOut(
+                    node_id=c.node_id,
+                    outcome=c.outcome,  # type: ignore[arg-type]
+                    uplink_bytes=c.uplink_bytes,
+                    downlink_bytes=c.downlink_bytes,
+                    num_examples=c.num_examples,
+                    local_loss=c.local_loss,
+                    duration_s=c.duration_s,
+                    error=c.error,
+                )
+                for c in clients
+            ],
+        )
+
+    @app.get(
+        "/runs/{run_id}/series", response_model=s.Series, tags=["runs"], responses=ERROR_RESPONSES
+    )
+    def get_series(run_id: RunId) -> s.Series:
+        """Curves for plotting: losses, accuracy and cumulative bytes per round."""
+        return _series(run_id, store.series([run_id])[run_id])
+
+    @app.get("/compare", response_model=s.Comparison, tags=["runs"], responses=ERROR_RESPONSES)
+    def compare(
+        run_id: Annotated[
+            list[Annotated[int, Field(ge=1, le=s.INT32_MAX)]],
+            Query(
+                min_length=1, max_length=MAX_COMPARE_RUNS, description="repeat: ?run_id=1&run_id=2"
+            ),
+        ],
+    ) -> s.Comparison:
+        """Several runs side by side: summaries and series."""
+        runs = store.runs_by_ids(run_id)
+        series = store.series(run_id)
+        return s.Comparison(
+            runs=[_run_out(r) for r in runs],
+            series=[_series(i, rows) for i, rows in series.items()],
+        )
+
+    # ------------------------------------------------------------ runs: write
+    @app.post(
+        "/runs", response_model=s.RunOut, status_code=201, tags=["runs"], responses=AUTH_RESPONSES
+    )
+    def create_run(body: s.RunCreate, _token: Writer) -> s.RunOut:
+        """Start recording a run (for a ServerApp that records over HTTP)."""
+        run_id = store.create_run(
+            RunInfo(
+                strategy=body.strategy,
+                uplink_compressor=body.uplink_compressor,
+                downlink_compressor=body.downlink_compressor,
+                task=body.task,
+                config=body.config,
+                flower_run_id=body.flower_run_id,
+                started_at=body.started_at,
+                num_parameters=body.num_parameters,
+            )
+        )
+        return _run_out(store.get_run(run_id))
+
+    @app.post(
+        "/runs/{run_id}/rounds",
+        response_model=s.RoundOut,
+        status_code=201,
+        tags=["rounds"],
+        responses=AUTH_RESPONSES,
+    )
+    def append_round(run_id: RunId, body: s.RoundCreate, _token: Writer) -> s.RoundOut:
+        """Append one finished round with its client-rounds (one transaction)."""
+        record = RoundRecord(
+            **body.model_dump(exclude={"clients"}),
+            clients=[ClientRoundRecord(**c.model_dump()) for c in body.clients],
+        )
+        store.append_round(run_id, record)
+        rnd, _ = store.get_round(run_id, body.round)
+        return s.RoundOut(**_round_fields(rnd))
+
+    @app.post(
+        "/runs/{run_id}/finish", response_model=s.RunOut, tags=["runs"], responses=AUTH_RESPONSES
+    )
+    def finish_run(run_id: RunId, body: s.RunFinish, _token: Writer) -> s.RunOut:
+        """Close a run as finished, failed or interrupted."""
+        store.finish_run(run_id, body.status)
+        return _run_out(store.get_run(run_id))
+
+    # ------------------------------------------------------------ clients
+    @app.get(
+        "/clients", response_model=s.Page[s.ClientOut], tags=["clients"], responses=ERROR_RESPONSES
+    )
+    def list_clients(
+        status: Annotated[s.ClientStatus | None, Query()] = None,
+        limit: Limit = 100,
+        offset: Offset = 0,
+    ) -> s.Page[s.ClientOut]:
+        """Enrolled clients and their participation in rounds."""
+        page = store.list_clients(status=status, limit=limit, offset=offset)
+        parts = store.participation([c.node_id for c in page.items if c.node_id is not None])
+        return s.Page[s.ClientOut](
+            items=[
+                _client_out(c, parts.get(c.node_id) if c.node_id is not None else None)
+                for c in page.items
+            ],
+            **_page_meta(page),
+        )
+
+    def _client_with_participation(client: Client) -> s.ClientOut:
+        part = store.participation([client.node_id]) if client.node_id is not None else {}
+        return _client_out(client, part.get(client.node_id) if client.node_id is not None else None)
+
+    @app.get(
+        "/clients/{client_id}",
+        response_model=s.ClientOut,
+        tags=["clients"],
+        responses=ERROR_RESPONSES,
+    )
+    def get_client(client_id: ClientId) -> s.ClientOut:
+        return _client_with_participation(store.get_client(client_id))
+
+    def _register(pem: str) -> int:
+        assert registrar is not None
+        try:
+            return int(registrar.register(pem))
+        except ValueError as exc:
+            raise ApiError(422, "validation_error", f"SuperLink refused the key: {exc}") from exc
+        except Exception as exc:
+            log.exception("SuperLink registration failed")
+            raise ApiError(502, "bad_gateway", f"SuperLink registration failed: {exc}") from exc
+
+    def _unregister(node_id: int) -> None:
+        assert registrar is not None
+        try:
+            registrar.unregister(node_id)
+        except Exception as exc:
+            log.exception("SuperLink unregistration failed")
+            raise ApiError(502, "bad_gateway", f"SuperLink unregistration failed: {exc}") from exc
+
+    @app.post(
+        "/clients",
+        response_model=s.ClientOut,
+        status_code=201,
+        tags=["clients"],
+        responses={**AUTH_RESPONSES, 502: {"model": s.ErrorBody, "description": "SuperLink"}},
+    )
+    def enroll_client(body: s.ClientCreate, _token: Admin) -> s.ClientOut:
+        """Enrol an edge client: register its public key with the SuperLink, store it."""
+        _validate_public_key(body.public_key_pem)
+        node_id = body.node_id
+        if registrar is not None:
+            if node_id is not None:
+                raise InvalidError("node_id is assigned by the SuperLink; leave it out")
+            if store.list_clients().total and _name_taken(body.name):
+                raise ApiError(409, "conflict", f"a client named {body.name!r} is enrolled")
+            node_id = _register(body.public_key_pem)
+        try:
+            client = store.enroll_client(
+                name=body.name,
+                public_key_pem=body.public_key_pem,
+                node_id=node_id,
+                location=body.location,
+            )
+        except StoreError:
+            if registrar is not None and node_id is not None:
+                _unregister(node_id)
+            raise
+        return _client_out(client, None)
+
+    def _name_taken(name: str) -> bool:
+        from sqlalchemy import select
+
+        with store.session() as session:
+            return session.scalars(select(Client.id).where(Client.name == name)).first() is not None
+
+    @app.post(
+        "/clients/{client_id}/disable",
+        response_model=s.ClientOut,
+        tags=["clients"],
+        responses=AUTH_RESPONSES,
+    )
+    def disable_client(client_id: ClientId, _token: Admin) -> s.ClientOut:
+        """Disable a client: the SuperLink refuses its key until it is enabled again."""
+        client = store.get_client(client_id)
+        if client.status == "active" and registrar is not None and client.node_id is not None:
+            _unregister(client.node_id)
+        return _client_with_participation(store.set_client_status(client_id, "disabled"))
+
+    @app.post(
+        "/clients/{client_id}/enable",
+        response_model=s.ClientOut,
+        tags=["clients"],
+        responses=AUTH_RESPONSES,
+    )
+    def enable_client(client_id: ClientId, _token: Admin) -> s.ClientOut:
+        """Enable a disabled client again (registers its key anew when a SuperLink is set)."""
+        client = store.get_client(client_id)
+        if client.status == "disabled" and registrar is not None:
+            node_id = _register(client.public_key_pem)
+            with store.session() as session:
+                row = session.get(Client, client_id)
+                if row is None:
+                    raise NotFoundError(f"client {client_id} not found")
+                row.node_id = node_id
+                session.commit()
+        return _client_with_participation(store.set_client_status(client_id, "active"))
+
+    @app.delete("/clients/{client_id}", status_code=204, tags=["clients"], responses=AUTH_RESPONSES)
+    def remove_client(client_id: ClientId, _token: Admin) -> Response:
+        """Remove a client's enrolment (its round history stays)."""
+        client = store.get_client(client_id)
+        if client.status == "active" and registrar is not None and client.node_id is not None:
+            _unregister(client.node_id)
+        store.delete_client(client_id)
+        return Response(status_code=204)
+
+    # ------------------------------------------------------------ middleware
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory api.app:create_app_from_env`` (settings from env)."""
+    return create_app(Settings.from_env())
