@@ -602,6 +602,69 @@ class StoreWatcher:
         return new
 
 
+class JsonlWatcher:
+    """Reads the rounds of one Flower run from a `JsonlRecorder` file (``jsonl:PATH``)."""
+
+    def __init__(self, path: str | os.PathLike[str], flower_run_id: int) -> None:
+        self.path = Path(path).expanduser()
+        self.flower_run_id = flower_run_id
+        self.store_run_id: int | None = None
+        self.run_status: str | None = None
+        self.rounds: dict[int, RoundRow] = {}
+        self.error: str | None = None
+        self._offset = 0
+
+    def poll(self) -> list[RoundRow]:
+        new: list[RoundRow] = []
+        try:
+            with self.path.open("r", encoding="utf-8") as fh:
+                fh.seek(self._offset)
+                while True:
+                    line = fh.readline()
+                    if not line.endswith("\n"):
+                        break  # nothing more, or a line still being written
+                    self._offset = fh.tell()
+                    row = self._event(json.loads(line))
+                    if row is not None and row.round not in self.rounds:
+                        self.rounds[row.round] = row
+                        new.append(row)
+        except (OSError, ValueError) as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+        return new
+
+    def _event(self, event: dict[str, Any]) -> RoundRow | None:
+        kind = event.get("event")
+        if kind == "start_run":
+            info = event.get("info") or {}
+            if info.get("flower_run_id") == self.flower_run_id:
+                self.store_run_id = int(event["run_id"])
+                self.run_status = "running"
+        elif kind == "round" and event.get("run_id") == self.store_run_id:
+            record = dict(event.get("record") or {})
+            for key in ("started_at", "ended_at"):
+                if isinstance(record.get(key), str):
+                    record[key] = datetime.fromisoformat(record[key])
+            return _round_row(_Obj(record))
+        elif kind == "finish_run" and event.get("run_id") == self.store_run_id:
+            self.run_status = str(event.get("status"))
+        return None
+
+
+class _Obj:
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.__dict__.update(values)
+
+    def __getattr__(self, name: str) -> Any:
+        return None
+
+
+def make_watcher(database_url: str | None, flower_run_id: int) -> StoreWatcher | JsonlWatcher:
+    """The reader of the ServerApp's round history for this run's ``database-url``."""
+    if database_url and database_url.startswith("jsonl:"):
+        return JsonlWatcher(database_url.removeprefix("jsonl:"), flower_run_id)
+    return StoreWatcher(database_url, flower_run_id)
+
+
 def _round_row(r: Any) -> RoundRow:
     seconds = None
     started, ended = getattr(r, "started_at", None), getattr(r, "ended_at", None)
@@ -699,7 +762,7 @@ class RunSpec:
     label: str
     overrides: dict[str, ConfigValue]
     num_supernodes: int
-    cpus_per_client: float = 1.0
+    cpus_per_client: int = 1
     timeout_s: float = 0.0  # 0 = no limit
 
 
@@ -796,7 +859,7 @@ def run_one(
     run_id = superlink.submit(app.path, spec.overrides, federation)
     log_path = log_dir / f"run-{spec.label}-{run_id}.log"
     follower = LogFollower(superlink, run_id, log_path)
-    watcher = StoreWatcher(database_url, run_id)
+    watcher = make_watcher(database_url, run_id)
     status = "running"
     last_done = -1
     try:
@@ -836,9 +899,9 @@ def run_one(
         time.sleep(0.2)
     rounds = [watcher.rounds[k] for k in sorted(watcher.rounds)]
     if on_progress is not None:
-        on_progress(
-            max([r.round for r in rounds] + [follower.latest_round]), rounds[-1] if rounds else None
-        )
+        finished_all = num_rounds if status == "finished:completed" else 0
+        done = max([r.round for r in rounds] + [follower.latest_round, finished_all])
+        on_progress(done, rounds[-1] if rounds else None)
     return SimulationResult(
         label=spec.label,
         flower_run_id=run_id,
@@ -1016,7 +1079,7 @@ def build_specs(
     friendly: dict[str, Any],
     raw: Sequence[str],
     clients: int | None,
-    cpus_per_client: float,
+    cpus_per_client: int,
     timeout_s: float,
 ) -> list[RunSpec]:
     """Checked run specs: one per strategy (or one with the app's default strategy)."""
@@ -1118,8 +1181,8 @@ def simulate(
         help='Raw run-config overrides "key=value ..." (TOML values); repeatable; '
         "applied after the flags above.",
     ),
-    cpus_per_client: float = typer.Option(
-        1.0, help="CPU cores reserved per simulated client (Ray); fewer = more in parallel."
+    cpus_per_client: int = typer.Option(
+        1, min=1, help="CPU cores reserved per simulated client (Ray); fewer = more in parallel."
     ),
     timeout: float = typer.Option(
         0.0, min=0.0, help="Stop a run that takes longer than this many seconds (0 = never)."
