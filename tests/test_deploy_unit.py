@@ -1,0 +1,377 @@
+"""Fast tests of the deployment pieces that need no running SuperLink: certificates, keys,
+bundles, the SuperNode command line, run-config rendering and the fast-poll schedule."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import ssl
+import stat
+import tarfile
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.app import Message, Metadata, RecordDict
+from flwr.app.message.message import make_message
+from flwr.proto.node_pb2 import NodeInfo
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from client.enroll import BundleInfo, open_bundle, write_bundle
+from client.supernode import node_config, supernode_command
+from server.deploy.certs import (
+    NodeKeyPair,
+    ensure_tls,
+    fingerprint,
+    install_tls,
+    load_public_key,
+    make_ca,
+)
+from server.deploy.launcher import ServerConfig, ServerPaths, load_config, save_config
+from server.deploy.polling import FastPollGrid, poll_intervals
+from server.deploy.runs import render_run_config, write_flower_config
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# ----------------------------------------------------------------------- certificates
+def test_ensure_tls_makes_a_verifiable_chain_with_sans(tmp_path: Path) -> None:
+    files = ensure_tls(tmp_path / "tls", ["fl.example.org", "10.1.2.3"])
+    assert files.exist()
+    assert files.ca_key is not None
+    assert _mode(files.server_key) == 0o600 and _mode(files.ca_key) == 0o600
+    assert _mode(files.server_cert) == 0o644
+    cert = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "fl.example.org"}
+    assert set(san.get_values_for_type(x509.IPAddress)) == {
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+        ipaddress.ip_address("10.1.2.3"),
+    }
+    # the server certificate verifies against the CA (an ssl context does the check)
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    ctx = ssl.create_default_context(cafile=str(files.ca_cert))
+    ctx.load_cert_chain(str(files.server_cert), str(files.server_key))
+
+
+def test_ensure_tls_keeps_existing_files_and_refuses_partial_sets(tmp_path: Path) -> None:
+    d = tmp_path / "tls"
+    first = ensure_tls(d)
+    before = first.server_cert.read_bytes()
+    assert ensure_tls(d).server_cert.read_bytes() == before  # second start: unchanged
+    first.ca_cert.unlink()
+    first.ca_key.unlink()  # type: ignore[union-attr]
+    first.server_cert.unlink()
+    with pytest.raises(FileExistsError, match="partial"):
+        ensure_tls(d)
+
+
+def test_install_tls_validates_and_protects_the_key(tmp_path: Path) -> None:
+    src = ensure_tls(tmp_path / "src")
+    files = install_tls(tmp_path / "dst", src.ca_cert, src.server_cert, src.server_key)
+    assert files.server_key.read_bytes() == src.server_key.read_bytes()
+    assert _mode(files.server_key) == 0o600
+    bad = tmp_path / "bad.crt"
+    bad.write_text("not a certificate")
+    with pytest.raises(ValueError, match="invalid TLS material"):
+        install_tls(tmp_path / "dst2", bad, src.server_cert, src.server_key)
+    with pytest.raises(FileNotFoundError):
+        install_tls(tmp_path / "dst3", tmp_path / "missing", src.server_cert, src.server_key)
+
+
+def test_node_keys_are_p384_in_the_formats_flower_reads() -> None:
+    keys = NodeKeyPair.generate()
+    private = serialization.load_ssh_private_key(keys.private_openssh, password=None)
+    assert isinstance(private, ec.EllipticCurvePrivateKey)
+    assert isinstance(private.curve, ec.SECP384R1)
+    public = load_public_key(keys.public_openssh)
+    assert load_public_key(keys.public_pem).public_numbers() == public.public_numbers()
+    # byte-identical to what flwr registers
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    assert public_key_to_bytes(public) == keys.public_pem
+    assert b"PRIVATE" not in repr(keys).encode()
+    assert len(fingerprint(keys.public_pem)) == 64
+
+
+def test_load_public_key_rejects_non_nist_and_garbage() -> None:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    ed = ed25519.Ed25519PrivateKey.generate().public_key()
+    with pytest.raises(ValueError, match="not an EC public key"):
+        load_public_key(
+            ed.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+    k1 = ec.generate_private_key(ec.SECP256K1()).public_key()
+    with pytest.raises(ValueError, match="not a NIST curve"):
+        load_public_key(
+            k1.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+    with pytest.raises(ValueError, match="not a valid public key"):
+        load_public_key(b"ssh-rsa AAAA garbage")
+
+
+# ----------------------------------------------------------------------- bundles
+def _info(**kw: object) -> BundleInfo:
+    base: dict[str, object] = dict(
+        name="dev1",
+        superlink="fl.example.org:9092",
+        node_id=42,
+        client_id=7,
+        partition_id=3,
+        num_partitions=20,
+    )
+    base.update(kw)
+    return BundleInfo(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("as_tar", [False, True])
+def test_bundle_roundtrip_keeps_the_key_private(tmp_path: Path, as_tar: bool) -> None:
+    ca_pem, _ = make_ca()
+    keys = NodeKeyPair.generate()
+    dest = tmp_path / ("dev1.tar.gz" if as_tar else "dev1.bundle")
+    write_bundle(dest, _info(), keys, ca_pem)
+    if as_tar:
+        assert _mode(dest) == 0o600
+        with tarfile.open(dest) as tar:
+            assert tar.getmember("node.key").mode == 0o600
+    else:
+        assert _mode(dest / "node.key") == 0o600 and _mode(dest) == 0o700
+    bundle = open_bundle(dest, unpack_dir=tmp_path / "unpacked")
+    assert bundle.info.node_id == 42 and bundle.info.partition_id == 3
+    assert bundle.private_key.read_bytes() == keys.private_openssh
+    assert _mode(bundle.private_key) == 0o600
+    assert bundle.ca_cert.read_bytes() == ca_pem
+    with pytest.raises(FileExistsError):
+        write_bundle(dest, _info(), keys, ca_pem)
+
+
+def test_open_bundle_refuses_bad_bundles(tmp_path: Path) -> None:
+    ca_pem, _ = make_ca()
+    keys = NodeKeyPair.generate()
+    d = write_bundle(tmp_path / "b", _info(), keys, ca_pem)
+    (d / "node.key").chmod(0o644)
+    with pytest.raises(PermissionError, match="chmod 600"):
+        open_bundle(d)
+    (d / "node.key").chmod(0o600)
+    (d / "ca.crt").unlink()
+    with pytest.raises(ValueError, match=r"lacks ca\.crt"):
+        open_bundle(d)
+    meta = json.loads((d / "bundle.json").read_text())
+    meta["partition_id"] = 20
+    (d / "bundle.json").write_text(json.dumps(meta))
+    (d / "ca.crt").write_bytes(ca_pem)
+    with pytest.raises(ValueError, match="out of range"):
+        open_bundle(d)
+    with pytest.raises(ValueError, match=r"neither"):
+        junk = tmp_path / "junk.tar.gz"
+        junk.write_bytes(b"\x00" * 10)
+        open_bundle(junk)
+    with pytest.raises(FileNotFoundError):
+        open_bundle(tmp_path / "nope")
+    with pytest.raises(ValueError, match="host:port"):
+        _info(superlink="nohost").validate()
+
+
+def test_supernode_command_line(tmp_path: Path) -> None:
+    ca_pem, _ = make_ca()
+    bundle = open_bundle(write_bundle(tmp_path / "b", _info(), NodeKeyPair.generate(), ca_pem))
+    data = tmp_path / "data"
+    data.mkdir()
+    cmd = supernode_command(
+        bundle, device="cuda", data_dir=data, clientappio_port=19999, max_retries=2
+    )
+    assert cmd[0].endswith("flower-supernode")
+    args = dict(zip(cmd[1::2], cmd[2::2], strict=False))
+    assert args["--superlink"] == "fl.example.org:9092"
+    assert args["--root-certificates"] == str(bundle.ca_cert)
+    assert args["--auth-supernode-private-key"] == str(bundle.private_key)
+    assert args["--port"] == "19999" and args["--max-retries"] == "2"
+    assert "--insecure" not in cmd
+    # the node config parses the way flower-supernode parses it
+    from flwr.common.config import parse_config_args
+
+    parsed = parse_config_args([args["--node-config"]])
+    assert parsed == {
+        "partition-id": 3,
+        "num-partitions": 20,
+        "device": "cuda",
+        "data-dir": str(data.resolve()),
+    }
+    with pytest.raises(ValueError, match="device"):
+        node_config(bundle, "tpu", None)
+    with pytest.raises(FileNotFoundError):
+        node_config(bundle, "cpu", tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------- config files
+def test_server_config_roundtrip_and_addresses(tmp_path: Path) -> None:
+    paths = ServerPaths(tmp_path)
+    cfg = ServerConfig(
+        superlink_host="0.0.0.0",
+        superlink_port=9100,
+        api_port=8181,
+        public_address="fl.example.org:443",
+        database_url="sqlite:///x.db",
+    )
+    save_config(paths, cfg)
+    loaded = load_config(paths)
+    assert loaded == cfg
+    assert loaded.superlink_address == "127.0.0.1:9100"
+    assert loaded.device_address == "fl.example.org:443"
+    assert loaded.api_url == "http://127.0.0.1:8181"
+    with pytest.raises(ValueError, match=r"1\.\.65535"):
+        ServerConfig(superlink_port=0).validate()
+    paths.config.write_text("{not json")
+    with pytest.raises(ValueError, match="not a valid server configuration"):
+        load_config(paths)
+
+
+def test_flower_config_and_run_config_rendering(tmp_path: Path) -> None:
+    import tomllib
+
+    path = write_flower_config(tmp_path / "home", "127.0.0.1:9092", tmp_path / "ca.crt")
+    data = tomllib.loads(path.read_text())
+    assert data["superlink"]["default"] == "fedsqueeze"
+    assert data["superlink"]["fedsqueeze"]["address"] == "127.0.0.1:9092"
+    from flwr.common.config import parse_config_args
+
+    text = render_run_config(
+        {
+            "strategy": "artemis",
+            "num-server-rounds": 3,
+            "client-lr": 0.1,
+            "database-url": "sqlite:////tmp/x.db",
+            "eval": True,
+        }
+    )
+    assert parse_config_args([text]) == {
+        "strategy": "artemis",
+        "num-server-rounds": 3,
+        "client-lr": 0.1,
+        "database-url": "sqlite:////tmp/x.db",
+        "eval": True,
+    }
+    with pytest.raises(ValueError, match="single quotes"):
+        render_run_config({"x": "it's"})
+
+
+# ----------------------------------------------------------------------- fast polling
+def _metadata(
+    dst: int, message_type: str, group_id: str, reply_to: str, created_at: float = 0.0
+) -> Metadata:
+    return Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=0,
+        dst_node_id=dst,
+        reply_to_message_id=reply_to,
+        group_id=group_id,
+        ttl=60.0,
+        message_type=message_type,
+        created_at=created_at or time.time(),
+    )
+
+
+class _DelayedGrid(Grid):
+    """A real in-process grid: replies become available `delay` s after the push."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.ready: dict[str, tuple[float, Message]] = {}
+        self.pulls = 0
+        self.lock = threading.Lock()
+
+    def set_run(self, run: Run) -> None:
+        raise NotImplementedError
+
+    @property
+    def run(self) -> Run:
+        raise NotImplementedError
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return make_message(_metadata(dst_node_id, message_type, group_id, ""), content)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [1, 2]
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return []
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for i, m in enumerate(messages):
+            mid = f"m{i}-{time.monotonic_ns()}"
+            m.metadata.__dict__["_message_id"] = mid
+            reply = make_message(
+                _metadata(0, m.metadata.message_type, "", mid, time.time() + self.delay),
+                RecordDict(),
+            )
+            self.ready[mid] = (time.monotonic() + self.delay, reply)
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        self.pulls += 1
+        now = time.monotonic()
+        return [self.ready[i][1] for i in message_ids if self.ready[i][0] <= now]
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        raise AssertionError("FastPollGrid must not call the inner send_and_receive")
+
+
+def _msgs(grid: Grid, n: int) -> list[Message]:
+    return [grid.create_message(RecordDict(), "train", i + 1, "1") for i in range(n)]
+
+
+def test_poll_schedule_grows_geometrically_to_the_cap() -> None:
+    it = iter(poll_intervals(0.01, 0.05, 2.0))
+    assert [round(next(it), 6) for _ in range(5)] == [0.01, 0.02, 0.04, 0.05, 0.05]
+    with pytest.raises(ValueError, match="bad poll schedule"):
+        next(iter(poll_intervals(0.0, 1.0, 2.0)))
+
+
+def test_fast_poll_grid_returns_soon_after_replies_are_ready() -> None:
+    inner = _DelayedGrid(delay=0.3)
+    grid = FastPollGrid(inner, initial_interval=0.01, max_interval=0.05)
+    t0 = time.monotonic()
+    replies = list(grid.send_and_receive(_msgs(grid, 2), timeout=10))
+    elapsed = time.monotonic() - t0
+    assert len(replies) == 2
+    # Flower's HttpGrid would return at 3 s; we return within one max interval of 0.3 s
+    assert 0.3 <= elapsed < 0.3 + 0.05 + 0.15
+    assert grid.stats.calls == 1 and grid.stats.pulls == inner.pulls >= 2
+    assert grid.stats.lags and grid.stats.lags[0] < 0.05 + 0.15
+    assert grid.get_node_ids() == [1, 2]
+
+
+def test_fast_poll_grid_honours_the_timeout() -> None:
+    inner = _DelayedGrid(delay=5.0)
+    grid = FastPollGrid(inner, initial_interval=0.01, max_interval=0.05)
+    t0 = time.monotonic()
+    replies = list(grid.send_and_receive(_msgs(grid, 1), timeout=0.2))
+    assert replies == []
+    assert 0.2 <= time.monotonic() - t0 < 0.5
