@@ -1,0 +1,338 @@
+"""Deployment on Flower's engine with real processes on 127.0.0.1: `fedsqueeze server
+start` (SuperLink with TLS and SuperNode authentication + the REST service), enrolment,
+SuperNodes started from bundles, runs submitted with `fedsqueeze run`, and what must be
+refused (unenrolled, removed or disabled keys; a wrong CA).
+
+Every test uses free ports, its own FEDSQUEEZE_HOME / FLWR_HOME / data directory, ends
+every process it started by PID (the SuperNodes it spawned, the server through
+`fedsqueeze server stop`), and checks that none is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from client.enroll import BundleInfo, write_bundle
+from server.deploy.certs import NodeKeyPair, make_ca
+from server.deploy.registrar import SuperLinkRegistrar
+
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FEDSQUEEZE = str(Path(sys.executable).parent / "fedsqueeze")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str, every: float = 0.25) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@dataclass
+class Node:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@dataclass
+class Deployment:
+    """A server data directory and everything a test started against it."""
+
+    root: Path
+    env: dict[str, str]
+    data_dir: Path
+    superlink_port: int
+    api_port: int
+    database_url: str
+    nodes: list[Node] = field(default_factory=list)
+    seen_pids: set[int] = field(default_factory=set)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.data_dir / "tls" / "ca.crt"
+
+    def token(self) -> str:
+        return (self.data_dir / "admin-token").read_text().strip()
+
+    def cli(
+        self, *args: str, check: bool = True, timeout: float = 600
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [FEDSQUEEZE, *args],
+            env=self.env,
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"fedsqueeze {' '.join(args)} exited {result.returncode}\n"
+                f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
+            )
+        return result
+
+    def start_server(self) -> subprocess.CompletedProcess[str]:
+        out = self.cli(
+            "server", "start", "--data-dir", str(self.data_dir),
+            "--superlink-port", str(self.superlink_port), "--api-port", str(self.api_port),
+            "--database-url", self.database_url,
+        )  # fmt: skip
+        self._remember_server_pids()
+        return out
+
+    def _remember_server_pids(self) -> None:
+        for name in ("superlink", "api"):
+            pid_file = self.data_dir / "run" / f"{name}.pid"
+            if pid_file.exists():
+                self.seen_pids.add(int(json.loads(pid_file.read_text())["pid"]))
+        self._remember_descendants()
+
+    def _remember_descendants(self) -> None:
+        for pid in list(self.seen_pids):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                self.seen_pids.update(c.pid for c in psutil.Process(pid).children(recursive=True))
+
+    def enroll(self, name: str, out: Path, partition_id: int, num_partitions: int) -> BundleInfo:
+        self.cli(
+            "client", "enroll", "--name", name, "--out", str(out), "--data-dir", str(self.data_dir),
+            "--partition-id", str(partition_id), "--num-partitions", str(num_partitions),
+        )  # fmt: skip
+        from client.enroll import open_bundle
+
+        return open_bundle(out, unpack_dir=self.root / "unpacked" / name).info
+
+    def start_node(self, name: str, bundle: Path, *extra: str) -> Node:
+        log = self.root / "logs" / f"node-{name}-{len(self.nodes)}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(
+                [FEDSQUEEZE, "client", "start", "--bundle", str(bundle),
+                 "--clientappio-port", str(free_port()), "--device", "cpu", *extra],
+                env=self.env, cwd=self.root, stdout=fh, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        node = Node(name, proc, log)
+        self.nodes.append(node)
+        self.seen_pids.add(proc.pid)
+        return node
+
+    def kill_node(self, node: Node, sig: int = signal.SIGTERM) -> None:
+        """End a SuperNode we started and its descendants (SuperExec, ClientApp)."""
+        with contextlib.suppress(psutil.NoSuchProcess):
+            family = [psutil.Process(node.proc.pid)]
+            family += family[0].children(recursive=True)
+            self.seen_pids.update(p.pid for p in family)
+            for p in family:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.send_signal(sig)
+            _, left = psutil.wait_procs(family, timeout=15)
+            for p in left:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            node.proc.wait(timeout=15)
+
+    def registrar(self) -> SuperLinkRegistrar:
+        return SuperLinkRegistrar(f"127.0.0.1:{self.superlink_port}", self.ca_cert)
+
+    def node_status(self, node_id: int) -> str | None:
+        for n in self.registrar().list_nodes():
+            if n.node_id == node_id:
+                return n.status
+        return None
+
+    def get(self, path: str, **params: Any) -> Any:
+        r = httpx.get(self.api_url + path, params=params, timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+    def shutdown(self) -> None:
+        self._remember_descendants()
+        for node in self.nodes:
+            if node.proc.poll() is None:
+                self.kill_node(node)
+        if (self.data_dir / "server.json").exists():
+            self._remember_server_pids()
+            self.cli("server", "stop", "--data-dir", str(self.data_dir), check=False)
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Iterator[Deployment]:
+    env = dict(os.environ)
+    env.pop("DATABASE_URL", None)
+    env.update(
+        FEDSQUEEZE_HOME=str(tmp_path / "home"),
+        FLWR_HOME=str(tmp_path / "flwr-home"),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("FEDSQUEEZE_TOKEN", None)
+    dep = Deployment(
+        root=tmp_path,
+        env=env,
+        data_dir=tmp_path / "server",
+        superlink_port=free_port(),
+        api_port=free_port(),
+        database_url=f"sqlite:///{tmp_path / 'store.db'}",
+    )
+    try:
+        yield dep
+    finally:
+        dep.shutdown()
+        deadline = time.monotonic() + 30
+        while [p for p in dep.seen_pids if alive(p)] and time.monotonic() < deadline:
+            time.sleep(0.25)
+        still = [p for p in dep.seen_pids if alive(p)]
+        assert not still, f"processes left behind: {still}"
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _assert_no_secrets_in(paths: list[Path], secrets: list[str]) -> None:
+    for path in paths:
+        text = path.read_text(errors="replace")
+        for secret in secrets:
+            assert secret not in text, f"a secret appears in {path}"
+
+
+def _key_body(private_key: Path) -> str:
+    lines = private_key.read_text().strip().splitlines()
+    return "".join(lines[1:-1])[20:80]  # a slice of the base64 body
+
+
+def _rejected(node: Node, timeout: float = 90) -> str:
+    """Wait until a SuperNode started with --max-retries gives up; return its log."""
+    try:
+        code = node.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(
+            f"SuperNode {node.name} was not refused:\n{node.text()[-3000:]}"
+        ) from None
+    assert code != 0, node.text()[-3000:]
+    return node.text()
+
+
+# ----------------------------------------------------------------------------- tests
+def test_server_enrolment_and_refusals(deployment: Deployment) -> None:
+    dep = deployment
+    out = dep.start_server()
+    token = dep.token()
+    assert token in out.stdout  # printed once, on first start ...
+    assert _mode(dep.data_dir / "admin-token") == 0o600
+    assert _mode(dep.data_dir / "tls" / "server.key") == 0o600
+    assert _mode(dep.data_dir / "tls" / "ca.key") == 0o600
+    again = dep.start_server()  # ... and not again
+    assert "already running" in again.stdout and token not in again.stdout
+    status = dep.cli("server", "status", "--data-dir", str(dep.data_dir), "--json")
+    assert all(c["running"] and c["reachable"] for c in json.loads(status.stdout))
+
+    # enrol two clients: a bundle directory and a tarball
+    alpha = dep.enroll("alpha", dep.root / "alpha.bundle", 0, 2)
+    beta = dep.enroll("beta", dep.root / "beta.tar.gz", 1, 2)
+    assert _mode(dep.root / "alpha.bundle" / "node.key") == 0o600
+    assert _mode(dep.root / "beta.tar.gz") == 0o600
+    clients = {c["name"]: c for c in dep.get("/clients")["items"]}
+    assert clients["alpha"]["node_id"] == alpha.node_id
+    assert clients["beta"]["node_id"] == beta.node_id
+    assert {alpha.node_id, beta.node_id} <= {n.node_id for n in dep.registrar().list_nodes()}
+    # enrolling the same name twice is refused and registers nothing
+    dup = dep.cli("client", "enroll", "--name", "alpha", "--out", str(dep.root / "dup"),
+                  "--data-dir", str(dep.data_dir), check=False)  # fmt: skip
+    assert dup.returncode != 0 and "409" in dup.stderr
+    assert len(dep.registrar().list_nodes()) == 2
+
+    # an enrolled key is accepted: the SuperLink reports the node online
+    a = dep.start_node("alpha", dep.root / "alpha.bundle")
+    wait_for(lambda: dep.node_status(alpha.node_id) == "online", 60, "alpha online")
+
+    # an unenrolled key is refused
+    rogue = dep.root / "rogue.bundle"
+    info = BundleInfo(name="rogue", superlink=f"127.0.0.1:{dep.superlink_port}", node_id=1,
+                      partition_id=0, num_partitions=2)  # fmt: skip
+    write_bundle(rogue, info, NodeKeyPair.generate(), dep.ca_cert.read_bytes())
+    log = _rejected(dep.start_node("rogue", rogue, "--max-retries", "1"))
+    assert "Failed to activate SuperNode" in log
+
+    # a device that trusts another CA cannot connect (TLS verification fails)
+    other_ca, _ = make_ca("someone else's CA")
+    wrong = dep.root / "wrong-ca.bundle"
+    import shutil
+
+    shutil.copytree(dep.root / "alpha.bundle", wrong)
+    (wrong / "ca.crt").write_bytes(other_ca)
+    log = _rejected(dep.start_node("wrong-ca", wrong, "--max-retries", "1"))
+    assert "CERTIFICATE_VERIFY_FAILED" in log or "certificate verify failed" in log
+
+    # a removed client can no longer join
+    dep.cli("client", "remove", "beta", "--data-dir", str(dep.data_dir))
+    assert "beta" not in {c["name"] for c in dep.get("/clients")["items"]}
+    assert dep.node_status(beta.node_id) in (None, "unregistered")
+    log = _rejected(dep.start_node("beta", dep.root / "beta.tar.gz", "--max-retries", "1"))
+    assert "Failed to activate SuperNode" in log
+
+    # disabling a running client cuts it off, and it cannot come back
+    dep.cli("client", "disable", str(alpha.node_id), "--data-dir", str(dep.data_dir))
+    assert {c["name"]: c for c in dep.get("/clients")["items"]}["alpha"]["status"] == "disabled"
+    wait_for(lambda: a.proc.poll() is not None or dep.node_status(alpha.node_id) != "online",
+             60, "alpha cut off")  # fmt: skip
+    dep.kill_node(a)
+    log = _rejected(dep.start_node("alpha", dep.root / "alpha.bundle", "--max-retries", "1"))
+    assert "Failed to activate SuperNode" in log
+
+    # keys and the token never reach a log
+    logs = sorted((dep.data_dir / "logs").glob("*.log")) + sorted((dep.root / "logs").glob("*.log"))
+    assert len(logs) >= 6
+    secrets = [token, _key_body(dep.root / "alpha.bundle" / "node.key"),
+               _key_body(dep.data_dir / "tls" / "server.key")]  # fmt: skip
+    _assert_no_secrets_in(logs, secrets)
+
+    # stop: everything we started ends
+    stop = dep.cli("server", "stop", "--data-dir", str(dep.data_dir))
+    assert "superlink" in stop.stdout and "api" in stop.stdout
+    dep._remember_descendants()
+    wait_for(lambda: not [p for p in dep.seen_pids if alive(p)], 30, "all processes to end")
+    status = dep.cli("server", "status", "--data-dir", str(dep.data_dir), check=False)
+    assert status.returncode == 3
