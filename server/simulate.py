@@ -552,6 +552,7 @@ class StoreWatcher:
         self.store_run_id: int | None = None
         self.run_status: str | None = None
         self.rounds: dict[int, RoundRow] = {}
+        self.run_facts: dict[str, Any] = {}
         self.error: str | None = None
         self._store: Any = None
 
@@ -587,9 +588,14 @@ class StoreWatcher:
                 if run_id is None:
                     return []
                 self.store_run_id = int(run_id)
-            self.run_status = session.scalars(
-                select(Run.status).where(Run.id == self.store_run_id)
-            ).first()
+            run = session.get(Run, self.store_run_id)
+            if run is not None:
+                self.run_status = run.status
+                self.run_facts = {
+                    "uplink_compressor": run.uplink_compressor,
+                    "downlink_compressor": run.downlink_compressor,
+                    "num_parameters": run.num_parameters,
+                }
             rows = session.scalars(
                 select(Round)
                 .where(Round.run_id == self.store_run_id, Round.round.not_in(list(self.rounds)))
@@ -611,6 +617,7 @@ class JsonlWatcher:
         self.store_run_id: int | None = None
         self.run_status: str | None = None
         self.rounds: dict[int, RoundRow] = {}
+        self.run_facts: dict[str, Any] = {}
         self.error: str | None = None
         self._offset = 0
 
@@ -639,6 +646,11 @@ class JsonlWatcher:
             if info.get("flower_run_id") == self.flower_run_id:
                 self.store_run_id = int(event["run_id"])
                 self.run_status = "running"
+                self.run_facts = {
+                    "uplink_compressor": info.get("uplink_compressor"),
+                    "downlink_compressor": info.get("downlink_compressor"),
+                    "num_parameters": info.get("num_parameters"),
+                }
         elif kind == "round" and event.get("run_id") == self.store_run_id:
             record = dict(event.get("record") or {})
             for key in ("started_at", "ended_at"):
@@ -781,6 +793,8 @@ class SimulationResult:
     log_path: str
     overrides: dict[str, ConfigValue]
     store_status: str | None = None
+    #: what the ServerApp recorded about the run: resolved compressor specs, model size
+    run_facts: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -914,6 +928,7 @@ def run_one(
         log_path=str(log_path),
         overrides=dict(spec.overrides),
         store_status=watcher.run_status,
+        run_facts=dict(watcher.run_facts),
     )
 
 
@@ -1052,13 +1067,13 @@ def results_table(results: Sequence[SimulationResult], title: str = "Simulations
         "uplink",
         "downlink",
         "s/round",
-        "store run",
+        "run id",
     ):
         table.add_column(column, justify="left" if column in ("strategy", "status") else "right")
     for r in results:
         table.add_row(
             r.label,
-            r.status,
+            r.status.removeprefix("finished:"),
             f"{len(r.rounds)}/{r.num_rounds}",
             _fmt(r.final_accuracy, ".4f"),
             _fmt(r.final_eval_loss, ".4f"),
