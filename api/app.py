@@ -79,6 +79,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     if code in (404, 422)
 }
 AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": s.ErrorBody, "description": "body is not decodable (e.g. not UTF-8)"},
     401: {"model": s.ErrorBody, "description": "missing or unknown token"},
     403: {"model": s.ErrorBody, "description": "the token is not an admin token"},
     409: {"model": s.ErrorBody, "description": "conflict with stored state"},

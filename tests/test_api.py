@@ -190,7 +190,7 @@ def test_errors_have_one_shape(http: httpx.Client, tokens: dict[str, str]) -> No
     assert_error(http.get("/clients/5"), 404)
     assert_error(http.get("/nowhere"), 404)
     # 422 on parameters
-    for path, params in [
+    bad_params: list[tuple[str, dict[str, Any]]] = [
         ("/runs", {"limit": 0}),
         ("/runs", {"limit": 1001}),
         ("/runs", {"offset": -1}),
@@ -202,7 +202,8 @@ def test_errors_have_one_shape(http: httpx.Client, tokens: dict[str, str]) -> No
         ("/runs/99999999999", {}),
         ("/compare", {}),
         ("/compare", {"run_id": list(range(1, 30))}),
-    ]:
+    ]
+    for path, params in bad_params:
         assert_error(http.get(path, params=params), 422)
     # 422 on bodies
     bad_rounds = [
