@@ -375,7 +375,48 @@ def run_command(
         raise _fail(str(exc)) from None
     if outcome.returncode != 0:
         raise _fail(f"flwr run exited with {outcome.returncode}")
+    if outcome.flower_run_id is None:
+        raise _fail("flwr run did not report a run id (see its output above)")
+    _report_run(paths, config, outcome.flower_run_id)
+
+
+def _report_run(paths: Any, config: Any, flower_run_id: int) -> None:
+    """How the run ended at the SuperLink, and its rounds as the store has them."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from server.deploy.runs import flower_run_status, store_rounds
+
+    status = flower_run_status(config.superlink_address, paths.tls.ca_cert, flower_run_id)
+    try:
+        run, rounds = store_rounds(config.api_url, flower_run_id)
+    except Exception as exc:  # the run may have failed before recording anything
+        run, rounds = None, []
+        typer.echo(f"(no rounds in the store: {exc})", err=True)
+    if rounds:
+        table = Table(title=f"run {run['id'] if run else '?'} (Flower run {flower_run_id})")
+        for col in ("round", "replied/sampled", "uplink B", "downlink B", "train loss",
+                    "eval acc", "s"):  # fmt: skip
+            table.add_column(col, justify="right")
+        for r in rounds:
+            acc = r.get("eval_accuracy")
+            loss = r.get("train_loss")
+            table.add_row(
+                str(r["round"]),
+                f"{r['replied']}/{r['sampled']}",
+                f"{r['uplink_bytes']:,}",
+                f"{r['downlink_bytes']:,}",
+                "-" if loss is None else f"{loss:.4g}",
+                "-" if acc is None else f"{acc:.3f}",
+                f"{sum(r.get('phase_seconds', {}).values()):.2f}",
+            )
+        Console().print(table)
+    if not status.ok:
+        raise _fail(
+            f"Flower run {flower_run_id} ended {status.status}/{status.sub_status}: "
+            f"{status.details or 'no details'}"
+        )
     typer.echo(
-        f"run finished (Flower run {outcome.flower_run_id}); "
-        f"rounds are in the store at {config.api_url}"
+        f"run finished (Flower run {flower_run_id}); its rounds are served at "
+        f"{config.api_url}/runs/{run['id'] if run else ''}"
     )

@@ -140,5 +140,59 @@ def submit_run(
     return RunOutcome(returncode, run_id, lines)
 
 
+@dataclass(frozen=True)
+class FlowerRunStatus:
+    """A run as the SuperLink reports it (Control API ``ListRuns``)."""
+
+    status: str  # "pending" | "starting" | "running" | "finished"
+    sub_status: str  # "completed" | "failed" | "stopped" | "" while not finished
+    details: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "finished" and self.sub_status == "completed"
+
+
+def flower_run_status(address: str, ca_cert: Path, run_id: int) -> FlowerRunStatus:
+    """Ask the SuperLink how run `run_id` ended (or whether it still runs)."""
+    from flwr.proto.control_pb2 import ListRunsRequest
+    from flwr.supercore.control import ControlHttpClient
+
+    client = ControlHttpClient.from_server_address(
+        server_address=address,
+        insecure=False,
+        root_certificates=ca_cert.read_bytes(),
+        interceptors=[],
+    )
+    try:
+        response = client.ListRuns(ListRunsRequest(run_id=run_id))
+    finally:
+        client.close()
+    run = response.run_dict.get(run_id)
+    if run is None:
+        raise LookupError(f"the SuperLink at {address} knows no run {run_id}")
+    return FlowerRunStatus(run.status.status, run.status.sub_status, run.status.details)
+
+
+def store_rounds(api_url: str, flower_run_id: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The store's run with this Flower run id and its rounds, read over REST."""
+    import httpx
+
+    with httpx.Client(base_url=api_url, timeout=30) as http:
+        offset = 0
+        while True:
+            page = http.get("/runs", params={"limit": 100, "offset": offset}).raise_for_status()
+            data = page.json()
+            for run in data["items"]:
+                if run.get("flower_run_id") == flower_run_id:
+                    rounds = http.get(
+                        f"/runs/{run['id']}/rounds", params={"limit": 1000}
+                    ).raise_for_status()
+                    return run, list(rounds.json()["items"])
+            offset += len(data["items"])
+            if not data["items"] or offset >= data["total"]:
+                raise LookupError(f"no run with Flower run id {flower_run_id} in the store")
+
+
 if __name__ == "__main__":  # pragma: no cover - manual use
     sys.exit("use `fedsqueeze run`")
