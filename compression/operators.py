@@ -85,6 +85,22 @@ def _bucket_reduce(f32: torch.Tensor, b: int, ord: float) -> torch.Tensor:
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
+def _bucket_peaks(f32: torch.Tensor, b: int) -> torch.Tensor:
+    """max_j |x_j| per bucket, float32; chunked through a reusable buffer (one pass)."""
+    d = f32.numel()
+    out = torch.empty(-(-d // b), dtype=torch.float32, device=f32.device)
+    buf = torch.empty(min(d, CHUNK), device=f32.device)
+    for start, rows, cols, bk in _segments(d, b):
+        a = buf[: rows * cols].view(rows, cols)
+        torch.abs(f32[start : start + rows * cols].view(rows, cols), out=a)
+        peak = a.amax(dim=1)
+        if start % b == 0:  # the piece starts whole buckets
+            out[bk : bk + rows] = peak
+        else:  # a later piece of a bucket longer than CHUNK
+            out[bk] = torch.maximum(out[bk], peak[0])
+    return out
+
+
 def _bucket_lengths(d: int, b: int, device: torch.device) -> torch.Tensor:
     nb = -(-d // b)
     lengths = torch.full((nb,), float(b), dtype=torch.float32, device=device)
@@ -165,10 +181,28 @@ def _pack_signs(f32: torch.Tensor) -> npt.NDArray[np.uint8]:
     return out
 
 
-def _unpack_signs(packed: npt.NDArray[np.uint8], start: int, end: int) -> torch.Tensor:
-    """Sign bits of coordinates [start, end) (start a multiple of 8) as a bool tensor."""
-    raw = np.unpackbits(packed[start // 8 : (end + 7) // 8], count=end - start)
-    return torch.from_numpy(raw.view(bool))
+#: Row v holds the eight values (-1 if bit set else +1) of byte v, MSB first.
+_SIGN_TABLE = np.where(
+    np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).astype(bool), -1.0, 1.0
+).astype(np.float32)
+
+
+def _signs_dense(
+    packed: npt.NDArray[np.uint8], d: int, device: torch.device, scale: torch.Tensor | None
+) -> torch.Tensor:
+    """The float32 vector (-1)^bit_j * scale (scale 1 when None) for packed sign bits: one
+    table lookup per byte, eight floats at a time."""
+    table = torch.from_numpy(_SIGN_TABLE)
+    if scale is not None:
+        table = table * scale.reshape(()).to(torch.float32).cpu()
+    nbytes = packed.size
+    if device.type == "cpu":
+        out = torch.empty(nbytes * 8, dtype=torch.float32)
+        np.take(table.numpy(), packed, axis=0, out=out.numpy().reshape(nbytes, 8))
+    else:
+        index = torch.from_numpy(packed).to(device).to(torch.int64)
+        out = table.to(device)[index].reshape(-1)
+    return out[:d]
 
 
 # --------------------------------------------------------------------------- Compressed
@@ -696,31 +730,47 @@ class QSGD(_LevelQuantizer):
     def _compress_thinned(
         self, f32: torch.Tensor, norms: torch.Tensor, b: int, g: torch.Generator
     ) -> Fields | None:
+        """s = 1 by thinning. Per bucket B, q_B = max_j p_j with p_j = |x_j| / ||x_B||.
+        Candidates: coordinate j of bucket B is a candidate iff a rate-1 Poisson process on
+        the hazard axis (bucket B owning d_B intervals of length lambda_B = -log(1 - q_B))
+        hits its interval, i.e. with probability q_B independently; a candidate is kept
+        with probability p_j / q_B. So P(xi_j = 1) = p_j, independently, as in QSGD.
+        lambda_B is capped at 17 (q_B within 4e-8 of 1, below float32's 2^-24 resolution of
+        a uniform draw). Returns None when thinning would not save draws (sum d_B q_B > d/4).
+        """
         d = f32.numel()
-        peaks = _bucket_reduce(f32, b, math.inf)
-        ratio = torch.where(norms > 0, peaks / norms, torch.zeros_like(norms))
-        q = min(1.0, float(ratio.max()))
-        if q > 0.25:
-            return None
         device = f32.device
-        if q == 0.0:
+        peaks = _bucket_peaks(f32, b)
+        nb = norms.numel()
+        q = torch.where(norms > 0, peaks / norms, torch.zeros_like(norms)).to(torch.float64)
+        lam = torch.log1p(-q.clamp(max=1.0)).neg_().clamp_(max=17.0)
+        lengths = _bucket_lengths(d, b, device).to(torch.float64)
+        hazard = torch.zeros(nb + 1, dtype=torch.float64, device=device)
+        torch.cumsum(lengths * lam, 0, out=hazard[1:])
+        total = float(hazard[-1])
+        if total > d / 4:
+            return None
+        if total == 0.0:
             empty = torch.zeros(0, dtype=torch.int64, device=device)
             return {"norms": norms, "index": empty, "nzlevels": empty.to(torch.int16)}
-        log1mq = math.log1p(-q)
         pieces = []
-        last = -1
-        while last < d - 1:
-            expected = (d - 1 - last) * q
-            m = int(expected + 6 * math.sqrt(expected) + 16)
-            u = torch.rand(m, dtype=torch.float64, generator=g, device=device)
-            steps = torch.floor(torch.log1p(-u) / log1mq).clamp_(max=d) + 1
-            pos = torch.cumsum(steps.to(torch.int64), 0) + last
-            pieces.append(pos[pos < d])
-            last = int(pos[-1])
-        cand = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        last = 0.0
+        while last < total:
+            m = int((total - last) + 6 * math.sqrt(total - last) + 16)
+            e = torch.rand(m, dtype=torch.float64, generator=g, device=device)
+            points = torch.cumsum(torch.log1p(e.neg_()).neg_(), 0).add_(last)
+            pieces.append(points[points < total])
+            last = float(points[-1])
+        points = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        bucket = torch.searchsorted(hazard[1:], points, right=True).clamp_(max=nb - 1)
+        offset = ((points - hazard[bucket]) / lam[bucket]).to(torch.int64)
+        cand = bucket * b + torch.minimum(offset, lengths[bucket].to(torch.int64) - 1)
+        cand = torch.unique_consecutive(cand)
+        bucket = cand // b
+        q_hit = torch.expm1(lam.neg()).neg_().to(torch.float32)  # 1 - exp(-lambda_B)
         xc = f32[cand]
-        p = xc.abs() / norms[cand // b]
-        keep = torch.rand(cand.numel(), generator=g, device=device) * q < p
+        p = xc.abs() / norms[bucket]
+        keep = torch.rand(cand.numel(), generator=g, device=device) * q_hit[bucket] < p
         index = cand[keep]
         lev = torch.where(xc[keep] < 0, -1, 1).to(torch.int16)
         return {"norms": norms, "index": index, "nzlevels": lev}
@@ -864,12 +914,10 @@ class NaturalCompression(Compressor):
 
     def _dense(self, fields: Fields, d: int, device: torch.device) -> torch.Tensor:
         exps: torch.Tensor = fields["exps"]
-        out = torch.empty(d, dtype=torch.float32, device=device)
+        out = _signs_dense(fields["signs"], d, device, None)
         for start in range(0, d, CHUNK):
             end = min(d, start + CHUNK)
-            mag = (exps[start:end].to(torch.int32) << 23).view(torch.float32)
-            neg = _unpack_signs(fields["signs"], start, end).to(device)
-            torch.where(neg, -mag, mag, out=out[start:end])
+            out[start:end].mul_((exps[start:end].to(torch.int32) << 23).view(torch.float32))
         return out
 
     def _plan(self, fields: Fields, d: int) -> _Plan:
@@ -1195,18 +1243,11 @@ class ScaledSign(Compressor):
     def _dense(self, fields: Fields, d: int, device: torch.device) -> torch.Tensor:
         scales: torch.Tensor = fields["scales"]
         b = _bucket_size(self.bucket, d)
-        out = torch.empty(d, dtype=torch.float32, device=device)
-        step = CHUNK if b >= CHUNK or b % 8 else max(b, (CHUNK // b) * b)
-        for start in range(0, d, step):
-            end = min(d, start + step)
-            neg = _unpack_signs(fields["signs"], start, end).to(device)
-            first, last = start // b, (end - 1) // b
-            if first == last:
-                sc = scales[first]
-                torch.where(neg, -sc, sc, out=out[start:end])
-            else:
-                per = scales[torch.arange(start, end, device=device) // b]
-                torch.where(neg, -per, per, out=out[start:end])
+        if scales.numel() == 1:
+            return _signs_dense(fields["signs"], d, device, scales)
+        out = _signs_dense(fields["signs"], d, device, None)
+        for start, rows, cols, bk in _segments(d, b):
+            out[start : start + rows * cols].view(rows, cols).mul_(scales[bk : bk + rows, None])
         return out
 
     def _plan(self, fields: Fields, d: int) -> _Plan:
@@ -1264,13 +1305,7 @@ class Sign(Compressor):
         return {"signs": _pack_signs(f32)}
 
     def _dense(self, fields: Fields, d: int, device: torch.device) -> torch.Tensor:
-        out = torch.empty(d, dtype=torch.float32, device=device)
-        one = torch.ones((), dtype=torch.float32, device=device)
-        for start in range(0, d, CHUNK):
-            end = min(d, start + CHUNK)
-            neg = _unpack_signs(fields["signs"], start, end).to(device)
-            torch.where(neg, -one, one, out=out[start:end])
-        return out
+        return _signs_dense(fields["signs"], d, device, None)
 
     def _plan(self, fields: Fields, d: int) -> _Plan:
         return _Plan("bits", d)
