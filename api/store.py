@@ -123,6 +123,33 @@ class Participation:
     last_round_at: datetime | None = None
 
 
+def _page(
+    session: Session,
+    entity: Any,
+    conditions: list[Any],
+    ordering: list[Any],
+    limit: int,
+    offset: int,
+) -> Page:
+    """One page and the total count from ONE statement (a window count), so both come from
+    the same snapshot even while rounds are being appended."""
+    rows = session.execute(
+        select(entity, func.count().over().label("total"))
+        .where(*conditions)
+        .order_by(*ordering)
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    if rows:
+        return Page([r[0] for r in rows], int(rows[0][1]), limit, offset)
+    total = 0
+    if offset > 0:  # past the end: the total still tells how far the pages go
+        total = session.execute(
+            select(func.count()).select_from(entity).where(*conditions)
+        ).scalar_one()
+    return Page([], int(total), limit, offset)
+
+
 def _process_alive(pid: int, not_after: datetime) -> bool:
     """Whether process `pid` exists and was created no later than `not_after`."""
     import psutil
@@ -363,15 +390,7 @@ class Store:
         if sort != "id":
             ordering.append(Run.id.asc() if order == "asc" else Run.id.desc())
         with self._sessions() as session:
-            total = session.execute(
-                select(func.count()).select_from(Run).where(*conditions)
-            ).scalar_one()
-            items = list(
-                session.scalars(
-                    select(Run).where(*conditions).order_by(*ordering).limit(limit).offset(offset)
-                )
-            )
-        return Page(items, int(total), limit, offset)
+            return _page(session, Run, conditions, ordering, limit, offset)
 
     def list_rounds(
         self,
@@ -390,19 +409,7 @@ class Store:
         with self._sessions() as session:
             if session.execute(select(Run.id).where(Run.id == run_id)).first() is None:
                 raise NotFoundError(f"run {run_id} not found")
-            total = session.execute(
-                select(func.count()).select_from(Round).where(*conditions)
-            ).scalar_one()
-            items = list(
-                session.scalars(
-                    select(Round)
-                    .where(*conditions)
-                    .order_by(Round.round)
-                    .limit(limit)
-                    .offset(offset)
-                )
-            )
-        return Page(items, int(total), limit, offset)
+            return _page(session, Round, conditions, [Round.round], limit, offset)
 
     def get_round(self, run_id: int, round_number: int) -> tuple[Round, list[ClientRound]]:
         with self._sessions() as session:
@@ -529,19 +536,7 @@ class Store:
     def list_clients(self, *, status: str | None = None, limit: int = 100, offset: int = 0) -> Page:
         conditions = [] if status is None else [Client.status == status]
         with self._sessions() as session:
-            total = session.execute(
-                select(func.count()).select_from(Client).where(*conditions)
-            ).scalar_one()
-            items = list(
-                session.scalars(
-                    select(Client)
-                    .where(*conditions)
-                    .order_by(Client.id)
-                    .limit(limit)
-                    .offset(offset)
-                )
-            )
-        return Page(items, int(total), limit, offset)
+            return _page(session, Client, conditions, [Client.id], limit, offset)
 
     def participation(self, node_ids: Sequence[int]) -> dict[int, Participation]:
         """Client-round totals per node id, in one grouped query."""

@@ -16,6 +16,7 @@ from conftest import LiveService
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
+from schemathesis.core.result import Ok
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_schema_conformance,
@@ -56,7 +57,10 @@ def test_fuzz_openapi_finds_no_server_errors(live_service: LiveService) -> None:
         content_type_conformance,
         response_schema_conformance,
     ]
-    operations = [result.ok() for result in schema.get_all_operations()]
+    operations = []
+    for result in schema.get_all_operations():
+        assert isinstance(result, Ok), f"invalid operation in the schema: {result}"
+        operations.append(result.ok())
     assert len(operations) >= 13
     tested = []
     statuses: dict[int, int] = {}
