@@ -62,7 +62,7 @@ TARGETS: tuple[tuple[str, str, float], ...] = (
 )
 
 FULL: dict[str, Any] = {"clients": 20, "participation": 0.5, "rounds": 5, "test_examples": 0}
-QUICK: dict[str, Any] = {"clients": 6, "participation": 0.5, "rounds": 3, "test_examples": 2000}
+QUICK: dict[str, Any] = {"clients": 4, "participation": 0.5, "rounds": 2, "test_examples": 1000}
 
 
 def _ratio(value: float | None, base: float | None) -> float | None:
@@ -175,19 +175,20 @@ def main(argv: list[str] | None = None) -> int:
         description="Wall time per round, bytes each way and accuracy of each strategy "
         "against Flower's own FedAvg on one simulated Fashion-MNIST workload.",
     )
-    parser.add_argument("--quick", action="store_true", help="small and fast: 6 clients, 3 rounds")
+    parser.add_argument("--quick", action="store_true", help="small and fast: 4 clients, 2 rounds")
     parser.add_argument("--json", type=Path, help="write one record per strategy here")
     parser.add_argument(
         "--strategies",
         help=f"comma-separated strategies besides {BASELINE} (default: all; quick: "
         f"{','.join(QUICK_STRATEGIES)})",
     )
-    parser.add_argument("--clients", type=int, help="simulated clients (default 20; quick 6)")
-    parser.add_argument("--rounds", type=int, help="rounds per run (default 5; quick 3)")
+    parser.add_argument("--clients", type=int, help="simulated clients (default 20; quick 4)")
+    parser.add_argument("--rounds", type=int, help="rounds per run (default 5; quick 2)")
     parser.add_argument("--participation", type=float, help="participation p (default 0.5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default="", help="Fashion-MNIST IDX directory")
     parser.add_argument("--timeout", type=float, default=1800.0, help="per run, seconds")
+    parser.add_argument("--app-dir", type=Path, help="Flower app directory (default: this repo)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="fedsqueeze-bench-rounds-"))
     try:
-        app = read_app()
+        app = read_app(args.app_dir)
         task_options = (
             f"test_examples={workload['test_examples']}" if workload["test_examples"] else ""
         )
