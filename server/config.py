@@ -1,0 +1,177 @@
+"""The run configuration: keys, defaults, validation.
+
+The same keys live in pyproject.toml's ``[tool.flwr.app.config]`` (what `flwr run .` uses,
+overridable with ``--run-config``). `DEFAULTS` repeats them so that an in-process simulation
+(`flwr.simulation.run_simulation`, which carries no run config) and the tests get the same
+values. Values are never None: "" or -1 mean "automatic" where a key allows it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+#: every key, its default and what it means (the README's table is generated from this)
+KEYS: dict[str, tuple[Any, str]] = {
+    "strategy": ("artemis", "algorithm: sgd qsgd diana biqsgd artemis dore doublesqueeze "
+                 "mcm rand-mcm ef-sgd signsgd-mv flwr-fedavg"),
+    "uplink": ("", "uplink compressor spec, e.g. 'qsgd:s=1,bucket=4096' ('' = preset's)"),
+    "downlink": ("", "downlink compressor spec ('' = preset's; 'identity' = none)"),
+    "up-memory-rate": (-1.0, "α_up; -1 = 1/(2(ω_up+1)) when the preset has uplink memory, 0 = off"),
+    "down-memory-rate": (-1.0, "α_dwn; -1 = 1/(2(ω_dwn+1)) when the preset has downlink memory"),
+    "up-ef": ("", "uplink error feedback: '' = preset's, 'on', 'off'"),
+    "down-ef": ("", "server-side error feedback: '' = preset's, 'on', 'off'"),
+    "participation": (1.0, "participation probability p (or fraction in 'fraction' mode)"),
+    "participation-mode": ("bernoulli", "'bernoulli' (papers: each client with prob. p) or "
+                           "'fraction' (fixed-size sample)"),
+    "pp-variant": ("pp2", "'pp1' (one uplink memory per client on the server) or 'pp2' (one)"),
+    "num-server-rounds": (3, "number of rounds"),
+    "server-lr": (-1.0, "server step size γ; -1 = client-lr"),
+    "client-lr": (0.05, "client learning rate η"),
+    "local-steps": (1, "local steps K; g_i = (w_start − w_end)/η (K = 1: a stochastic gradient)"),
+    "batch-size": (32, "local mini-batch size (full-batch tasks ignore it)"),
+    "task": ("synthetic-lsq", "synthetic-lsq, synthetic-logreg, fashion-mnist or "
+             "'pkg.mod:factory'"),
+    "task-options": ("", "extra task options, 'key=value,key=value' (e.g. 'dim=50')"),
+    "num-partitions": (-1, "clients' data partitions; -1 = the node config's / connected nodes"),
+    "partitioning": ("dirichlet", "'dirichlet' or 'iid' (datasets with labels)"),
+    "dirichlet-alpha": (0.5, "Dirichlet concentration α of the label skew"),
+    "data-dir": ("", "dataset directory ('' = the task's default)"),
+    "seed": (0, "seed of everything (model init, sampling, compression)"),
+    "device": ("auto", "client device: 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'"),
+    "database-url": ("", "round history: '' = default SQLite store, sqlite:///..., "
+                     "postgresql://..., or 'jsonl:PATH'"),
+    "eval-every": (1, "central evaluation every this many rounds (and the last); 0 = never"),
+    "round-timeout": (600.0, "seconds to wait for replies in a round"),
+    "min-nodes": (-1, "wait for this many connected nodes before round 1; -1 = num-partitions"),
+    "store-dir": ("", "directory for per-client memories (PP1, Rand-MCM) when spilled to disk"),
+    "run-name": ("", "free-form label stored with the run"),
+    "test-fail": ("", "TEST ONLY: 'partition:round' makes that client raise after training"),
+}  # fmt: skip
+
+DEFAULTS: dict[str, Any] = {k: v for k, (v, _) in KEYS.items()}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    values: dict[str, Any]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    @property
+    def strategy(self) -> str:
+        return str(self.values["strategy"])
+
+    def task_options(self, num_partitions: int) -> dict[str, Any]:
+        """Options for `tasks.load_task`."""
+        opts: dict[str, Any] = {
+            "num_partitions": num_partitions,
+            "seed": int(self["seed"]),
+            "partitioning": str(self["partitioning"]),
+            "alpha": float(self["dirichlet-alpha"]),
+        }
+        if self["data-dir"]:
+            opts["data_dir"] = str(self["data-dir"])
+        opts.update(parse_options(str(self["task-options"])))
+        return opts
+
+    def as_flat(self) -> dict[str, Any]:
+        return dict(self.values)
+
+
+def parse_options(text: str) -> dict[str, Any]:
+    """'dim=50,noise=0.1,name=x' → {'dim': 50, 'noise': 0.1, 'name': 'x'}."""
+    out: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, raw = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"task-options: expected key=value, got {part!r}")
+        value: Any = raw.strip()
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                continue
+        out[key.strip().replace("-", "_")] = value
+    return out
+
+
+def parse_failure(text: str) -> tuple[int, int] | None:
+    """'3:2' → (partition 3, round 2)."""
+    if not text:
+        return None
+    a, sep, b = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return int(a), int(b)
+    except ValueError:
+        raise ValueError(f"test-fail: expected 'partition:round', got {text!r}") from None
+
+
+def load_config(user: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Defaults ← run config ← overrides, with every value checked (ValueError naming the key)."""
+    values = dict(DEFAULTS)
+    for source in (user, overrides or {}):
+        for key, value in source.items():
+            if key not in KEYS:
+                known = ", ".join(sorted(KEYS))
+                raise ValueError(f"unknown run-config key {key!r}; known keys: {known}")
+            values[key] = value
+    for key, default in DEFAULTS.items():
+        value = values[key]
+        try:
+            if isinstance(default, bool):
+                values[key] = bool(value)
+            elif isinstance(default, int):
+                if isinstance(value, float) and not value.is_integer():
+                    raise ValueError
+                values[key] = int(value)
+            elif isinstance(default, float):
+                values[key] = float(value)
+                if not math.isfinite(values[key]):
+                    raise ValueError
+            else:
+                values[key] = str(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"run-config key {key!r}: expected {type(default).__name__}, got {value!r}"
+            ) from None
+    checks: list[tuple[bool, str]] = [
+        (values["num-server-rounds"] >= 1, "num-server-rounds must be >= 1"),
+        (values["client-lr"] > 0, "client-lr must be > 0"),
+        (values["server-lr"] > 0 or values["server-lr"] == -1, "server-lr must be > 0 or -1"),
+        (values["local-steps"] >= 1, "local-steps must be >= 1"),
+        (values["batch-size"] >= 1, "batch-size must be >= 1"),
+        (values["num-partitions"] >= 1 or values["num-partitions"] == -1,
+         "num-partitions must be >= 1 or -1"),
+        (values["dirichlet-alpha"] > 0, "dirichlet-alpha must be > 0"),
+        (values["eval-every"] >= 0, "eval-every must be >= 0"),
+        (values["round-timeout"] > 0, "round-timeout must be > 0"),
+        (values["min-nodes"] >= 1 or values["min-nodes"] == -1, "min-nodes must be >= 1 or -1"),
+        (0 < values["participation"] <= 1, "participation must be in (0, 1]"),
+        (values["participation-mode"] in ("bernoulli", "fraction"),
+         "participation-mode must be 'bernoulli' or 'fraction'"),
+        (values["pp-variant"] in ("pp1", "pp2"), "pp-variant must be 'pp1' or 'pp2'"),
+        (values["partitioning"] in ("dirichlet", "iid"),
+         "partitioning must be 'dirichlet' or 'iid'"),
+        (values["device"] == "auto" or values["device"] == "cpu"
+         or values["device"].startswith("cuda"), "device must be auto, cpu or cuda[:N]"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"run config: {message}")
+    from strategies.registry import ALGORITHMS
+
+    if values["strategy"] not in ALGORITHMS:
+        raise ValueError(
+            f"run config: unknown strategy {values['strategy']!r}; use one of "
+            + ", ".join(ALGORITHMS)
+        )
+    parse_options(values["task-options"])
+    parse_failure(values["test-fail"])
+    return RunConfig(values)

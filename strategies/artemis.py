@@ -1,0 +1,191 @@
+"""Artemis and the algorithms that are settings of its equations: sgd, qsgd, diana, biqsgd,
+artemis, dore, doublesqueeze, ef-sgd (both halves: server and client).
+
+Uplink (client i ∈ S_k) and aggregation: see `strategies.common` (Δ_i = g_i − h_i + e_i,
+Δ̂_i = C_up(Δ_i), ĝ by PP1 or PP2 dividing by pN).
+
+Downlink, two model kinds:
+
+- "exact" (no downlink compression; sgd, qsgd, diana, ef-sgd)::
+
+      w ← w − γ ĝ ;  the next participants receive w (full precision).
+
+- "degraded" (compressed broadcast; biqsgd, artemis, dore, doublesqueeze)::
+
+      Ω = C_dwn(ĝ − H + e_s)
+      w ← w − γ (Ω + H)
+      e_s ← (ĝ − H + e_s) − Ω     (server error feedback: dore, doublesqueeze)
+      H ← H + α_dwn Ω             (downlink memory: off in Artemis' experiments)
+
+  Every client applies the same Ω, so client models equal the (degraded) central model w.
+  A client that missed rounds receives the missed Ω in order, or a full-precision snapshot
+  of (w, H), whichever is smaller (`strategies.common.catch_up`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from strategies.common import (
+    AlgorithmSettings,
+    BroadcastLog,
+    ClientBook,
+    ClientState,
+    Downlink,
+    Preset,
+    ServerHalf,
+    catch_up,
+    decode_wires,
+    derive_seed,
+    encode,
+)
+
+QSGD_S1 = "qsgd:s=1,bucket=4096"
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset(
+            "sgd", "artemis", "exact", False, False, False, False, False, False,
+            "identity", "identity",
+            "distributed SGD (FedAvg with local steps K > 1), no compression",
+        ),
+        Preset(
+            "qsgd", "artemis", "exact", True, False, False, False, False, False,
+            QSGD_S1, "identity",
+            "compressed uplink without memory (FedPAQ with K > 1)",
+        ),
+        Preset(
+            "diana", "artemis", "exact", True, True, False, False, False, False,
+            QSGD_S1, "identity",
+            "compressed uplink with memory h_i (DIANA)",
+        ),
+        Preset(
+            "biqsgd", "artemis", "degraded", True, False, False, True, False, False,
+            QSGD_S1, QSGD_S1,
+            "compression both ways, no memory (Bi-QSGD)",
+        ),
+        Preset(
+            "artemis", "artemis", "degraded", True, True, False, True, False, False,
+            QSGD_S1, QSGD_S1,
+            "compression both ways, uplink memory (Artemis)",
+        ),
+        Preset(
+            "dore", "artemis", "degraded", True, True, False, True, False, True,
+            QSGD_S1, QSGD_S1,
+            "compression both ways, uplink memory, server error feedback (Dore)",
+        ),
+        Preset(
+            "doublesqueeze", "artemis", "degraded", True, False, True, True, False, True,
+            QSGD_S1, QSGD_S1,
+            "error feedback both ways (DoubleSqueeze)",
+        ),
+        Preset(
+            "ef-sgd", "artemis", "exact", True, False, True, False, False, False,
+            "scaled_sign", "identity",
+            "biased uplink compression with error feedback (EF-SGD)",
+        ),
+    ]
+}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- both sides
+def degraded_step(
+    w: torch.Tensor,
+    down_memory: torch.Tensor | None,
+    omega: torch.Tensor,
+    gamma: float,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """w ← w − γ(Ω + H); H ← H + α_dwn Ω. The same code runs on server and clients."""
+    if down_memory is None:
+        return w - gamma * omega, None
+    return w - gamma * (omega + down_memory), down_memory + alpha * omega
+
+
+# ----------------------------------------------------------------------------- client half
+def apply_downlink(
+    settings: AlgorithmSettings, state: ClientState, message: Downlink, device: str
+) -> ClientState:
+    """Bring the client's model (and H) to the server's version."""
+    if message.kind == "snapshot":
+        tensors = decode_wires(message.payloads, device)
+        state.model = tensors[0]
+        if settings.down_memory:
+            state.down_memory = tensors[1]
+        return state
+    if message.kind != "log":
+        raise ValueError(f"{settings.name}: unexpected downlink kind {message.kind!r}")
+    assert state.model is not None
+    for decoded in decode_wires(message.payloads, device):
+        omega = decoded * settings.down_scale
+        state.model, state.down_memory = degraded_step(
+            state.model, state.down_memory, omega, settings.server_lr, settings.down_memory_rate
+        )
+    return state
+
+
+# ----------------------------------------------------------------------------- server half
+class BroadcastServer(ServerHalf):
+    """Server half of the exact and degraded kinds (one message for all participants)."""
+
+    kinds = ("exact", "degraded")
+
+    def __init__(
+        self,
+        settings: AlgorithmSettings,
+        w0: torch.Tensor,
+        store_dir: str | Path | None = None,
+        expected_clients: int = 0,
+        max_uplink_bytes: int | None = None,
+    ) -> None:
+        super().__init__(settings, w0, store_dir, expected_clients, max_uplink_bytes)
+        self.H = torch.zeros(self.dim) if settings.down_memory else None
+        self.e_server = torch.zeros(self.dim) if settings.down_ef else None
+        n_snapshot = 2 if settings.down_memory else 1
+        self.snapshot_nbytes = n_snapshot * len(self._snapshot([self.w])[0][0])
+        self.log = BroadcastLog(self.snapshot_nbytes if settings.model == "degraded" else 0)
+        self._snapshot_cache: tuple[int, list[bytes], int] | None = None
+
+    def _snapshot_now(self) -> tuple[list[bytes], int]:
+        if self._snapshot_cache is None or self._snapshot_cache[0] != self.version:
+            tensors = [self.w] if self.H is None else [self.w, self.H]
+            payloads, predicted = self._snapshot(tensors)
+            self._snapshot_cache = (self.version, payloads, predicted)
+        return self._snapshot_cache[1], self._snapshot_cache[2]
+
+    def _downlink_payload(
+        self, node: int, book: ClientBook, k: int
+    ) -> tuple[Downlink, dict[str, torch.Tensor]]:
+        return catch_up(self, book, k, self.log, self._snapshot_now, self.snapshot_nbytes), {}
+
+    def _expected_digest_down(
+        self, node: int, pending_commit: dict[str, torch.Tensor]
+    ) -> tuple[float | None, float | None, float | None, float | None]:
+        out: list[float | None] = []
+        for t in (self.H, self.w):
+            if t is None:
+                out += [0.0, 0.0]
+            else:
+                t64 = t.to(torch.float64)
+                out += [float(t64.sum()), float((t64 * t64).sum())]
+        return out[0], out[1], out[2], out[3]
+
+    def _advance(self, g_hat: torch.Tensor, k: int) -> None:
+        s = self.settings
+        if s.model == "exact":
+            self.w = self.w - s.server_lr * g_hat
+            self.version += 1
+            return
+        to_send = g_hat if self.H is None else g_hat - self.H
+        if self.e_server is not None:
+            to_send = to_send + self.e_server
+        wire, decoded = encode(self.down_compressor, to_send, derive_seed(s.seed, k, 0, 2))
+        omega = decoded * s.down_scale
+        if self.e_server is not None:
+            self.e_server = to_send - omega
+        self.w, self.H = degraded_step(self.w, self.H, omega, s.server_lr, s.down_memory_rate)
+        self.version += 1
+        self.log.append(self.version, wire)

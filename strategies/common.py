@@ -1,0 +1,974 @@
+"""The machinery every algorithm shares: settings, the client's uplink, the server's uplink
+aggregation (PP1 / PP2), catch-up of idle clients, and the round-stamped two-phase commit that
+keeps client and server memories in step.
+
+Notation (ALGORITHMS.md): N clients, round k, sampled set S_k, participation probability p,
+central model w, server step size γ, uplink compressor C_up (variance ω_up), downlink
+compressor C_dwn, memory rates α_up, α_dwn.
+
+Uplink of client i ∈ S_k, given its update g_i (a gradient, or (w_start − w_end)/η after K
+local steps)::
+
+    Δ_i = g_i − h_i + e_i ;  Δ̂_i = C_up(Δ_i) (encoded and sent)
+    e_i ← Δ_i − Δ̂_i        (error feedback only)
+    h_i ← h_i + α_up Δ̂_i   (uplink memory only)
+
+Server aggregation, dividing by the expected number of participants pN::
+
+    PP1:  ĝ = (1/(pN)) Σ_{i∈S_k} (Δ̂_i + h_i),  then h_i ← h_i + α_up Δ̂_i  (one h_i per client)
+    PP2:  ĝ = (1/(pN)) Σ_{i∈S_k} Δ̂_i + h,      then h ← h + α_up (1/(pN)) Σ_{i∈S_k} Δ̂_i
+
+What happens on the downlink (how w moves, what clients receive) is the family's business:
+`strategies.artemis` (uncompressed or compressed broadcast, degraded model),
+`strategies.mcm` (preserved central model) and `strategies.signsgd` (majority vote).
+
+Consistency protocol. Every downlink message carries the round stamp of the client's last
+reply the server accepted (``ack_round``) and the model version the server believes the client
+holds (``base_version``). The client keeps two states: *committed* (as of its last accepted
+reply) and *pending* (after its latest round). On the next message it promotes pending to
+committed if the server acknowledged that round, and otherwise throws pending away, so that a
+lost reply (crash, timeout, dropped or invalid payload) rolls both sides back to the last
+state they share. The client reports a digest (sums and squared norms) of the memories and
+model it holds; the server compares it with its own view, and on a mismatch, or when a client
+says its state does not match (e.g. it lost its state), both sides reset that client's
+memories to zero and the server sends a full-precision snapshot. Every such event is logged
+and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+
+log = logging.getLogger("fedsqueeze.strategies")
+
+ModelKind = Literal["exact", "degraded", "preserved", "preserved-rand", "sign-vote"]
+MODEL_KINDS: tuple[str, ...] = ("exact", "degraded", "preserved", "preserved-rand", "sign-vote")
+
+
+# ----------------------------------------------------------------------------- compressors
+class Encoded(Protocol):
+    """What `compression` returns from `compress` / `decode` (see compression's docs)."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+    @property
+    def predicted_nbytes(self) -> int: ...
+
+    def dense(self) -> torch.Tensor: ...
+
+    def to_bytes(self) -> bytes: ...
+
+
+class Compressor(Protocol):
+    unbiased: bool
+
+    def omega(self, d: int) -> float: ...
+
+    def delta(self, d: int) -> float: ...
+
+    def compress(self, x: torch.Tensor, seed: int) -> Encoded: ...
+
+
+def get_compressor(spec: str) -> Compressor:
+    """`compression.parse_compressor(spec)`, with a clear error naming the spec."""
+    from compression import parse_compressor
+
+    try:
+        return parse_compressor(spec)
+    except Exception as exc:
+        raise ValueError(f"bad compressor spec {spec!r}: {exc}") from exc
+
+
+def decode_payload(payload: bytes, device: str | torch.device = "cpu") -> Encoded:
+    from compression import decode
+
+    return decode(payload, device=str(device))
+
+
+def codec_error_types() -> tuple[type[BaseException], ...]:
+    from compression import CodecError
+
+    return (CodecError, ValueError)
+
+
+@dataclass(frozen=True)
+class Wire:
+    """One encoded vector as it travels: the bytes and the codec's predicted size."""
+
+    payload: bytes
+    predicted_nbytes: int
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.payload)
+
+
+def encode(
+    compressor: Compressor, x: torch.Tensor, seed: int, device: str | torch.device = "cpu"
+) -> tuple[Wire, torch.Tensor]:
+    """Compress x and return (wire, x̂) where x̂ is what the *receiver* decodes from the wire.
+
+    Using the receiver's decoding on the sender side keeps both ends bit-identical.
+    """
+    message = compressor.compress(x.detach().to(torch.float32).contiguous(), seed=seed)
+    payload = message.to_bytes()
+    decoded = decode_payload(payload, device).dense().reshape(-1).to(torch.float32)
+    return Wire(payload, int(message.predicted_nbytes)), decoded
+
+
+def default_memory_rate(compressor: Compressor, d: int) -> float:
+    """α = 1 / (2(ω + 1)) for an unbiased compressor; δ / 2 for a biased one."""
+    if compressor.unbiased:
+        return 1.0 / (2.0 * (float(compressor.omega(d)) + 1.0))
+    return float(compressor.delta(d)) / 2.0
+
+
+def derive_seed(*parts: int) -> int:
+    """A reproducible 31-bit seed from integers (run seed, round, node, direction)."""
+    seq = np.random.SeedSequence([abs(int(p)) % (2**63) for p in parts])
+    return int(seq.generate_state(1, dtype=np.uint32)[0] & 0x7FFFFFFF)
+
+
+# ----------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class Preset:
+    """A named algorithm as a setting of the generic equations (ALGORITHMS.md table)."""
+
+    name: str
+    family: str  # module under strategies/ holding both halves
+    model: ModelKind
+    up_compress: bool
+    up_memory: bool
+    up_ef: bool
+    down_compress: bool
+    down_memory: bool
+    down_ef: bool
+    default_uplink: str
+    default_downlink: str
+    summary: str
+
+
+@dataclass(frozen=True)
+class AlgorithmSettings:
+    """A preset with every knob resolved (compressor specs, rates, flags, participation)."""
+
+    preset: Preset
+    uplink: str
+    downlink: str
+    up_memory_rate: float  # α_up, 0 = no uplink memory
+    down_memory_rate: float  # α_dwn, 0 = no downlink memory
+    up_ef: bool
+    down_ef: bool
+    server_lr: float  # γ
+    participation: float  # p
+    participation_mode: Literal["bernoulli", "fraction"]
+    pp_variant: Literal["pp1", "pp2"]
+    seed: int
+    dim: int
+    #: 1/(ω+1) when error feedback meets an unbiased compressor (makes it a contraction), else 1
+    up_scale: float = 1.0
+    down_scale: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return self.preset.name
+
+    @property
+    def model(self) -> ModelKind:
+        return self.preset.model
+
+    @property
+    def up_memory(self) -> bool:
+        return self.up_memory_rate > 0
+
+    @property
+    def down_memory(self) -> bool:
+        return self.down_memory_rate > 0
+
+
+def parse_flag(value: Any, key: str) -> bool | None:
+    """'' → None (preset default); on/off/true/false/1/0 → bool."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("", "auto", "-1"):
+        return None
+    if text in ("on", "true", "yes", "1"):
+        return True
+    if text in ("off", "false", "no", "0"):
+        return False
+    raise ValueError(f"{key}: expected '', 'on' or 'off', got {value!r}")
+
+
+def resolve_settings(
+    preset: Preset,
+    dim: int,
+    *,
+    uplink: str = "",
+    downlink: str = "",
+    up_memory_rate: float = -1.0,
+    down_memory_rate: float = -1.0,
+    up_ef: bool | None = None,
+    down_ef: bool | None = None,
+    server_lr: float = 0.1,
+    participation: float = 1.0,
+    participation_mode: str = "bernoulli",
+    pp_variant: str = "pp2",
+    seed: int = 0,
+) -> AlgorithmSettings:
+    """Fill the preset's defaults and check every value; raise ValueError naming the key."""
+    if dim < 1:
+        raise ValueError(f"model dimension must be >= 1, got {dim}")
+    up_spec = uplink.strip() or preset.default_uplink
+    down_spec = downlink.strip() or preset.default_downlink
+    if not preset.down_compress and down_spec != "identity":
+        raise ValueError(
+            f"downlink: {preset.name} sends the model uncompressed; got downlink={down_spec!r}"
+        )
+    up_c = get_compressor(up_spec)
+    down_c = get_compressor(down_spec)
+    if up_memory_rate < 0:
+        up_rate = default_memory_rate(up_c, dim) if preset.up_memory else 0.0
+    else:
+        up_rate = float(up_memory_rate)
+    if down_memory_rate < 0:
+        down_rate = default_memory_rate(down_c, dim) if preset.down_memory else 0.0
+    else:
+        down_rate = float(down_memory_rate)
+    if not 0 <= up_rate <= 1 or not 0 <= down_rate <= 1:
+        raise ValueError("up-memory-rate and down-memory-rate must be in [0, 1] (or -1 = auto)")
+    if preset.model in ("exact", "sign-vote") and down_rate > 0:
+        raise ValueError(f"down-memory-rate: {preset.name} has no downlink memory")
+    if preset.model in ("preserved", "preserved-rand") and down_rate == 0:
+        raise ValueError(f"down-memory-rate: {preset.name} needs a downlink memory rate > 0")
+    up_ef_v = preset.up_ef if up_ef is None else up_ef
+    down_ef_v = preset.down_ef if down_ef is None else down_ef
+    if down_ef_v and preset.model != "degraded":
+        raise ValueError(f"down-ef: {preset.name} has no compressed broadcast to feed back")
+    if preset.model == "sign-vote" and (up_rate > 0 or up_ef_v):
+        raise ValueError("signsgd-mv takes neither uplink memory nor error feedback")
+    if not math.isfinite(server_lr) or server_lr <= 0:
+        raise ValueError(f"server-lr must be > 0, got {server_lr}")
+    if not 0 < participation <= 1:
+        raise ValueError(f"participation must be in (0, 1], got {participation}")
+    if participation_mode not in ("bernoulli", "fraction"):
+        raise ValueError(
+            f"participation-mode must be 'bernoulli' or 'fraction', got {participation_mode!r}"
+        )
+    if pp_variant not in ("pp1", "pp2"):
+        raise ValueError(f"pp-variant must be 'pp1' or 'pp2', got {pp_variant!r}")
+    up_scale = ef_scale(up_c, dim) if up_ef_v else 1.0
+    down_scale = ef_scale(down_c, dim) if down_ef_v else 1.0
+    return AlgorithmSettings(
+        preset=preset,
+        uplink=up_spec,
+        downlink=down_spec,
+        up_memory_rate=up_rate,
+        down_memory_rate=down_rate,
+        up_ef=up_ef_v,
+        down_ef=down_ef_v,
+        server_lr=float(server_lr),
+        participation=float(participation),
+        participation_mode=participation_mode,  # type: ignore[arg-type]
+        pp_variant=pp_variant,  # type: ignore[arg-type]
+        seed=int(seed),
+        dim=int(dim),
+        up_scale=up_scale,
+        down_scale=down_scale,
+    )
+
+
+def ef_scale(compressor: Compressor, d: int) -> float:
+    """Error feedback needs a contraction (‖C(x) − x‖² ≤ (1 − δ)‖x‖²). An unbiased C with
+    variance ω is not one when ω ≥ 1, but C/(ω + 1) is, with δ = 1/(ω + 1) (Stich &
+    Karimireddy): with EF on, both sides scale the decoded message by 1/(ω + 1)."""
+    return 1.0 / (float(compressor.omega(d)) + 1.0) if compressor.unbiased else 1.0
+
+
+# ----------------------------------------------------------------------------- messages
+@dataclass
+class Downlink:
+    """What the server sends client i at the start of round k (before it trains).
+
+    kind: "log" (missed broadcasts in order, possibly none), "snapshot" (full-precision copy
+    of what the client must hold) or "fresh" (a message compressed for this client alone).
+    """
+
+    round: int
+    kind: Literal["log", "snapshot", "fresh"]
+    base_version: int
+    target_version: int
+    ack_round: int
+    reset: bool
+    uplink_seed: int
+    payloads: list[bytes] = field(default_factory=list)
+    predicted_nbytes: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(p) for p in self.payloads)
+
+
+@dataclass
+class Uplink:
+    """What client i replies: its encoded Δ̂_i and a digest of the state it holds."""
+
+    round: int
+    status: Literal["ok", "resync"]
+    payload: bytes
+    predicted_nbytes: int
+    digest: list[float]
+    loss: float
+    num_examples: int
+    detail: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.payload)
+
+
+DIGEST_LEN = 6
+
+
+def state_digest(
+    up_memory: torch.Tensor | None, down_memory: torch.Tensor | None, model: torch.Tensor | None
+) -> list[float]:
+    """[Σh, ‖h‖², ΣH, ‖H‖², Σw, ‖w‖²] in float64 (0 for what is absent)."""
+    out: list[float] = []
+    for t in (up_memory, down_memory, model):
+        if t is None:
+            out += [0.0, 0.0]
+        else:
+            t64 = t.detach().to("cpu", torch.float64)
+            out += [float(t64.sum()), float((t64 * t64).sum())]
+    return out
+
+
+def digests_match(reported: Sequence[float], expected: Sequence[float | None]) -> bool:
+    """Compare digests component-wise; None in `expected` means 'not known to the server'."""
+    if len(reported) != DIGEST_LEN:
+        return False
+    for r, e in zip(reported, expected, strict=True):
+        if e is None:
+            continue
+        if not math.isclose(r, e, rel_tol=1e-4, abs_tol=1e-6 * max(1.0, abs(e))):
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------- client half
+@dataclass
+class ClientState:
+    """Client i's algorithm state, stamped with the round of the reply it belongs to."""
+
+    stamp: int = 0
+    version: int = 0
+    model: torch.Tensor | None = None  # the model the client computes its update at
+    down_memory: torch.Tensor | None = None  # H (MCM, Artemis with memory) or H_i (Rand-MCM)
+    up_memory: torch.Tensor | None = None  # h_i
+    up_residual: torch.Tensor | None = None  # e_i
+
+    def copy(self) -> ClientState:
+        def c(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.clone()
+
+        return ClientState(
+            self.stamp,
+            self.version,
+            c(self.model),
+            c(self.down_memory),
+            c(self.up_memory),
+            c(self.up_residual),
+        )
+
+
+@dataclass
+class ClientStep:
+    """The result of one client round: the reply and the two states to keep."""
+
+    uplink: Uplink
+    committed: ClientState
+    pending: ClientState | None
+
+
+UpdateFn = Callable[[torch.Tensor], tuple[torch.Tensor, float, int]]
+"""Given the model vector, return (g_i, mean local loss, examples seen)."""
+
+ApplyDownlinkFn = Callable[["AlgorithmSettings", ClientState, Downlink, str], ClientState]
+
+
+def initial_client_state(w0: torch.Tensor, settings: AlgorithmSettings) -> ClientState:
+    zeros = torch.zeros_like(w0)
+    return ClientState(
+        stamp=0,
+        version=0,
+        model=w0.clone(),
+        down_memory=zeros.clone()
+        if settings.model in ("preserved", "preserved-rand") or settings.down_memory
+        else None,
+        up_memory=zeros.clone() if settings.up_memory else None,
+        up_residual=zeros.clone() if settings.up_ef else None,
+    )
+
+
+def client_uplink(
+    settings: AlgorithmSettings,
+    state: ClientState,
+    g: torch.Tensor,
+    seed: int,
+    device: str | torch.device = "cpu",
+) -> tuple[Wire, ClientState]:
+    """Δ_i = g_i − h_i + e_i; Δ̂_i = C_up(Δ_i); e_i ← Δ_i − Δ̂_i; h_i ← h_i + α_up Δ̂_i."""
+    new = state.copy()
+    delta = g.to(torch.float32)
+    if new.up_memory is not None:
+        delta = delta - new.up_memory
+    if new.up_residual is not None:
+        delta = delta + new.up_residual
+    wire, delta_hat = encode(get_compressor(settings.uplink), delta, seed, device)
+    delta_hat = delta_hat * settings.up_scale
+    if new.up_residual is not None:
+        new.up_residual = delta - delta_hat
+    if new.up_memory is not None:
+        new.up_memory = new.up_memory + settings.up_memory_rate * delta_hat
+    return wire, new
+
+
+def client_round(
+    settings: AlgorithmSettings,
+    committed: ClientState,
+    pending: ClientState | None,
+    downlink: Downlink,
+    w0: torch.Tensor,
+    apply_downlink: ApplyDownlinkFn,
+    compute_update: UpdateFn,
+    device: str | torch.device = "cpu",
+) -> ClientStep:
+    """The client half of one round, for every algorithm.
+
+    1. promote `pending` to committed if the server acknowledged its round, else drop it;
+    2. on `reset`, zero the memories (the common state after a resync);
+    3. check that the committed state is the one the server assumes (else reply "resync");
+    4. apply the downlink (family-specific), compute g_i at the resulting model, encode the
+       uplink, and return the new pending state stamped with this round.
+    """
+    if pending is not None and pending.stamp == downlink.ack_round:
+        committed = pending
+    if downlink.reset:
+        committed = initial_client_state(w0, settings)
+        committed.stamp = downlink.ack_round
+        committed.version = -1
+    elif committed.stamp != downlink.ack_round or (
+        downlink.kind == "log" and committed.version != downlink.base_version
+    ):
+        detail = (
+            f"client state (round {committed.stamp}, version {committed.version}) does not "
+            f"match the server's (round {downlink.ack_round}, version {downlink.base_version})"
+        )
+        return ClientStep(
+            Uplink(downlink.round, "resync", b"", 0, [0.0] * DIGEST_LEN, math.nan, 0, detail),
+            committed,
+            None,
+        )
+    state = apply_downlink(settings, committed.copy(), downlink, str(device))
+    state.version = downlink.target_version
+    digest = state_digest(state.up_memory, state.down_memory, state.model)
+    assert state.model is not None
+    g, loss, n = compute_update(state.model)
+    wire, after = client_uplink(settings, state, g, downlink.uplink_seed, device)
+    after.stamp = downlink.round
+    uplink = Uplink(downlink.round, "ok", wire.payload, wire.predicted_nbytes, digest, loss, n)
+    return ClientStep(uplink, committed, after)
+
+
+def decode_wires(payloads: Sequence[bytes], device: str) -> list[torch.Tensor]:
+    return [decode_payload(p, device).dense().reshape(-1).to(torch.float32) for p in payloads]
+
+
+# ----------------------------------------------------------------------------- server store
+class TensorStore:
+    """One d-vector per client (uplink memories h_i in PP1, downlink memories H_i in Rand-MCM).
+
+    Kept in RAM while N·d·4 bytes stay under `ram_budget_bytes`; beyond that the vectors live
+    in a memory-mapped float32 file (one row per client, grown on demand) with an LRU cache of
+    `cache_rows` rows in RAM, so the server's resident memory stays O(cache·d), not O(N·d).
+    Missing clients read as zeros.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        ram_budget_bytes: int = 512 * 2**20,
+        cache_rows: int = 64,
+        directory: str | Path | None = None,
+        expected_clients: int = 0,
+    ) -> None:
+        self.dim = dim
+        self.cache_rows = cache_rows
+        self._ram: dict[int, torch.Tensor] | None = {}
+        self._rows: dict[int, int] = {}
+        self._mmap: np.memmap | None = None
+        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._dirty: set[int] = set()
+        self._budget = ram_budget_bytes
+        self._dir = Path(directory) if directory else None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if expected_clients * dim * 4 > ram_budget_bytes:
+            self._to_disk(max(expected_clients, 1))
+
+    @property
+    def on_disk(self) -> bool:
+        return self._mmap is not None
+
+    def __len__(self) -> int:
+        return len(self._ram) if self._ram is not None else len(self._rows)
+
+    def __contains__(self, key: int) -> bool:
+        return key in (self._ram if self._ram is not None else self._rows)
+
+    def _path(self) -> Path:
+        if self._dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="fedsqueeze-store-")
+            self._dir = Path(self._tmp.name)
+        self._dir.mkdir(parents=True, exist_ok=True)
+        return self._dir / "memories.f32"
+
+    def _to_disk(self, capacity: int) -> None:
+        path = self._path()
+        self._mmap = np.memmap(path, dtype=np.float32, mode="w+", shape=(capacity, self.dim))
+        log.info("client memories moved to disk: %s (%d rows x %d)", path, capacity, self.dim)
+        ram, self._ram = self._ram or {}, None
+        for key, value in ram.items():
+            self.set(key, value)
+
+    def _grow(self) -> None:
+        assert self._mmap is not None
+        old = self._mmap
+        old.flush()
+        capacity = old.shape[0] * 2
+        path = Path(old.filename)  # type: ignore[arg-type]
+        del old
+        self._mmap = None
+        with path.open("r+b") as fh:
+            fh.truncate(capacity * self.dim * 4)
+        self._mmap = np.memmap(path, dtype=np.float32, mode="r+", shape=(capacity, self.dim))
+
+    def get(self, key: int) -> torch.Tensor:
+        if self._ram is not None:
+            value = self._ram.get(key)
+            return torch.zeros(self.dim) if value is None else value.clone()
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key].clone()
+        row = self._rows.get(key)
+        if row is None:
+            return torch.zeros(self.dim)
+        assert self._mmap is not None
+        value = torch.from_numpy(np.array(self._mmap[row]))
+        self._remember(key, value)
+        return value.clone()
+
+    def set(self, key: int, value: torch.Tensor) -> None:
+        value = value.detach().to("cpu", torch.float32).reshape(-1).clone()
+        if self._ram is not None:
+            self._ram[key] = value
+            if len(self._ram) * self.dim * 4 > self._budget:
+                self._to_disk(len(self._ram) * 2)
+            return
+        if key not in self._rows:
+            assert self._mmap is not None
+            if len(self._rows) >= self._mmap.shape[0]:
+                self._grow()
+            self._rows[key] = len(self._rows)
+        self._remember(key, value)
+        self._dirty.add(key)
+
+    def _remember(self, key: int, value: torch.Tensor) -> None:
+        self._cache[key] = value
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_rows:
+            old_key, old_value = self._cache.popitem(last=False)
+            if old_key in self._dirty:
+                self._write(old_key, old_value)
+
+    def _write(self, key: int, value: torch.Tensor) -> None:
+        assert self._mmap is not None
+        self._mmap[self._rows[key]] = value.numpy()
+        self._dirty.discard(key)
+
+    def flush(self) -> None:
+        if self._mmap is not None:
+            for key in list(self._dirty):
+                self._write(key, self._cache[key])
+            self._mmap.flush()
+
+    def close(self) -> None:
+        self.flush()
+        self._mmap = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+# ----------------------------------------------------------------------------- server half
+@dataclass
+class ClientBook:
+    """What the server knows about client i: last accepted round, the version it holds."""
+
+    acked_round: int = 0
+    version: int = 0
+    needs_reset: bool = False
+
+
+@dataclass
+class PendingReply:
+    """What the server expects from client i this round and what to commit if it arrives."""
+
+    target_version: int
+    expected_digest: list[float | None]
+    commit: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class RoundStats:
+    """Counters of one round (go to RoundRecord.extra)."""
+
+    accepted: int = 0
+    dropped: int = 0
+    resyncs: int = 0
+    digest_checks: int = 0
+    digest_mismatches: int = 0
+    snapshots: int = 0
+    catchup_messages: int = 0
+    catchup_bytes: int = 0
+    resets_sent: int = 0
+    expected_participants: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class ServerHalf:
+    """The server side of one algorithm, independent of Flower.
+
+    Per round k: `downlink_for(k, i)` for every sampled client (before training), then
+    `receive(k, i, uplink)` for every reply, then `finish_round(k, pN)` which forms ĝ and
+    moves the central model (family-specific `_advance`).
+    """
+
+    #: family subclasses set this to the model kinds they implement
+    kinds: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        settings: AlgorithmSettings,
+        w0: torch.Tensor,
+        store_dir: str | Path | None = None,
+        expected_clients: int = 0,
+        max_uplink_bytes: int | None = None,
+    ) -> None:
+        if settings.model not in self.kinds:
+            raise ValueError(f"{type(self).__name__} does not implement {settings.model}")
+        w0 = w0.detach().to("cpu", torch.float32).reshape(-1).clone()
+        if w0.numel() != settings.dim:
+            raise ValueError(f"initial model has {w0.numel()} values, settings say {settings.dim}")
+        self.settings = settings
+        self.dim = settings.dim
+        self.w = w0  # the central model (exact, or degraded where the algorithm says)
+        self.version = 0
+        self.books: dict[int, ClientBook] = {}
+        self.pending: dict[int, PendingReply] = {}
+        self.up_compressor = get_compressor(settings.uplink)
+        self.down_compressor = get_compressor(settings.downlink)
+        self.identity = get_compressor("identity")
+        self.max_uplink_bytes = max_uplink_bytes or 8 * self.dim + 65536
+        self.h_global = torch.zeros(self.dim) if settings.up_memory else None  # PP2
+        self.h_store = (
+            TensorStore(self.dim, directory=store_dir, expected_clients=expected_clients)
+            if settings.up_memory and settings.pp_variant == "pp1"
+            else None
+        )
+        self.stats = RoundStats()
+        self._received: list[tuple[int, torch.Tensor]] = []
+        self._store_dir = store_dir
+        self._expected_clients = expected_clients
+
+    # ---- hooks for the families
+    def _downlink_payload(
+        self, node: int, book: ClientBook, k: int
+    ) -> tuple[Downlink, dict[str, torch.Tensor]]:
+        """The message for `node` and what to store for it if its reply is accepted."""
+        raise NotImplementedError
+
+    def _expected_digest_down(
+        self, node: int, pending_commit: dict[str, torch.Tensor]
+    ) -> tuple[float | None, float | None, float | None, float | None]:
+        raise NotImplementedError
+
+    def _advance(self, g_hat: torch.Tensor, k: int) -> None:
+        raise NotImplementedError
+
+    def _reset_client(self, node: int) -> None:
+        """Zero the server's per-client downlink memory (families that keep one)."""
+
+    def _commit_client(self, node: int, commit: dict[str, torch.Tensor]) -> None:
+        """Store what the family computed for this client at send time."""
+
+    def evaluation_model(self) -> torch.Tensor:
+        """The model to evaluate centrally (w; MCM: the preserved exact model)."""
+        return self.w
+
+    # ---- the round
+    def begin_round(self, k: int) -> None:
+        self.stats = RoundStats()
+        self.pending.clear()
+        self._received = []
+
+    def downlink_for(self, k: int, node: int) -> Downlink:
+        book = self.books.setdefault(node, ClientBook())
+        if book.needs_reset:
+            if self.h_store is not None:
+                self.h_store.set(node, torch.zeros(self.dim))
+            self._reset_client(node)
+        message, commit = self._downlink_payload(node, book, k)
+        message.ack_round = book.acked_round
+        message.reset = book.needs_reset
+        message.uplink_seed = derive_seed(self.settings.seed, k, node, 1)
+        if message.reset:
+            self.stats.resets_sent += 1
+        h_i: torch.Tensor | None = None
+        if self.h_store is not None:
+            h_i = self.h_store.get(node)
+        down = self._expected_digest_down(node, commit)
+        expected: list[float | None]
+        if h_i is not None:
+            h64 = h_i.to(torch.float64)
+            expected = [float(h64.sum()), float((h64 * h64).sum())]
+        elif self.settings.up_memory:  # PP2: the server does not keep h_i
+            expected = [None, None]
+        else:
+            expected = [0.0, 0.0]
+        expected += list(down)
+        self.pending[node] = PendingReply(message.target_version, expected, commit)
+        return message
+
+    def receive(self, k: int, node: int, uplink: Uplink | None, error: str = "") -> str:
+        """Validate and take in one reply; return its outcome ('ok', 'failed', 'dropped')."""
+        pending = self.pending.pop(node, None)
+        if pending is None:
+            log.warning("round %d: reply from node %d that was not sampled: dropped", k, node)
+            self.stats.dropped += 1
+            return "dropped"
+        if uplink is None:
+            log.warning("round %d: node %d failed (%s); its state stays as before", k, node, error)
+            return "failed"
+        book = self.books[node]
+        if uplink.status == "resync":
+            log.warning("round %d: node %d asks for a resync: %s", k, node, uplink.detail)
+            self.stats.resyncs += 1
+            book.needs_reset = True
+            return "dropped"
+        reason = self._validate(k, uplink)
+        delta_hat: torch.Tensor | None = None
+        if not reason:
+            try:
+                delta_hat = decode_payload(uplink.payload).dense().reshape(-1).to(torch.float32)
+            except codec_error_types() as exc:
+                reason = f"undecodable payload: {exc}"
+        if not reason and delta_hat is not None:
+            if delta_hat.numel() != self.dim:
+                reason = f"payload has {delta_hat.numel()} values, the model has {self.dim}"
+            elif not bool(torch.isfinite(delta_hat).all()):
+                reason = "payload holds non-finite values"
+        if reason:
+            log.warning("round %d: node %d reply dropped: %s", k, node, reason)
+            self.stats.dropped += 1
+            return "dropped"
+        self.stats.digest_checks += 1
+        if not digests_match(uplink.digest, pending.expected_digest):
+            log.warning(
+                "round %d: node %d state digest %s differs from the server's %s: resync",
+                k,
+                node,
+                uplink.digest,
+                pending.expected_digest,
+            )
+            self.stats.digest_mismatches += 1
+            self.stats.resyncs += 1
+            book.needs_reset = True
+            return "dropped"
+        assert delta_hat is not None
+        delta_hat = delta_hat * self.settings.up_scale
+        book.acked_round = k
+        book.version = pending.target_version
+        book.needs_reset = False
+        self._commit_client(node, pending.commit)
+        self._received.append((node, delta_hat))
+        self.stats.accepted += 1
+        return "ok"
+
+    def _validate(self, k: int, uplink: Uplink) -> str:
+        if uplink.round != k:
+            return f"reply for round {uplink.round}, expected {k}"
+        if not isinstance(uplink.payload, bytes | bytearray) or not uplink.payload:
+            return "empty payload"
+        if len(uplink.payload) > self.max_uplink_bytes:
+            return f"payload of {len(uplink.payload)} bytes exceeds {self.max_uplink_bytes}"
+        if len(uplink.digest) != DIGEST_LEN or not all(math.isfinite(x) for x in uplink.digest):
+            return "bad state digest"
+        return ""
+
+    def aggregate(self, expected: float) -> torch.Tensor:
+        """ĝ from the accepted Δ̂_i (PP1 / PP2 / no memory), updating the uplink memories."""
+        total = torch.zeros(self.dim)
+        alpha = self.settings.up_memory_rate
+        for node, delta_hat in self._received:
+            if self.h_store is not None:
+                h_i = self.h_store.get(node)
+                total += delta_hat + h_i
+                self.h_store.set(node, h_i + alpha * delta_hat)
+            else:
+                total += delta_hat
+        mean = total / expected
+        if self.h_global is not None:  # PP2: ĝ = mean + h, h ← h + α mean
+            g_hat = mean + self.h_global
+            self.h_global = self.h_global + alpha * mean
+            return g_hat
+        return mean
+
+    def finish_round(self, k: int, expected: float) -> RoundStats:
+        """ĝ = aggregate, then the family moves the model and prepares the next downlink."""
+        if expected <= 0:
+            raise ValueError(f"expected number of participants must be > 0, got {expected}")
+        self.stats.expected_participants = expected
+        for node in list(self.pending):  # sampled but never answered
+            self.pending.pop(node)
+        g_hat = self.aggregate(expected)
+        self._advance(g_hat, k)
+        if self.h_store is not None:
+            self.h_store.flush()
+        return self.stats
+
+    def client_memory(self, node: int) -> torch.Tensor | None:
+        """h_i as the server holds it (PP1), for tests and diagnostics."""
+        return None if self.h_store is None else self.h_store.get(node)
+
+    def close(self) -> None:
+        if self.h_store is not None:
+            self.h_store.close()
+
+    # ---- shared helpers for the families
+    def _snapshot(self, tensors: Sequence[torch.Tensor]) -> tuple[list[bytes], int]:
+        payloads, predicted = [], 0
+        for t in tensors:
+            wire, _ = encode(self.identity, t, 0)
+            payloads.append(wire.payload)
+            predicted += wire.predicted_nbytes
+        return payloads, predicted
+
+
+class BroadcastLog:
+    """The broadcast downlink messages of the last rounds, for catching idle clients up.
+
+    Entry v turns a client at version v − 1 into version v. Entries are kept only while the
+    bytes needed to replay them stay below `limit_bytes` (a full snapshot's size): a client
+    further behind gets the snapshot anyway.
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self._entries: deque[tuple[int, Wire]] = deque()
+        self._bytes = 0
+
+    def append(self, version: int, wire: Wire) -> None:
+        self._entries.append((version, wire))
+        self._bytes += wire.nbytes
+        while self._entries and self._bytes > self.limit_bytes:
+            _, old = self._entries.popleft()
+            self._bytes -= old.nbytes
+
+    def since(self, version: int, latest: int) -> list[Wire] | None:
+        """Entries version+1..latest, or None when some are no longer kept."""
+        needed = [w for v, w in self._entries if v > version]
+        if len(needed) != latest - version:
+            return None
+        return needed
+
+
+def catch_up(
+    server: ServerHalf,
+    book: ClientBook,
+    k: int,
+    log_: BroadcastLog,
+    snapshot: Callable[[], tuple[list[bytes], int]],
+    snapshot_nbytes: int,
+) -> Downlink:
+    """Missed broadcasts in order, or a full snapshot, whichever is smaller in bytes."""
+    stats = server.stats
+    if not book.needs_reset and book.version == server.version:
+        return Downlink(k, "log", book.version, server.version, 0, False, 0)
+    entries = None if book.needs_reset else log_.since(book.version, server.version)
+    if entries is not None and sum(w.nbytes for w in entries) < snapshot_nbytes:
+        if len(entries) > 1:
+            stats.catchup_messages += len(entries) - 1
+            stats.catchup_bytes += sum(w.nbytes for w in entries[:-1])
+        return Downlink(
+            k,
+            "log",
+            book.version,
+            server.version,
+            0,
+            False,
+            0,
+            [w.payload for w in entries],
+            sum(w.predicted_nbytes for w in entries),
+        )
+    payloads, predicted = snapshot()
+    stats.snapshots += 1
+    if book.version < server.version - 1 or book.needs_reset:
+        stats.catchup_bytes += sum(len(p) for p in payloads)
+    return Downlink(k, "snapshot", book.version, server.version, 0, False, 0, payloads, predicted)
+
+
+def replace_model(state: ClientState, model: torch.Tensor) -> ClientState:
+    return replace(state, model=model)
+
+
+# ----------------------------------------------------------------------------- sampling
+def sample_clients(
+    nodes: Sequence[int],
+    participation: float,
+    mode: str,
+    rng: np.random.Generator,
+) -> tuple[list[int], float]:
+    """Draw S_k and return (S_k, pN), the expected number of participants.
+
+    "bernoulli": each client joins independently with probability p (redrawn while S_k is
+    empty), pN = p·N as in the papers; "fraction": a uniform sample of max(1, round(p·N))
+    clients, pN = |S_k|.
+    """
+    nodes = sorted(nodes)
+    n = len(nodes)
+    if n == 0:
+        raise ValueError("no clients to sample from")
+    if mode == "fraction":
+        m = max(1, round(participation * n))
+        picked = rng.choice(n, size=m, replace=False)
+        return [nodes[i] for i in sorted(picked.tolist())], float(m)
+    if mode != "bernoulli":
+        raise ValueError(f"participation-mode must be 'bernoulli' or 'fraction', got {mode!r}")
+    while True:
+        mask = rng.random(n) < participation
+        if mask.any():
+            return [nodes[i] for i in np.flatnonzero(mask).tolist()], participation * n

@@ -1,0 +1,411 @@
+"""The Flower side: one `Strategy` subclass for every algorithm, and the message formats.
+
+`FedSqueezeStrategy` drives a `ServerHalf` (the algorithm's math) through Flower's Message
+API: `configure_train` samples S_k and encodes each client's downlink, `aggregate_train`
+validates the replies and lets the server half form ĝ and move the model. `start` runs the
+rounds itself so that it can poll for replies every `poll_interval` seconds (Flower's own
+loop polls every 3 s in deployment), time each phase and record every round.
+
+Downlink content (RecordDict): ``"fedsqueeze.down"`` (ConfigRecord: round, kind, versions,
+ack round, reset flag, uplink seed, ``payloads``: list of codec bytes) and
+``"fedsqueeze.config"`` (the run config, so that clients need no other source).
+Uplink content: ``"fedsqueeze.up"`` (ConfigRecord: round, status, ``payload`` bytes, state
+digest, loss, examples, predicted bytes, duration). Measured bytes are the lengths of the
+codec payloads put into these records.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from server.recording import ClientRoundRecord, Recorder, RoundRecord, utcnow
+from strategies.common import (
+    AlgorithmSettings,
+    Downlink,
+    ServerHalf,
+    Uplink,
+    sample_clients,
+)
+
+log = logging.getLogger("fedsqueeze.strategy")
+
+DOWN_KEY = "fedsqueeze.down"
+UP_KEY = "fedsqueeze.up"
+CONFIG_KEY = "fedsqueeze.config"
+
+EvaluateFn = Callable[[int, torch.Tensor], dict[str, float]]
+ProgressFn = Callable[[RoundRecord], None]
+
+
+# ----------------------------------------------------------------------------- formats
+def downlink_to_record(message: Downlink) -> ConfigRecord:
+    return ConfigRecord(
+        {
+            "round": message.round,
+            "kind": message.kind,
+            "base-version": message.base_version,
+            "target-version": message.target_version,
+            "ack-round": message.ack_round,
+            "reset": message.reset,
+            "uplink-seed": message.uplink_seed,
+            "predicted-nbytes": message.predicted_nbytes,
+            "payloads": list(message.payloads),
+        }
+    )
+
+
+def downlink_from_record(record: ConfigRecord) -> Downlink:
+    try:
+        kind = str(record["kind"])
+        if kind not in ("log", "snapshot", "fresh"):
+            raise ValueError(f"unknown downlink kind {kind!r}")
+        payloads = record.get("payloads", [])
+        if not isinstance(payloads, list) or not all(isinstance(p, bytes) for p in payloads):
+            raise ValueError("payloads must be a list of bytes")
+        return Downlink(
+            round=int(record["round"]),  # type: ignore[arg-type]
+            kind=kind,  # type: ignore[arg-type]
+            base_version=int(record["base-version"]),  # type: ignore[arg-type]
+            target_version=int(record["target-version"]),  # type: ignore[arg-type]
+            ack_round=int(record["ack-round"]),  # type: ignore[arg-type]
+            reset=bool(record["reset"]),
+            uplink_seed=int(record["uplink-seed"]),  # type: ignore[arg-type]
+            payloads=list(payloads),  # type: ignore[arg-type]
+            predicted_nbytes=int(record["predicted-nbytes"]),  # type: ignore[arg-type]
+        )
+    except KeyError as exc:
+        raise ValueError(f"downlink message lacks {exc}") from None
+
+
+def uplink_to_record(uplink: Uplink, duration_s: float) -> ConfigRecord:
+    return ConfigRecord(
+        {
+            "round": uplink.round,
+            "status": uplink.status,
+            "payload": uplink.payload,
+            "predicted-nbytes": uplink.predicted_nbytes,
+            "digest": [float(x) for x in uplink.digest],
+            "loss": float(uplink.loss),
+            "num-examples": uplink.num_examples,
+            "detail": uplink.detail,
+            "duration": float(duration_s),
+        }
+    )
+
+
+def uplink_from_record(record: ConfigRecord) -> tuple[Uplink, float]:
+    try:
+        status = str(record["status"])
+        if status not in ("ok", "resync"):
+            raise ValueError(f"unknown status {status!r}")
+        payload = record["payload"]
+        if not isinstance(payload, bytes):
+            raise ValueError("payload is not bytes")
+        digest = record["digest"]
+        if not isinstance(digest, list):
+            raise ValueError("digest is not a list")
+        return (
+            Uplink(
+                round=int(record["round"]),  # type: ignore[arg-type]
+                status=status,  # type: ignore[arg-type]
+                payload=payload,
+                predicted_nbytes=int(record["predicted-nbytes"]),  # type: ignore[arg-type]
+                digest=[float(x) for x in digest],
+                loss=float(record["loss"]),  # type: ignore[arg-type]
+                num_examples=int(record["num-examples"]),  # type: ignore[arg-type]
+                detail=str(record.get("detail", "")),
+            ),
+            float(record.get("duration", 0.0)),  # type: ignore[arg-type]
+        )
+    except KeyError as exc:
+        raise ValueError(f"uplink message lacks {exc}") from None
+
+
+def send_and_receive_fast(
+    grid: Grid, messages: list[Message], timeout: float, poll_interval: float
+) -> list[Message]:
+    """Push, then pull every `poll_interval` s until every reply is in or `timeout` passes."""
+    if not messages:
+        return []
+    ids = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while ids:
+        got = list(grid.pull_messages(ids))
+        replies.extend(got)
+        ids.difference_update(m.metadata.reply_to_message_id for m in got)
+        if not ids or time.monotonic() >= deadline:
+            break
+        time.sleep(poll_interval)
+    return replies
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    last = -1
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if time.monotonic() >= deadline:
+            raise TimeoutError(
+                f"only {len(nodes)} of the {minimum} required nodes connected in {timeout:.0f} s"
+            )
+        if len(nodes) != last:
+            log.info("waiting for nodes: %d connected, %d required", len(nodes), minimum)
+            last = len(nodes)
+        time.sleep(0.2)
+
+
+# ----------------------------------------------------------------------------- strategy
+@dataclass
+class _RoundBook:
+    sampled: list[int] = field(default_factory=list)
+    expected: float = 0.0
+    down_bytes: dict[int, int] = field(default_factory=dict)
+    predicted_down: int = 0
+    clients: list[ClientRoundRecord] = field(default_factory=list)
+    up_bytes: int = 0
+    predicted_up: int = 0
+    losses: list[tuple[float, int]] = field(default_factory=list)
+
+
+class FedSqueezeStrategy(Strategy):
+    """Every algorithm of ALGORITHMS.md as a Flower strategy around its `ServerHalf`."""
+
+    def __init__(
+        self,
+        server: ServerHalf,
+        client_config: dict[str, Any],
+        *,
+        evaluate_fn: EvaluateFn | None = None,
+        eval_every: int = 1,
+        recorder: Recorder | None = None,
+        run_id: int | None = None,
+        poll_interval: float = 0.1,
+        min_nodes: int = 1,
+        progress: ProgressFn | None = None,
+    ) -> None:
+        self.server = server
+        self.settings: AlgorithmSettings = server.settings
+        self.client_config = ConfigRecord(dict(client_config))
+        self.evaluate_fn = evaluate_fn
+        self.eval_every = eval_every
+        self.recorder = recorder
+        self.run_id = run_id
+        self.poll_interval = poll_interval
+        self.min_nodes = min_nodes
+        self.progress = progress
+        self.rng = np.random.default_rng(self.settings.seed)
+        self.records: list[RoundRecord] = []
+        self._round = _RoundBook()
+
+    def summary(self) -> None:
+        s = self.settings
+        log.info(
+            "%s: uplink %s (α_up=%.4g, EF %s), downlink %s (α_dwn=%.4g, EF %s), γ=%g, "
+            "p=%g (%s), %s",
+            s.name, s.uplink, s.up_memory_rate, s.up_ef, s.downlink, s.down_memory_rate,
+            s.down_ef, s.server_lr, s.participation, s.participation_mode, s.pp_variant,
+        )  # fmt: skip
+
+    # ---- Flower's four phases
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        nodes = sorted(grid.get_node_ids())
+        sampled, expected = sample_clients(
+            nodes, self.settings.participation, self.settings.participation_mode, self.rng
+        )
+        book = _RoundBook(sampled=sampled, expected=expected)
+        self._round = book
+        self.server.begin_round(server_round)
+        messages = []
+        for node in sampled:
+            down = self.server.downlink_for(server_round, node)
+            book.down_bytes[node] = down.nbytes
+            book.predicted_down += down.predicted_nbytes
+            content = RecordDict(
+                {DOWN_KEY: downlink_to_record(down), CONFIG_KEY: self.client_config}
+            )
+            messages.append(
+                Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN)
+            )
+        log.info(
+            "round %d: sampled %d of %d nodes (pN = %.2f)",
+            server_round, len(sampled), len(nodes), expected,
+        )  # fmt: skip
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        book = self._round
+        answered: set[int] = set()
+        for reply in replies:
+            node = int(reply.metadata.src_node_id)
+            answered.add(node)
+            record = ClientRoundRecord(node_id=node, outcome="failed")
+            record.downlink_bytes = book.down_bytes.get(node, 0)
+            if reply.has_error():
+                record.error = str(reply.error.reason)
+                record.outcome = self.server.receive(server_round, node, None, record.error)
+                book.clients.append(record)
+                continue
+            try:
+                content = reply.content
+                if UP_KEY not in content.config_records:
+                    raise ValueError(f"reply has no {UP_KEY!r} record")
+                uplink, duration = uplink_from_record(content.config_records[UP_KEY])
+            except (ValueError, TypeError) as exc:
+                log.warning(
+                    "round %d: node %d malformed reply dropped: %s", server_round, node, exc
+                )
+                self.server.pending.pop(node, None)
+                self.server.stats.dropped += 1
+                record.outcome, record.error = "dropped", str(exc)
+                book.clients.append(record)
+                continue
+            record.outcome = self.server.receive(server_round, node, uplink)
+            record.uplink_bytes = uplink.nbytes
+            record.num_examples = uplink.num_examples
+            record.local_loss = uplink.loss if np.isfinite(uplink.loss) else None
+            record.duration_s = duration
+            if record.outcome != "ok":
+                record.error = uplink.detail or "invalid payload or state digest (see log)"
+            book.up_bytes += uplink.nbytes
+            book.predicted_up += uplink.predicted_nbytes
+            if record.outcome == "ok":
+                book.losses.append((uplink.loss, uplink.num_examples))
+            book.clients.append(record)
+        for node in book.sampled:
+            if node not in answered:
+                outcome = self.server.receive(server_round, node, None, "no reply (timeout)")
+                book.clients.append(
+                    ClientRoundRecord(
+                        node_id=node,
+                        outcome="timeout" if outcome == "failed" else outcome,
+                        downlink_bytes=book.down_bytes.get(node, 0),
+                        error="no reply before the round timeout",
+                    )
+                )
+        stats = self.server.finish_round(server_round, book.expected)
+        metrics: dict[str, Any] = {
+            "accepted": stats.accepted,
+            "dropped": stats.dropped,
+            "resyncs": stats.resyncs,
+        }
+        if book.losses:
+            n = sum(c for _, c in book.losses) or 1
+            metrics["train-loss"] = sum(loss * c for loss, c in book.losses) / n
+        return None, MetricRecord(metrics)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []  # evaluation is central, on the server (see `start`)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return None
+
+    # ---- the loop
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Run `num_rounds` rounds; `initial_arrays` is unused (the server half holds w0)."""
+        self.summary()
+        result = Result()
+        wait_for_nodes(grid, self.min_nodes, timeout)
+        if self.evaluate_fn is not None and self.eval_every:
+            result.evaluate_metrics_serverapp[0] = MetricRecord(
+                dict(self.evaluate_fn(0, self.server.evaluation_model()))
+            )
+        for k in range(1, num_rounds + 1):
+            started = utcnow()
+            t0 = time.perf_counter()
+            messages = list(self.configure_train(k, initial_arrays, ConfigRecord(), grid))
+            t1 = time.perf_counter()
+            replies = send_and_receive_fast(grid, messages, timeout, self.poll_interval)
+            t2 = time.perf_counter()
+            _, metrics = self.aggregate_train(k, replies)
+            t3 = time.perf_counter()
+            evaluation: dict[str, float] = {}
+            if (
+                self.evaluate_fn is not None
+                and self.eval_every
+                and (k % self.eval_every == 0 or k == num_rounds)
+            ):
+                evaluation = self.evaluate_fn(k, self.server.evaluation_model())
+                result.evaluate_metrics_serverapp[k] = MetricRecord(dict(evaluation))
+            t4 = time.perf_counter()
+            if metrics is not None:
+                result.train_metrics_clientapp[k] = metrics
+            record = self._round_record(
+                k, started, evaluation, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)
+            )
+            self.records.append(record)
+            if self.recorder is not None and self.run_id is not None:
+                self.recorder.record_round(self.run_id, record)
+            if self.progress is not None:
+                self.progress(record)
+            log.info(
+                "round %d/%d: %d/%d replied, up %d B, down %d B, train loss %s, eval %s",
+                k, num_rounds, record.replied, record.sampled, record.uplink_bytes,
+                record.downlink_bytes, record.train_loss, evaluation,
+            )  # fmt: skip
+        result.arrays = ArrayRecord([self.server.evaluation_model().numpy()])
+        return result
+
+    def _round_record(
+        self,
+        k: int,
+        started: Any,
+        evaluation: dict[str, float],
+        phases: tuple[float, float, float, float],
+    ) -> RoundRecord:
+        book = self._round
+        stats = self.server.stats
+        losses = book.losses
+        n = sum(c for _, c in losses)
+        return RoundRecord(
+            round=k,
+            sampled=len(book.sampled),
+            replied=stats.accepted,
+            failed=len(book.sampled) - stats.accepted,
+            uplink_bytes=book.up_bytes,
+            downlink_bytes=sum(book.down_bytes.values()),
+            predicted_uplink_bytes=book.predicted_up,
+            predicted_downlink_bytes=book.predicted_down,
+            train_loss=(sum(loss * c for loss, c in losses) / n) if n else None,
+            eval_loss=evaluation.get("loss"),
+            eval_accuracy=evaluation.get("accuracy"),
+            phase_seconds={
+                "configure": phases[0],
+                "train": phases[1],
+                "aggregate": phases[2],
+                "evaluate": phases[3],
+            },
+            started_at=started,
+            ended_at=utcnow(),
+            clients=book.clients,
+            extra=stats.as_dict(),
+        )

@@ -1,0 +1,179 @@
+"""MCM and Rand-MCM: bidirectional compression with a preserved central model (both halves).
+
+Uplink and aggregation as in `strategies.common` (uplink memory h_i, ĝ by PP1/PP2 over pN).
+The server keeps the exact model::
+
+    w ← w − γ ĝ                      (never degraded by downlink compression)
+
+MCM (one downlink memory H shared by all clients)::
+
+    Ω = C_dwn(w − H);  ŵ = H + Ω;  H ← H + α_dwn Ω
+
+Each client sets its local model ŵ = H + Ω and updates H the same way; it computes its next
+update at the perturbed model ŵ. The server evaluates w. A client that missed rounds replays
+the missed Ω in order (each: ŵ = H + Ω, H ← H + α_dwn Ω) or receives a full-precision
+snapshot of (ŵ, H), whichever is smaller.
+
+Rand-MCM (for partial participation: one memory H_i per client, compressed independently)::
+
+    Ω_i = C_dwn(w − H_i);  ŵ_i = H_i + Ω_i;  H_i ← H_i + α_dwn Ω_i
+
+H_i moves only when client i receives a message, so an idle client needs no catch-up. The
+server keeps the H_i in a `TensorStore` (RAM, or a memory-mapped file with an LRU cache when
+N·d does not fit), updating H_i only once client i's reply is accepted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from strategies.artemis import QSGD_S1
+from strategies.common import (
+    AlgorithmSettings,
+    BroadcastLog,
+    ClientBook,
+    ClientState,
+    Downlink,
+    Preset,
+    ServerHalf,
+    TensorStore,
+    catch_up,
+    decode_wires,
+    derive_seed,
+    encode,
+)
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset(
+            "mcm", "mcm", "preserved", True, True, False, True, True, False,
+            QSGD_S1, QSGD_S1,
+            "preserved central model, one downlink memory H (MCM)",
+        ),
+        Preset(
+            "rand-mcm", "mcm", "preserved-rand", True, True, False, True, True, False,
+            QSGD_S1, QSGD_S1,
+            "preserved central model, one downlink memory H_i per client (Rand-MCM)",
+        ),
+    ]
+}  # fmt: skip
+
+
+def perturbed_step(
+    down_memory: torch.Tensor, omega: torch.Tensor, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ŵ = H + Ω; H ← H + α_dwn Ω (same code on both sides)."""
+    return down_memory + omega, down_memory + alpha * omega
+
+
+# ----------------------------------------------------------------------------- client half
+def apply_downlink(
+    settings: AlgorithmSettings, state: ClientState, message: Downlink, device: str
+) -> ClientState:
+    if state.down_memory is None:
+        raise ValueError(f"{settings.name}: client state lacks its downlink memory")
+    if message.kind == "snapshot":
+        state.model, state.down_memory = decode_wires(message.payloads, device)
+        return state
+    if message.kind not in ("log", "fresh"):
+        raise ValueError(f"{settings.name}: unexpected downlink kind {message.kind!r}")
+    for omega in decode_wires(message.payloads, device):
+        state.model, state.down_memory = perturbed_step(
+            state.down_memory, omega, settings.down_memory_rate
+        )
+    return state
+
+
+def _digest2(t: torch.Tensor) -> tuple[float, float]:
+    t64 = t.to(torch.float64)
+    return float(t64.sum()), float((t64 * t64).sum())
+
+
+# ----------------------------------------------------------------------------- server half
+class PreservedServer(ServerHalf):
+    """Server half of MCM (kind "preserved") and Rand-MCM (kind "preserved-rand")."""
+
+    kinds = ("preserved", "preserved-rand")
+
+    def __init__(
+        self,
+        settings: AlgorithmSettings,
+        w0: torch.Tensor,
+        store_dir: str | Path | None = None,
+        expected_clients: int = 0,
+        max_uplink_bytes: int | None = None,
+    ) -> None:
+        super().__init__(settings, w0, store_dir, expected_clients, max_uplink_bytes)
+        self.H = torch.zeros(self.dim)
+        self.w_hat = self.w.clone()  # the perturbed model clients at the current version hold
+        self.snapshot_nbytes = 2 * len(self._snapshot([self.w])[0][0])
+        self.log = BroadcastLog(self.snapshot_nbytes)
+        self.H_store = (
+            TensorStore(
+                self.dim,
+                directory=(Path(store_dir) / "downlink") if store_dir else None,
+                expected_clients=expected_clients,
+            )
+            if settings.model == "preserved-rand"
+            else None
+        )
+        self._snapshot_cache: tuple[int, list[bytes], int] | None = None
+
+    def _snapshot_now(self) -> tuple[list[bytes], int]:
+        if self._snapshot_cache is None or self._snapshot_cache[0] != self.version:
+            payloads, predicted = self._snapshot([self.w_hat, self.H])
+            self._snapshot_cache = (self.version, payloads, predicted)
+        return self._snapshot_cache[1], self._snapshot_cache[2]
+
+    def _downlink_payload(
+        self, node: int, book: ClientBook, k: int
+    ) -> tuple[Downlink, dict[str, torch.Tensor]]:
+        if self.H_store is None:
+            return catch_up(self, book, k, self.log, self._snapshot_now, self.snapshot_nbytes), {}
+        s = self.settings
+        H_i = self.H_store.get(node)
+        wire, omega = encode(self.down_compressor, self.w - H_i, derive_seed(s.seed, k, node, 2))
+        w_hat_i, H_next = perturbed_step(H_i, omega, s.down_memory_rate)
+        message = Downlink(
+            k, "fresh", book.version, self.version, 0, False, 0, [wire.payload],
+            wire.predicted_nbytes,
+        )  # fmt: skip
+        return message, {"H": H_next, "w_hat": w_hat_i}
+
+    def _expected_digest_down(
+        self, node: int, pending_commit: dict[str, torch.Tensor]
+    ) -> tuple[float | None, float | None, float | None, float | None]:
+        if self.H_store is None:
+            return (*_digest2(self.H), *_digest2(self.w_hat))
+        return (*_digest2(pending_commit["H"]), *_digest2(pending_commit["w_hat"]))
+
+    def _commit_client(self, node: int, commit: dict[str, torch.Tensor]) -> None:
+        if self.H_store is not None:
+            self.H_store.set(node, commit["H"])
+
+    def _reset_client(self, node: int) -> None:
+        if self.H_store is not None:
+            self.H_store.set(node, torch.zeros(self.dim))
+
+    def client_down_memory(self, node: int) -> torch.Tensor:
+        """H_i (Rand-MCM) or H (MCM) as the server holds it, for tests and diagnostics."""
+        return self.H.clone() if self.H_store is None else self.H_store.get(node)
+
+    def _advance(self, g_hat: torch.Tensor, k: int) -> None:
+        s = self.settings
+        self.w = self.w - s.server_lr * g_hat
+        self.version += 1
+        if self.H_store is not None:
+            self.H_store.flush()
+            return
+        wire, omega = encode(self.down_compressor, self.w - self.H, derive_seed(s.seed, k, 0, 2))
+        self.w_hat, self.H = perturbed_step(self.H, omega, s.down_memory_rate)
+        self.log.append(self.version, wire)
+
+    def close(self) -> None:
+        super().close()
+        if self.H_store is not None:
+            self.H_store.close()

@@ -1,0 +1,113 @@
+"""signSGD with majority vote (Bernstein et al.), both halves.
+
+Client i ∈ S_k sends the sign of its update (1 bit per coordinate, `C_up` = sign)::
+
+    Δ̂_i = sign(g_i)
+
+The server takes the coordinate-wise majority vote and broadcasts it (1 bit per coordinate)::
+
+    v = sign(Σ_{i∈S_k} sign(Δ̂_i))     (ties, Σ = 0, go to +1 so that v ∈ {−1, +1}^d)
+    w ← w − γ v
+
+Every client applies the same v, so client models equal the central model. An idle client
+replays the missed votes in order or receives a full-precision snapshot of w, whichever is
+smaller. Both directions use the plain `sign` operator (1 bit per coordinate, no scale); the
+vote v ∈ {−1, +1}^d crosses the wire exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from strategies.common import (
+    AlgorithmSettings,
+    BroadcastLog,
+    ClientBook,
+    ClientState,
+    Downlink,
+    Preset,
+    ServerHalf,
+    catch_up,
+    decode_wires,
+    derive_seed,
+    encode,
+)
+
+PRESETS: dict[str, Preset] = {
+    "signsgd-mv": Preset(
+        "signsgd-mv", "signsgd", "sign-vote", True, False, False, True, False, False,
+        "sign", "sign",
+        "1-bit signs up, 1-bit majority vote down (signSGD-MV)",
+    ),
+}  # fmt: skip
+
+
+def majority_vote(signs: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """v = sign(Σ_i sign(Δ̂_i)) with ties to +1."""
+    total = torch.zeros(dim)
+    for s in signs:
+        total += torch.sign(s)
+    return torch.where(total >= 0, 1.0, -1.0)
+
+
+def apply_downlink(
+    settings: AlgorithmSettings, state: ClientState, message: Downlink, device: str
+) -> ClientState:
+    if message.kind == "snapshot":
+        state.model = decode_wires(message.payloads, device)[0]
+        return state
+    if message.kind != "log":
+        raise ValueError(f"{settings.name}: unexpected downlink kind {message.kind!r}")
+    assert state.model is not None
+    for vote in decode_wires(message.payloads, device):
+        state.model = state.model - settings.server_lr * vote
+    return state
+
+
+class MajorityVoteServer(ServerHalf):
+    kinds = ("sign-vote",)
+
+    def __init__(
+        self,
+        settings: AlgorithmSettings,
+        w0: torch.Tensor,
+        store_dir: str | Path | None = None,
+        expected_clients: int = 0,
+        max_uplink_bytes: int | None = None,
+    ) -> None:
+        super().__init__(settings, w0, store_dir, expected_clients, max_uplink_bytes)
+        self.snapshot_nbytes = len(self._snapshot([self.w])[0][0])
+        self.log = BroadcastLog(self.snapshot_nbytes)
+        self._snapshot_cache: tuple[int, list[bytes], int] | None = None
+
+    def _snapshot_now(self) -> tuple[list[bytes], int]:
+        if self._snapshot_cache is None or self._snapshot_cache[0] != self.version:
+            payloads, predicted = self._snapshot([self.w])
+            self._snapshot_cache = (self.version, payloads, predicted)
+        return self._snapshot_cache[1], self._snapshot_cache[2]
+
+    def _downlink_payload(
+        self, node: int, book: ClientBook, k: int
+    ) -> tuple[Downlink, dict[str, torch.Tensor]]:
+        return catch_up(self, book, k, self.log, self._snapshot_now, self.snapshot_nbytes), {}
+
+    def _expected_digest_down(
+        self, node: int, pending_commit: dict[str, torch.Tensor]
+    ) -> tuple[float | None, float | None, float | None, float | None]:
+        w64 = self.w.to(torch.float64)
+        return 0.0, 0.0, float(w64.sum()), float((w64 * w64).sum())
+
+    def aggregate(self, expected: float) -> torch.Tensor:
+        """The vote replaces the averaging (pN plays no role in a majority vote)."""
+        return majority_vote([d for _, d in self._received], self.dim)
+
+    def _advance(self, g_hat: torch.Tensor, k: int) -> None:
+        s = self.settings
+        if not self._received:  # nobody voted: no step, nothing to broadcast
+            return
+        wire, vote = encode(self.down_compressor, g_hat, derive_seed(s.seed, k, 0, 2))
+        self.w = self.w - s.server_lr * vote
+        self.version += 1
+        self.log.append(self.version, wire)
