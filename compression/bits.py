@@ -38,8 +38,8 @@ def pack_fixed(values: npt.NDArray[np.integer], width: int) -> U8:
     n = int(values.size)
     if width == 0 or n == 0:
         return np.zeros(0, dtype=np.uint8)
-    if not 1 <= width <= 32:
-        raise ValueError(f"bit width must be in 1..32, got {width}")
+    if not 1 <= width <= 64:
+        raise ValueError(f"bit width must be in 1..64, got {width}")
     if width == 8:
         return values.astype(np.uint8, copy=False).reshape(-1)
     if width == 1:
@@ -48,18 +48,22 @@ def pack_fixed(values: npt.NDArray[np.integer], width: int) -> U8:
     # Chunks of a multiple of 8 values always end on a byte boundary.
     pos = 0
     for start in range(0, n, _CHUNK):
-        chunk = values[start : start + _CHUNK].astype(">u4").view(np.uint8).reshape(-1, 4)
-        bits = np.unpackbits(chunk, axis=1)[:, 32 - width :]
+        nb = 4 if width <= 32 else 8
+        big = values[start : start + _CHUNK].astype(f">u{nb}")
+        bits = np.unpackbits(big.view(np.uint8).reshape(-1, nb), axis=1)[:, 8 * nb - width :]
         packed = np.packbits(bits.reshape(-1))
         out[pos : pos + packed.size] = packed
         pos += packed.size
     return out
 
 
-def unpack_fixed(data: U8, n: int, width: int) -> npt.NDArray[np.uint32]:
-    """Inverse of :func:`pack_fixed`: ``n`` values of ``width`` bits from ``data``."""
+def unpack_fixed(data: U8, n: int, width: int) -> npt.NDArray[np.unsignedinteger]:
+    """Inverse of :func:`pack_fixed`: ``n`` values of ``width`` (<= 64) bits from ``data``
+    (uint32 for widths up to 32, else uint64)."""
     if width == 0 or n == 0:
         return np.zeros(n, dtype=np.uint32)
+    if not 1 <= width <= 64:
+        raise CodecError(f"bit width must be in 1..64, got {width}")
     need = (n * width + 7) // 8
     if data.size != need:
         raise CodecError(f"fixed-width section has {data.size} bytes, expected {need}")
@@ -67,16 +71,17 @@ def unpack_fixed(data: U8, n: int, width: int) -> npt.NDArray[np.uint32]:
         return data.astype(np.uint32)
     if width == 1:
         return np.unpackbits(data, count=n).astype(np.uint32)
-    out = np.empty(n, dtype=np.uint32)
+    nb = 4 if width <= 32 else 8
+    out = np.empty(n, dtype=np.uint32 if nb == 4 else np.uint64)
     step = _CHUNK  # multiple of 8 values -> chunk starts on a byte boundary
     for start in range(0, n, step):
         m = min(step, n - start)
         first = start * width // 8
         nbytes = (m * width + 7) // 8
         bits = np.unpackbits(data[first : first + nbytes], count=m * width).reshape(m, width)
-        full = np.zeros((m, 32), dtype=np.uint8)
-        full[:, 32 - width :] = bits
-        out[start : start + m] = np.packbits(full, axis=1).view(">u4").reshape(-1)
+        full = np.zeros((m, 8 * nb), dtype=np.uint8)
+        full[:, 8 * nb - width :] = bits
+        out[start : start + m] = np.packbits(full, axis=1).view(f">u{nb}").reshape(-1)
     return out
 
 

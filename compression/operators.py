@@ -997,7 +997,9 @@ def randk_indices(d: int, k: int, seed: int) -> torch.Tensor:
 class RandK(Compressor):
     """rand-k: keep k coordinates chosen uniformly at random (indices from the seed),
     C(x) = (d/k) x_S (unbiased, omega = d/k - 1) or x_S (biased, delta = k/d in expectation).
-    On the wire: the seed and the k values in the input dtype; the indices cost nothing."""
+    On the wire: the seed and the k values in the input dtype; the indices cost nothing.
+    (So the header's shape is the only statement of d: any d >= k is a consistent message;
+    the CRC-32 guards it like every other byte.)"""
 
     name = "randk"
     op_code = 4
@@ -1145,7 +1147,8 @@ class TopK(Compressor):
 
     def _plan(self, fields: Fields, d: int) -> _Plan:
         idx = fields["index"].cpu().numpy().astype(np.int64)
-        gaps = np.diff(idx, prepend=-1) - 1
+        # zero runs before each kept index, and after the last: they add up to d - k
+        gaps = np.diff(np.append(idx, d), prepend=-1) - 1
         varint = bits.varint_encode(gaps)
         values_bits = idx.size * fields["values"].element_size() * 8
         if 8 * varint.size <= d:
@@ -1177,10 +1180,10 @@ class TopK(Compressor):
         code = r.u8()
         data = r.section()
         if code == 0:
-            gaps = bits.varint_decode(data, k)
-            index = np.cumsum(gaps + 1) - 1
-            if index.size and (int(index[-1]) >= d or int(index[-1]) < 0):
-                raise CodecError("top-k index out of range")
+            gaps = bits.varint_decode(data, k + 1)
+            if int(gaps.sum()) + k != d or bool((gaps < 0).any()):
+                raise CodecError("top-k zero runs do not add up to the declared size")
+            index = np.cumsum(gaps[:-1] + 1) - 1
         elif code == 1:
             if data.size != (d + 7) // 8:
                 raise CodecError("top-k bitmap has the wrong length")
