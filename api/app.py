@@ -20,14 +20,14 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import Field
+from pydantic import BaseModel, Field
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import schemas as s
 from api.db import current_revision, ensure_schema, get_engine, head_revision
 from api.errors import InvalidError, NotFoundError, StoreError
-from api.models import ApiToken, Client, Round, Run
+from api.models import ApiToken, Client, Run
 from api.settings import Settings
 from api.store import MAX_COMPARE_RUNS, Page, Participation, Store
 from server.recording import ClientRoundRecord, RoundRecord, RunInfo
@@ -201,7 +201,14 @@ def _run_out(run: Run) -> s.RunOut:
     )
 
 
-def _round_fields(rnd: Round) -> dict[str, Any]:
+def _json(model: BaseModel, status_code: int = 200) -> Response:
+    """Serialize a response model once, in pydantic-core (FastAPI would validate a
+    returned model again against `response_model`, which stays for the OpenAPI schema)."""
+    return Response(model.model_dump_json(), status_code=status_code, media_type="application/json")
+
+
+def _round_fields(rnd: Any) -> dict[str, Any]:
+    """The RoundOut fields of a `Round` object or a row of the rounds table."""
     return {
         "run_id": rnd.run_id,
         "round": rnd.round,
@@ -409,17 +416,17 @@ def create_app(settings: Settings | None = None, registrar: Registrar | None = N
         order: Annotated[s.SortOrder, Query()] = "desc",
         limit: Limit = 50,
         offset: Offset = 0,
-    ) -> s.Page[s.RunOut]:
+    ) -> Response:
         """Runs with their summaries, filtered by status and strategy, newest first."""
         page = store.list_runs(
             status=status, strategy=strategy, sort=sort, order=order, limit=limit, offset=offset
         )
-        return s.Page[s.RunOut](items=[_run_out(r) for r in page.items], **_page_meta(page))
+        return _json(s.Page[s.RunOut](items=[_run_out(r) for r in page.items], **_page_meta(page)))
 
     @app.get("/runs/{run_id}", response_model=s.RunOut, tags=["runs"], responses=ERROR_RESPONSES)
-    def get_run(run_id: RunId) -> s.RunOut:
+    def get_run(run_id: RunId) -> Response:
         """One run with its summary: rounds done, best accuracy, bytes, compression ratios."""
-        return _run_out(store.get_run(run_id))
+        return _json(_run_out(store.get_run(run_id)))
 
     @app.get(
         "/runs/{run_id}/rounds",
@@ -433,15 +440,17 @@ def create_app(settings: Settings | None = None, registrar: Registrar | None = N
         to_round: Annotated[int | None, Query(ge=0, le=s.INT32_MAX)] = None,
         limit: Limit = 100,
         offset: Offset = 0,
-    ) -> s.Page[s.RoundOut]:
+    ) -> Response:
         """A run's rounds in order, optionally within [from_round, to_round]."""
         if from_round is not None and to_round is not None and from_round > to_round:
             raise InvalidError("from_round must not exceed to_round")
         page = store.list_rounds(
             run_id, from_round=from_round, to_round=to_round, limit=limit, offset=offset
         )
-        return s.Page[s.RoundOut](
-            items=[s.RoundOut(**_round_fields(r)) for r in page.items], **_page_meta(page)
+        return _json(
+            s.Page[s.RoundOut](
+                items=[s.RoundOut(**_round_fields(r)) for r in page.items], **_page_meta(page)
+            )
         )
 
     @app.get(
@@ -452,10 +461,10 @@ def create_app(settings: Settings | None = None, registrar: Registrar | None = N
     )
     def get_round(
         run_id: RunId, round_number: Annotated[int, Path(ge=0, le=s.INT32_MAX)]
-    ) -> s.RoundDetail:
+    ) -> Response:
         """One round with every client's part in it."""
         rnd, clients = store.get_round(run_id, round_number)
-        return s.RoundDetail(
+        detail = s.RoundDetail(
             **_round_fields(rnd),
             clients=[
                 s.ClientRoundOut(
@@ -471,13 +480,14 @@ def create_app(settings: Settings | None = None, registrar: Registrar | None = N
                 for c in clients
             ],
         )
+        return _json(detail)
 
     @app.get(
         "/runs/{run_id}/series", response_model=s.Series, tags=["runs"], responses=ERROR_RESPONSES
     )
-    def get_series(run_id: RunId) -> s.Series:
+    def get_series(run_id: RunId) -> Response:
         """Curves for plotting: losses, accuracy and cumulative bytes per round."""
-        return _series(run_id, store.series([run_id])[run_id])
+        return _json(_series(run_id, store.series([run_id])[run_id]))
 
     @app.get("/compare", response_model=s.Comparison, tags=["runs"], responses=ERROR_RESPONSES)
     def compare(

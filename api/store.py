@@ -24,13 +24,29 @@ import os
 import secrets
 import socket
 import threading
+import typing
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, case, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    Engine,
+    Float,
+    Integer,
+    Table,
+    and_,
+    bindparam,
+    case,
+    cast,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -45,6 +61,7 @@ from api.models import (
     ClientRound,
     Round,
     Run,
+    UTCDateTime,
 )
 from server.recording import ClientRoundRecord, RoundRecord, RunInfo
 
@@ -123,6 +140,54 @@ class Participation:
     last_round_at: datetime | None = None
 
 
+RUNS_TABLE = typing.cast(Table, Run.__table__)
+ROUNDS_TABLE = typing.cast(Table, Round.__table__)
+CLIENT_ROUNDS_TABLE = typing.cast(Table, ClientRound.__table__)
+CLIENTS_TABLE = typing.cast(Table, Client.__table__)
+
+
+def _build_append_statements() -> tuple[Any, Any, Any]:
+    """The statements of `Store.append_round`, built once (compiled once per dialect).
+
+    The run's totals are updated in SQL (x = x + :v) so concurrent appends cannot lose an
+    update; the best accuracy and its round change only when the new accuracy is higher.
+    """
+    runs = RUNS_TABLE.c
+    acc = cast(bindparam("p_acc", type_=Float), Float)
+    rnd = bindparam("p_round", type_=Integer)
+    better = and_(
+        acc.is_not(None), or_(runs.best_eval_accuracy.is_(None), runs.best_eval_accuracy < acc)
+    )
+    update_totals = (
+        update(RUNS_TABLE)
+        .where(runs.id == bindparam("p_run_id"), runs.status == "running")
+        .values(
+            rounds_done=runs.rounds_done + 1,
+            sampled_total=runs.sampled_total + bindparam("p_sampled"),
+            replied_total=runs.replied_total + bindparam("p_replied"),
+            failed_total=runs.failed_total + bindparam("p_failed"),
+            uplink_bytes_total=runs.uplink_bytes_total + bindparam("p_up"),
+            downlink_bytes_total=runs.downlink_bytes_total + bindparam("p_down"),
+            predicted_uplink_bytes_total=runs.predicted_uplink_bytes_total + bindparam("p_pred_up"),
+            predicted_downlink_bytes_total=runs.predicted_downlink_bytes_total
+            + bindparam("p_pred_down"),
+            last_round=case(
+                (or_(runs.last_round.is_(None), runs.last_round < rnd), rnd),
+                else_=runs.last_round,
+            ),
+            best_eval_accuracy=case((better, acc), else_=runs.best_eval_accuracy),
+            best_eval_round=case((better, rnd), else_=runs.best_eval_round),
+            updated_at=bindparam("p_now", type_=UTCDateTime()),
+        )
+    )
+    insert_round = insert(ROUNDS_TABLE).returning(ROUNDS_TABLE.c.id)
+    insert_client_round = insert(CLIENT_ROUNDS_TABLE)
+    return update_totals, insert_round, insert_client_round
+
+
+_UPDATE_TOTALS, _INSERT_ROUND, _INSERT_CLIENT_ROUND = _build_append_statements()
+
+
 def _page(
     session: Session,
     entity: Any,
@@ -131,23 +196,25 @@ def _page(
     limit: int,
     offset: int,
 ) -> Page:
-    """One page and the total count from ONE statement (a window count), so both come from
-    the same snapshot even while rounds are being appended."""
+    """One page and the total count from ONE statement (the count as an uncorrelated
+    scalar subquery, evaluated once), so both come from the same snapshot even while
+    rounds are being appended. ORM entities come back as objects, tables as rows."""
+    total = select(func.count()).select_from(entity).where(*conditions).scalar_subquery()
     rows = session.execute(
-        select(entity, func.count().over().label("total"))
+        select(entity, total.label("total_count"))
         .where(*conditions)
         .order_by(*ordering)
         .limit(limit)
         .offset(offset)
     ).all()
+    if isinstance(entity, Table):
+        items: list[Any] = list(rows)
+    else:
+        items = [r[0] for r in rows]
     if rows:
-        return Page([r[0] for r in rows], int(rows[0][1]), limit, offset)
-    total = 0
-    if offset > 0:  # past the end: the total still tells how far the pages go
-        total = session.execute(
-            select(func.count()).select_from(entity).where(*conditions)
-        ).scalar_one()
-    return Page([], int(total), limit, offset)
+        return Page(items, int(rows[0].total_count), limit, offset)
+    count = session.execute(select(func.count()).select_from(entity).where(*conditions))
+    return Page([], int(count.scalar_one()), limit, offset)
 
 
 def _process_alive(pid: int, not_after: datetime) -> bool:
@@ -231,80 +298,64 @@ class Store:
         }
         if non_finite:
             extra["non_finite"] = non_finite
-        now = utcnow()
-        totals: dict[str, Any] = {
-            "rounds_done": Run.rounds_done + 1,
-            "sampled_total": Run.sampled_total + record.sampled,
-            "replied_total": Run.replied_total + record.replied,
-            "failed_total": Run.failed_total + record.failed,
-            "uplink_bytes_total": Run.uplink_bytes_total + record.uplink_bytes,
-            "downlink_bytes_total": Run.downlink_bytes_total + record.downlink_bytes,
-            "predicted_uplink_bytes_total": Run.predicted_uplink_bytes_total
-            + record.predicted_uplink_bytes,
-            "predicted_downlink_bytes_total": Run.predicted_downlink_bytes_total
-            + record.predicted_downlink_bytes,
-            "last_round": case(
-                (or_(Run.last_round.is_(None), Run.last_round < record.round), record.round),
-                else_=Run.last_round,
-            ),
-            "updated_at": now,
-        }
-        if accuracy is not None:
-            better = or_(Run.best_eval_accuracy.is_(None), Run.best_eval_accuracy < accuracy)
-            totals["best_eval_accuracy"] = case((better, accuracy), else_=Run.best_eval_accuracy)
-            totals["best_eval_round"] = case((better, record.round), else_=Run.best_eval_round)
         with self.engine.begin() as conn:
             # the UPDATE comes first: it takes the write lock (SQLite) / the run's row lock
             # (PostgreSQL) so concurrent appends to one run serialize cleanly
             result = conn.execute(
-                update(Run)
-                .where(Run.id == run_id, Run.status == "running")
-                .values(**totals)
-                .execution_options(synchronize_session=False)
+                _UPDATE_TOTALS,
+                {
+                    "p_run_id": run_id,
+                    "p_sampled": record.sampled,
+                    "p_replied": record.replied,
+                    "p_failed": record.failed,
+                    "p_up": record.uplink_bytes,
+                    "p_down": record.downlink_bytes,
+                    "p_pred_up": record.predicted_uplink_bytes,
+                    "p_pred_down": record.predicted_downlink_bytes,
+                    "p_round": record.round,
+                    "p_acc": accuracy,
+                    "p_now": utcnow(),
+                },
             )
             if result.rowcount == 0:
                 status = conn.execute(select(Run.status).where(Run.id == run_id)).scalar()
                 if status is None:
                     raise NotFoundError(f"run {run_id} not found")
                 raise ConflictError(f"run {run_id} is {status}; rounds can no longer be added")
-            try:
-                with conn.begin_nested():
-                    round_id = conn.execute(
-                        insert(Round)
-                        .values(
-                            run_id=run_id,
-                            round=record.round,
-                            sampled=record.sampled,
-                            replied=record.replied,
-                            failed=record.failed,
-                            uplink_bytes=record.uplink_bytes,
-                            downlink_bytes=record.downlink_bytes,
-                            predicted_uplink_bytes=record.predicted_uplink_bytes,
-                            predicted_downlink_bytes=record.predicted_downlink_bytes,
-                            train_loss=_finite(record.train_loss),
-                            eval_loss=_finite(record.eval_loss),
-                            eval_accuracy=accuracy,
-                            phase_seconds=dict(record.phase_seconds),
-                            started_at=record.started_at,
-                            ended_at=record.ended_at,
-                            extra=extra,
-                        )
-                        .returning(Round.id)
-                    ).scalar_one()
+            try:  # on a duplicate the whole transaction (totals update too) rolls back
+                round_id = conn.execute(
+                    _INSERT_ROUND,
+                    {
+                        "run_id": run_id,
+                        "round": record.round,
+                        "sampled": record.sampled,
+                        "replied": record.replied,
+                        "failed": record.failed,
+                        "uplink_bytes": record.uplink_bytes,
+                        "downlink_bytes": record.downlink_bytes,
+                        "predicted_uplink_bytes": record.predicted_uplink_bytes,
+                        "predicted_downlink_bytes": record.predicted_downlink_bytes,
+                        "train_loss": _finite(record.train_loss),
+                        "eval_loss": _finite(record.eval_loss),
+                        "eval_accuracy": accuracy,
+                        "phase_seconds": dict(record.phase_seconds),
+                        "started_at": record.started_at,
+                        "ended_at": record.ended_at,
+                        "extra": extra,
+                    },
+                ).scalar_one()
             except IntegrityError as exc:
                 raise ConflictError(f"run {run_id} already has round {record.round}") from exc
             if record.clients:
                 conn.execute(
-                    insert(ClientRound),
-                    [_client_row(round_id, c) for c in record.clients],
+                    _INSERT_CLIENT_ROUND, [_client_row(round_id, c) for c in record.clients]
                 )
                 seen = sorted({c.node_id for c in record.clients if c.outcome == "ok"})
                 if seen:
                     conn.execute(
-                        update(Client)
-                        .where(Client.node_id.in_(seen))
+                        update(CLIENTS_TABLE)
+                        .where(CLIENTS_TABLE.c.node_id.in_(seen))
                         .values(last_seen_at=record.ended_at)
-                        .execution_options(synchronize_session=False)
                     )
             return int(round_id)
 
@@ -401,15 +452,17 @@ class Store:
         limit: int = 100,
         offset: int = 0,
     ) -> Page:
-        conditions = [Round.run_id == run_id]
+        c = ROUNDS_TABLE.c
+        conditions = [c.run_id == run_id]
         if from_round is not None:
-            conditions.append(Round.round >= from_round)
+            conditions.append(c.round >= from_round)
         if to_round is not None:
-            conditions.append(Round.round <= to_round)
+            conditions.append(c.round <= to_round)
         with self._sessions() as session:
             if session.execute(select(Run.id).where(Run.id == run_id)).first() is None:
                 raise NotFoundError(f"run {run_id} not found")
-            return _page(session, Round, conditions, [Round.round], limit, offset)
+            # plain rows (no ORM identity map): a page of rounds is read-only data
+            return _page(session, ROUNDS_TABLE, conditions, [c.round], limit, offset)
 
     def get_round(self, run_id: int, round_number: int) -> tuple[Round, list[ClientRound]]:
         with self._sessions() as session:
