@@ -72,7 +72,7 @@ def unpack_fixed(data: U8, n: int, width: int) -> npt.NDArray[np.unsignedinteger
     if width == 1:
         return np.unpackbits(data, count=n).astype(np.uint32)
     nb = 4 if width <= 32 else 8
-    out = np.empty(n, dtype=np.uint32 if nb == 4 else np.uint64)
+    out: npt.NDArray[np.unsignedinteger] = np.empty(n, dtype=np.uint32 if nb == 4 else np.uint64)
     step = _CHUNK  # multiple of 8 values -> chunk starts on a byte boundary
     for start in range(0, n, step):
         m = min(step, n - start)

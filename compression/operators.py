@@ -907,7 +907,9 @@ class NaturalCompression(Compressor):
             if bool((exp == 0xFF).any()):
                 raise ValueError("input contains NaN or inf")
             mant = word & 0x7FFFFF
-            r = torch.randint(0, 1 << 23, word.shape, generator=g, device=word.device)
+            r = torch.randint(
+                0, 1 << 23, word.shape, generator=g, device=word.device, dtype=torch.int32
+            )
             exp += (r < mant).to(torch.int32)
             exps[start : start + word.numel()] = exp.clamp_(max=254).to(torch.uint8)
         return {"exps": exps, "signs": _pack_signs_bits(f32)}

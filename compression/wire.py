@@ -65,8 +65,11 @@ class Writer:
         self._parts.append(view)
 
     def finish(self) -> bytes:
-        body = b"".join(self._parts)
-        return body + struct.pack("<I", zlib.crc32(body))
+        """The payload: every part and the CRC-32 of them all, joined with one copy."""
+        crc = 0
+        for part in self._parts:
+            crc = zlib.crc32(part, crc)
+        return b"".join([*self._parts, struct.pack("<I", crc)])
 
 
 class Reader:

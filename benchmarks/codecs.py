@@ -1,0 +1,349 @@
+"""Codec benchmark: speed, bytes and memory of every compression operator.
+
+For d in {10^5, 10^6, 10^7} float32 coordinates (standard normal, seed 0) and each operator
+at its usual settings (QSGD s in {1, 4, 16, 256} with L2 norm and buckets of 4096, QSGD s=1
+with the max norm to show the dense three-symbol code, natural compression, natural
+dithering s=8, top-k and rand-k at 1%, scaled sign, sign, identity), measured in one run:
+
+* encode_mb_s, decode_mb_s: MB (10^6 bytes) of float32 input per second for
+  ``compress(x).to_bytes()`` and ``decode(payload).dense()``; roundtrip_mb_s for the two
+  together, d * 4 / (t_encode + t_decode). Each is the best of several repetitions.
+* copy_mb_s: the roof, ``buffer.copy_(x)`` into a preallocated buffer of the same size.
+* bits_per_coord_measured: 8 * len(payload) / d; bits_per_coord_predicted: the chosen code's
+  formula (without the < 64 byte header); bits_per_coord_limit: the information limit, the
+  empirical entropy of the symbols carried plus 32 bits per float, over d.
+* dense_float_bytes: what a dense-float framework sends for the same operator (C(x)
+  materialized as float32 and serialized), and size_ratio_vs_dense_float = that / ours.
+* break_even_gbit_s: the link speed below which compressing pays off,
+  roundtrip throughput x (1 - 1/compression ratio), in Gbit/s.
+* peak_extra_bytes: peak resident memory of encode above the resident memory before it,
+  measured in a fresh subprocess per case (Linux: the VmHWM high-water mark reset through
+  /proc/self/clear_refs just before encoding; elsewhere ru_maxrss growth, a lower bound).
+
+Targets (issue 2, d = 10^7): QSGD s=1 and scaled sign round trip >= 1000 MB/s (break-even
+link >= 8 Gbit/s); measured bytes within 2% (+64 header bytes) of predicted; the QSGD s=1
+dense code <= 1.6 bits per coordinate; the sparse code <= 1.2x the information limit; peak
+extra memory of encode <= 1.5x the input. The machine's load moves the throughputs: the copy
+roof measured in the same run is printed beside them.
+
+    python -m benchmarks.codecs                  # d = 1e5, 1e6, 1e7
+    python -m benchmarks.codecs --quick          # d = 1e4, 1e5 (seconds, for CI)
+    python -m benchmarks.codecs --json out.json  # one record per operator and size
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+OPERATORS: tuple[str, ...] = (
+    "identity",
+    "qsgd:s=1,bucket=4096,norm=l2",
+    "qsgd:s=1,bucket=4096,norm=max",
+    "qsgd:s=4,bucket=4096,norm=l2",
+    "qsgd:s=16,bucket=4096,norm=l2",
+    "qsgd:s=256,bucket=4096,norm=l2",
+    "natural",
+    "dither:s=8,bucket=4096",
+    "topk:frac=0.01",
+    "randk:frac=0.01,unbiased=true",
+    "scaled_sign",
+    "sign",
+)
+FULL_SIZES = (10**5, 10**6, 10**7)
+QUICK_SIZES = (10**4, 10**5)
+TARGET_SIZE = 10**7
+TARGET_MB_S = 1000.0
+SPEED_TARGETS = ("qsgd:s=1,bucket=4096,norm=l2", "scaled_sign")
+
+
+def _best_time(fn: Callable[[], object], min_reps: int, budget_s: float) -> float:
+    """Best wall time of ``fn`` over at least ``min_reps`` calls (more while under budget)."""
+    fn()  # warm-up: lazy imports, allocator, kernels
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < budget_s and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _input(d: int) -> Any:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.empty(d).normal_(generator=g)  # no temporaries (matters for the memory probe)
+
+
+def _memory_probe(spec: str, d: int) -> dict[str, Any]:
+    """Run in a fresh process: peak extra resident bytes of ``compress(x).to_bytes()``."""
+    import resource
+
+    import torch
+
+    from compression import parse_compressor
+
+    x = _input(d)
+    c = parse_compressor(spec)
+    c.compress(torch.randn(5000), seed=0).to_bytes()  # load code paths, not memory
+    status = Path("/proc/self/status")
+    method = "ru_maxrss"
+    rss_before = 0
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        rss_before = int(re.findall(r"VmRSS:\s+(\d+)", status.read_text())[0]) * 1024
+        method = "vmhwm"
+    except (OSError, IndexError):
+        pass
+    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    payload = c.compress(x, seed=1).to_bytes()
+    if method == "vmhwm":
+        hwm = int(re.findall(r"VmHWM:\s+(\d+)", status.read_text())[0]) * 1024
+        extra = hwm - rss_before
+    else:
+        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - maxrss_before
+    return {"peak_extra_bytes": max(0, extra), "memory_method": method, "nbytes": len(payload)}
+
+
+def _measure_memory(spec: str, d: int, threads: int | None) -> dict[str, Any]:
+    root = Path(__file__).resolve().parent.parent
+    code = (
+        "import json, torch\n"
+        + (f"torch.set_num_threads({threads})\n" if threads else "")
+        + "from benchmarks.codecs import _memory_probe\n"
+        + f"print(json.dumps(_memory_probe({spec!r}, {d})))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe for {spec} d={d} failed:\n{out.stderr}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def measure(
+    spec: str, d: int, *, budget_s: float, memory: bool, threads: int | None
+) -> dict[str, Any]:
+    """All figures for one operator and size."""
+    import torch
+
+    from compression import decode, parse_compressor
+
+    x = _input(d)
+    c = parse_compressor(spec)
+    in_bytes = 4 * d
+    buffer = torch.empty_like(x)
+    t_copy = _best_time(lambda: buffer.copy_(x), 5, budget_s / 3)
+    t_enc = _best_time(lambda: c.compress(x, seed=1).to_bytes(), 3, budget_s)
+    m = c.compress(x, seed=1)
+    payload = m.to_bytes()
+    t_dec = _best_time(lambda: decode(payload).dense(), 3, budget_s)
+    dense_float = m.dense().numpy().tobytes()  # quantize, then send float32
+    measured_bits = 8 * len(payload) / d
+    ratio = in_bytes / len(payload)
+    roundtrip = in_bytes / (t_enc + t_dec) / 1e6
+    limit_bits = m.information_limit_bits() / d
+    record: dict[str, Any] = {
+        "operator": spec.split(":")[0],
+        "params": spec.partition(":")[2],
+        "spec": c.spec,
+        "d": d,
+        "code": m.code,
+        "encode_mb_s": in_bytes / t_enc / 1e6,
+        "decode_mb_s": in_bytes / t_dec / 1e6,
+        "roundtrip_mb_s": roundtrip,
+        "copy_mb_s": in_bytes / t_copy / 1e6,
+        "roundtrip_vs_copy": roundtrip / (in_bytes / t_copy / 1e6),
+        "bytes": len(payload),
+        "predicted_bytes": m.predicted_nbytes,
+        "bits_per_coord_measured": measured_bits,
+        "bits_per_coord_predicted": 8 * m.predicted_nbytes / d,
+        "bits_per_coord_limit": limit_bits,
+        "measured_vs_limit": measured_bits / limit_bits if limit_bits > 0 else float("inf"),
+        "within_2pct_of_predicted": abs(len(payload) - m.predicted_nbytes)
+        <= 0.02 * m.predicted_nbytes + 64,
+        "compression_ratio": ratio,
+        "dense_float_bytes": len(dense_float),
+        "size_ratio_vs_dense_float": len(dense_float) / len(payload),
+        "break_even_gbit_s": roundtrip * 1e6 * 8 / 1e9 * (1 - 1 / ratio),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0],
+    }
+    if memory:
+        probe = _measure_memory(spec, d, threads)
+        record["peak_extra_bytes"] = probe["peak_extra_bytes"]
+        record["peak_extra_vs_input"] = probe["peak_extra_bytes"] / in_bytes
+        record["memory_method"] = probe["memory_method"]
+    else:
+        record["peak_extra_bytes"] = None
+        record["peak_extra_vs_input"] = None
+        record["memory_method"] = "skipped"
+    return record
+
+
+def check_targets(records: list[dict[str, Any]]) -> list[tuple[str, bool, str]]:
+    """(target, met, what was measured) for the issue's targets, on the largest size run."""
+    out: list[tuple[str, bool, str]] = []
+    top = max(r["d"] for r in records)
+    big = [r for r in records if r["d"] == top]
+    for spec in SPEED_TARGETS:
+        for r in big:
+            if r["spec"] == spec or r["spec"].startswith(spec):
+                out.append(
+                    (
+                        f"{spec} round trip >= {TARGET_MB_S:.0f} MB/s at d={top:.0e}",
+                        r["roundtrip_mb_s"] >= TARGET_MB_S,
+                        f"{r['roundtrip_mb_s']:.0f} MB/s (copy roof {r['copy_mb_s']:.0f}), "
+                        f"break-even {r['break_even_gbit_s']:.1f} Gbit/s",
+                    )
+                )
+    bad = [f"{r['spec']} d={r['d']}" for r in records if not r["within_2pct_of_predicted"]]
+    out.append(("measured bytes within 2% + 64 B of predicted", not bad, ", ".join(bad) or "all"))
+    for r in big:
+        if r["spec"] == "qsgd:s=1,bucket=4096,norm=max":
+            out.append(
+                (
+                    "QSGD s=1 dense code <= 1.6 bits/coord",
+                    r["code"] == "base3" and r["bits_per_coord_measured"] <= 1.6 + 1e-3,
+                    f"{r['bits_per_coord_measured']:.4f} bits ({r['code']})",
+                )
+            )
+        if r["spec"] == "qsgd:s=1,bucket=4096,norm=l2":
+            out.append(
+                (
+                    "QSGD s=1 sparse code <= 1.2x information limit",
+                    r["code"] == "sparse" and r["measured_vs_limit"] <= 1.2,
+                    f"{r['measured_vs_limit']:.3f}x ({r['code']})",
+                )
+            )
+    mem = [r for r in big if r["peak_extra_vs_input"] is not None]
+    if mem:
+        over = [
+            f"{r['spec']} {r['peak_extra_vs_input']:.2f}x"
+            for r in mem
+            if r["peak_extra_vs_input"] > 1.5
+        ]
+        worst = max(mem, key=lambda r: r["peak_extra_vs_input"])
+        out.append(
+            (
+                "peak extra memory of encode <= 1.5x input (every operator)",
+                not over,
+                ", ".join(over) or f"worst {worst['spec']} {worst['peak_extra_vs_input']:.2f}x",
+            )
+        )
+    return out
+
+
+def _print(records: list[dict[str, Any]], targets: list[tuple[str, bool, str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="fedsqueeze codecs (MB/s of float32 input; bits per coordinate)")
+    for col in (
+        "operator",
+        "d",
+        "code",
+        "enc MB/s",
+        "dec MB/s",
+        "rt MB/s",
+        "copy MB/s",
+        "bits meas",
+        "bits pred",
+        "bits limit",
+        "x dense-f32",
+        "break-even Gb/s",
+        "peak extra",
+    ):
+        table.add_column(col, justify="left" if col in ("operator", "code") else "right")
+    for r in records:
+        peak = r["peak_extra_vs_input"]
+        table.add_row(
+            r["spec"],
+            f"{r['d']:.0e}",
+            r["code"],
+            f"{r['encode_mb_s']:.0f}",
+            f"{r['decode_mb_s']:.0f}",
+            f"{r['roundtrip_mb_s']:.0f}",
+            f"{r['copy_mb_s']:.0f}",
+            f"{r['bits_per_coord_measured']:.3f}",
+            f"{r['bits_per_coord_predicted']:.3f}",
+            f"{r['bits_per_coord_limit']:.3f}",
+            f"{r['size_ratio_vs_dense_float']:.1f}",
+            f"{r['break_even_gbit_s']:.2f}",
+            "-" if peak is None else f"{peak:.2f}x",
+        )
+    console = Console(width=max(200, Console().width))
+    console.print(table)
+    for name, met, what in targets:
+        console.print(f"[{'green' if met else 'red'}]{'MET ' if met else 'MISS'}[/] {name}: {what}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.codecs",
+        description="Speed, bytes and memory of every compression operator "
+        "(d = 1e5, 1e6, 1e7 float32 coordinates).",
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes (1e4, 1e5), for CI")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write the records here")
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", metavar="D", help="dimensions to run (default by mode)"
+    )
+    parser.add_argument(
+        "--operators", nargs="+", metavar="SPEC", help="compressor specs (default: all)"
+    )
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--no-memory", action="store_true", help="skip the per-case memory subprocesses"
+    )
+    parser.add_argument(
+        "--budget", type=float, default=None, help="seconds of repetitions per timing"
+    )
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
+    if any(d < 1 for d in sizes):
+        parser.error("sizes must be positive")
+    specs = args.operators or list(OPERATORS)
+    from compression import parse_compressor
+
+    for spec in specs:
+        try:
+            parse_compressor(spec)
+        except ValueError as exc:
+            parser.error(str(exc))
+    budget = args.budget if args.budget is not None else (0.2 if args.quick else 1.0)
+    records: list[dict[str, Any]] = []
+    total = len(sizes) * len(specs)
+    for d in sizes:
+        for spec in specs:
+            print(f"[{len(records) + 1}/{total}] {spec} d={d}", file=sys.stderr, flush=True)
+            records.append(
+                measure(spec, d, budget_s=budget, memory=not args.no_memory, threads=args.threads)
+            )
+    targets = check_targets(records)
+    _print(records, targets)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(records, indent=2), encoding="utf-8")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
