@@ -437,7 +437,8 @@ class Store:
         if strategy is not None:
             conditions.append(Run.strategy == strategy)
         column = getattr(Run, sort)
-        ordering = [column.asc() if order == "asc" else column.desc()]
+        # NULLs (e.g. no accuracy yet) last in both orders, the same on every backend
+        ordering = [(column.asc() if order == "asc" else column.desc()).nulls_last()]
         if sort != "id":
             ordering.append(Run.id.asc() if order == "asc" else Run.id.desc())
         with self._sessions() as session:

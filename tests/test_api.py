@@ -149,6 +149,9 @@ def test_runs_rounds_series_compare(http: httpx.Client, tokens: dict[str, str]) 
     assert http.get("/runs", params={"status": "finished"}).json()["total"] == 0
     asc = http.get("/runs", params={"sort": "rounds_done", "order": "asc"}).json()["items"]
     assert [r["id"] for r in asc] == [other["id"], run_id]
+    for order in ("asc", "desc"):  # a run without accuracy sorts last either way
+        by_acc = http.get("/runs", params={"sort": "best_eval_accuracy", "order": order})
+        assert [r["id"] for r in by_acc.json()["items"]] == [run_id, other["id"]]
     first = http.get("/runs", params={"limit": 1}).json()
     assert len(first["items"]) == 1 and first["next_offset"] == 1
     last = http.get("/runs", params={"limit": 1, "offset": 1}).json()
