@@ -616,7 +616,7 @@ def create_app(settings: Settings | None = None, registrar: Registrar | None = N
         if registrar is not None:
             if node_id is not None:
                 raise InvalidError("node_id is assigned by the SuperLink; leave it out")
-            if store.list_clients().total and _name_taken(body.name):
+            if _name_taken(body.name):
                 raise ApiError(409, "conflict", f"a client named {body.name!r} is enrolled")
             node_id = _register(body.public_key_pem)
         try:

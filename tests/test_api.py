@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -365,3 +366,79 @@ def test_cors_when_configured(tmp_path: Path) -> None:
         assert "access-control-allow-origin" not in other.headers
     finally:
         service.stop()
+
+
+class RecordingRegistrar:
+    """Stands in for the SuperLink registrar (server/deploy) to inject its failures; the
+    real one is exercised end to end by the deployment tests."""
+
+    def __init__(self) -> None:
+        self.registered: dict[int, str] = {}
+        self.calls: list[tuple[str, int]] = []
+        self.fail_next = False
+        self._next = 1 << 63  # node ids above 2^63 must survive the round trip
+
+    def register(self, public_key_pem: str) -> int:
+        if self.fail_next:
+            self.fail_next = False
+            raise ConnectionError("SuperLink unreachable")
+        self._next += 1
+        self.registered[self._next] = public_key_pem
+        self.calls.append(("register", self._next))
+        return self._next
+
+    def unregister(self, node_id: int) -> None:
+        self.registered.pop(node_id)
+        self.calls.append(("unregister", node_id))
+
+
+def test_registrar_hooks(tmp_path: Path) -> None:
+    import threading
+
+    import uvicorn
+    from conftest import free_port
+
+    from api.app import create_app
+    from api.settings import Settings
+
+    registrar = RecordingRegistrar()
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    app = create_app(Settings(database_url=url), registrar=registrar)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            if server.started:
+                break
+            time.sleep(0.05)
+        a = auth(open_store(url).create_token("admin", admin=True)[1])
+        with httpx.Client(base_url=base, headers=a, timeout=30) as http:
+            pem = public_key_pem()
+            client = http.post("/clients", json={"name": "edge", "public_key_pem": pem}).json()
+            assert client["node_id"] in registrar.registered
+            assert registrar.registered[client["node_id"]] == pem
+            # the SuperLink assigns node ids: giving one is refused
+            given = {"name": "x", "public_key_pem": pem, "node_id": 5}
+            assert_error(http.post("/clients", json=given), 422)
+            # a name clash is refused before anything is registered
+            n_calls = len(registrar.calls)
+            assert_error(http.post("/clients", json={"name": "edge", "public_key_pem": pem}), 409)
+            assert len(registrar.calls) == n_calls
+            # the SuperLink failing: 502, nothing stored
+            registrar.fail_next = True
+            other = {"name": "edge-2", "public_key_pem": public_key_pem()}
+            assert_error(http.post("/clients", json=other), 502, "bad_gateway")
+            assert http.get("/clients").json()["total"] == 1
+            # disable unregisters, enable registers again (new node id), remove unregisters
+            http.post(f"/clients/{client['id']}/disable").raise_for_status()
+            assert registrar.registered == {}
+            enabled = http.post(f"/clients/{client['id']}/enable").json()
+            assert enabled["status"] == "active" and enabled["node_id"] in registrar.registered
+            assert http.delete(f"/clients/{client['id']}").status_code == 204
+            assert registrar.registered == {}
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
