@@ -16,14 +16,19 @@ example's label and index:
   (``IidPartitioner``).
 
 Decoded arrays and partition assignments are cached per process, so the 20 clients of a
-simulation that share one worker process read and split the files once.
+simulation that share one worker process read and split the files once; the assignments
+are also kept on disk (``$FEDSQUEEZE_CACHE_DIR``, default ``$FEDSQUEEZE_HOME/cache``) so the
+next worker process or run with the same settings skips the partitioning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import hashlib
 import os
 import struct
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +44,7 @@ from tasks.base import Task
 
 DEFAULT_DATA_DIR = "/usr/share/datasets/fashion-mnist"
 DATA_DIR_ENV = "FEDSQUEEZE_FMNIST_DIR"
+CACHE_DIR_ENV = "FEDSQUEEZE_CACHE_DIR"
 
 TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
 TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
@@ -265,6 +271,59 @@ class FashionCNN(nn.Module):
         return self.fc2(F.relu(self.fc1(x)))
 
 
+def default_cache_dir() -> Path | None:
+    """$FEDSQUEEZE_CACHE_DIR, else $FEDSQUEEZE_HOME/cache, else ~/.fedsqueeze/cache.
+
+    Setting FEDSQUEEZE_CACHE_DIR to an empty string turns the disk cache off.
+    """
+    env = os.environ.get(CACHE_DIR_ENV)
+    if env is not None:
+        return Path(env).expanduser() if env else None
+    home = os.environ.get("FEDSQUEEZE_HOME") or "~/.fedsqueeze"
+    return Path(home).expanduser() / "cache" / "fashion-mnist"
+
+
+def _read_partition_file(
+    path: Path | None, num_partitions: int, num_examples: int
+) -> list[np.ndarray] | None:
+    """The cached assignment, or None when absent or not a valid one (then recomputed)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        with np.load(path) as data:
+            indices, offsets = data["indices"], data["offsets"]
+    except (OSError, ValueError, KeyError):
+        return None
+    if (
+        offsets.shape != (num_partitions + 1,)
+        or offsets[0] != 0
+        or offsets[-1] != indices.shape[0]
+        or np.any(np.diff(offsets) < 0)
+        or indices.shape[0] != num_examples
+        or np.unique(indices).shape[0] != num_examples
+    ):
+        return None
+    return [indices[offsets[i] : offsets[i + 1]].astype(np.int64) for i in range(num_partitions)]
+
+
+def _write_partition_file(path: Path | None, parts: list[np.ndarray]) -> None:
+    """Write atomically (temp file + rename); a cache that cannot be written is skipped."""
+    if path is None:
+        return
+    offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, indices=np.concatenate(parts).astype(np.int64), offsets=offsets)
+        os.replace(tmp, path)
+    except OSError:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
 class FashionMnistTask(Task):
     """Fashion-MNIST classification with `FashionCNN`, loss = mean cross-entropy."""
 
@@ -281,6 +340,7 @@ class FashionMnistTask(Task):
         alpha: float = 0.5,
         min_partition_size: int = 10,
         test_examples: int = 0,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(num_partitions=num_partitions, seed=seed)
         if partitioning not in PARTITIONINGS:
@@ -297,6 +357,7 @@ class FashionMnistTask(Task):
         self.alpha = float(alpha)
         self.min_partition_size = int(min_partition_size)
         self.test_examples = int(test_examples)
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
 
     def make_model(self) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
@@ -318,16 +379,44 @@ class FashionMnistTask(Task):
             cached = _partition_cache.get(key)
         if cached is not None:
             return cached
-        parts = partition_indices(
-            arrays.train_labels,
-            self.num_partitions,
-            partitioning=self.partitioning,
-            alpha=self.alpha,
-            seed=self.seed,
-            min_partition_size=self.min_partition_size,
-        )
+        disk = self._disk_cache_path()
+        parts = _read_partition_file(disk, self.num_partitions, arrays.train_labels.shape[0])
+        if parts is None:
+            parts = partition_indices(
+                arrays.train_labels,
+                self.num_partitions,
+                partitioning=self.partitioning,
+                alpha=self.alpha,
+                seed=self.seed,
+                min_partition_size=self.min_partition_size,
+            )
+            _write_partition_file(disk, parts)
         with _cache_lock:
             return _partition_cache.setdefault(key, parts)
+
+    def _disk_cache_path(self) -> Path | None:
+        """Where the partition assignment is kept between processes (None: no disk cache).
+
+        Every simulated client process would otherwise repeat the Dirichlet partitioning
+        (seconds each); the file is keyed by the settings and by the IDX files' size and
+        modification time, so new data or other settings never reuse a stale assignment.
+        """
+        if self.cache_dir is None:
+            return None
+        labels = (self.data_dir / TRAIN_LABELS).stat()
+        signature = "|".join(
+            (
+                str(self.data_dir.resolve()),
+                f"{labels.st_size}:{labels.st_mtime_ns}",
+                str(self.num_partitions),
+                self.partitioning,
+                repr(self.alpha),
+                str(self.seed),
+                str(self.min_partition_size),
+            )
+        )
+        digest = hashlib.sha256(signature.encode()).hexdigest()[:24]
+        return self.cache_dir / f"partitions-{digest}.npz"
 
     def load_partition(self, partition_id: int) -> Dataset[Any]:
         self.check_partition_id(partition_id)
@@ -354,6 +443,7 @@ def make_task(
     alpha: float = 0.5,
     min_partition_size: int = 10,
     test_examples: int = 0,
+    cache_dir: str | os.PathLike[str] | None = None,
     **unused: Any,
 ) -> Task:
     """Build the Fashion-MNIST task (registered as ``"fashion-mnist"``).
@@ -361,8 +451,9 @@ def make_task(
     Options: `num_partitions` clients, `seed` (partitioning and initial weights), `data_dir`
     (else $FEDSQUEEZE_FMNIST_DIR, else /usr/share/datasets/fashion-mnist), `partitioning`
     ``"dirichlet"`` (label skew with concentration `alpha`) or ``"iid"``,
-    `min_partition_size`, `test_examples` (0 = the whole 10k test set). Options meant for
-    other tasks are ignored.
+    `min_partition_size`, `test_examples` (0 = the whole 10k test set), `cache_dir` (where
+    partition assignments are kept between processes; default `default_cache_dir()`).
+    Options meant for other tasks are ignored.
     """
     return FashionMnistTask(
         num_partitions=num_partitions,
@@ -372,4 +463,5 @@ def make_task(
         alpha=alpha,
         min_partition_size=min_partition_size,
         test_examples=test_examples,
+        cache_dir=cache_dir,
     )

@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from tasks import load_task
+from tasks import fashion_mnist, load_task
 from tasks.fashion_mnist import (
+    CACHE_DIR_ENV,
     DATA_DIR_ENV,
     FILES,
     TRAIN_LABELS,
@@ -31,6 +32,11 @@ pytestmark = pytest.mark.skipif(
     not data_available(),
     reason="Fashion-MNIST IDX files missing: apt-get install dataset-fashion-mnist",
 )
+
+
+@pytest.fixture(autouse=True)
+def _own_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +121,7 @@ def test_model_is_small_and_seeded() -> None:
 
 
 def test_a_client_learns_from_its_partition() -> None:
-    """A few hundred SGD steps on one i.i.d. shard beat chance by far on the test set."""
+    """60 SGD steps on one i.i.d. shard beat chance by far on the test set."""
     torch.manual_seed(0)
     task = load_task(
         "fashion-mnist", num_partitions=20, seed=0, partitioning="iid", test_examples=2000
@@ -125,13 +131,15 @@ def test_a_client_learns_from_its_partition() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loader = DataLoader(task.load_partition(0), batch_size=32, shuffle=True)
     model.train()
-    for inputs, targets in loader:
+    for step, (inputs, targets) in enumerate(loader):
+        if step == 60:
+            break
         opt.zero_grad()
         task.loss(model(inputs), targets).backward()
         opt.step()
     after = task.evaluate(model, task.load_test(), torch.device("cpu"))
     assert before["accuracy"] < 0.2
-    assert after["accuracy"] > 0.65, after
+    assert after["accuracy"] > 0.6, after
     assert after["loss"] < before["loss"]
 
 
@@ -190,3 +198,31 @@ def test_bad_options_are_rejected() -> None:
     task = load_task("fashion-mnist", num_partitions=4)
     with pytest.raises(ValueError, match="out of range"):
         task.load_partition(4)
+
+
+def test_partitions_are_kept_on_disk_for_the_next_process(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first = FashionMnistTask(num_partitions=7, seed=4, alpha=0.3)
+    parts = first.partitions()
+    files = list(cache.glob("partitions-*.npz"))
+    assert len(files) == 1
+    fashion_mnist._partition_cache.clear()  # as in a fresh worker process
+    again = FashionMnistTask(num_partitions=7, seed=4, alpha=0.3).partitions()
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    other = FashionMnistTask(num_partitions=7, seed=5, alpha=0.3).partitions()
+    assert len(list(cache.glob("partitions-*.npz"))) == 2  # other settings, other file
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, other, strict=True))
+    # a damaged file is ignored and rewritten, never trusted
+    files[0].write_bytes(b"not an npz")
+    fashion_mnist._partition_cache.clear()
+    rebuilt = FashionMnistTask(num_partitions=7, seed=4, alpha=0.3).partitions()
+    assert all(np.array_equal(a, b) for a, b in zip(parts, rebuilt, strict=True))
+    assert files[0].stat().st_size > 1000
+
+
+def test_disk_cache_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CACHE_DIR_ENV, "")
+    task = FashionMnistTask(num_partitions=3, seed=9)
+    assert task.cache_dir is None
+    assert sum(len(p) for p in task.partitions()) == 60000
+    assert not (tmp_path / "cache").exists()
