@@ -201,7 +201,6 @@ def _simulate_env(tmp_path: Path) -> dict[str, str]:
     env = os.environ.copy()
     env["FEDSQUEEZE_HOME"] = str(tmp_path / "fsq-home")
     env.pop("DATABASE_URL", None)
-    env["TMPDIR"] = str(tmp_path)  # the temporary FLWR_HOME lands here
     env["COLUMNS"] = "160"
     return env
 
@@ -249,7 +248,8 @@ def test_simulate_runs_two_strategies_with_a_users_task(tmp_path: Path) -> None:
     # the SuperLink it started is gone, and so is the temporary FLWR_HOME
     pid = int(re.search(r"\(pid (\d+)\)", done.stdout).group(1))  # type: ignore[union-attr]
     assert _gone(pid)
-    assert not list(tmp_path.glob("fedsqueeze-flwr-*"))
+    home = re.search(r"FLWR_HOME=(\S+)\)", done.stdout.replace("\n", ""))
+    assert home is not None and not Path(home.group(1)).exists()
     assert "artemis" in done.stdout and "sgd" in done.stdout  # the comparison table
 
 
