@@ -49,8 +49,7 @@ log = logging.getLogger("fedsqueeze.client")
 
 app = ClientApp()
 
-COMMITTED = "fedsqueeze.committed"
-PENDING = "fedsqueeze.pending"
+STATE_PREFIX = "fedsqueeze.state."
 _TENSORS = ("model", "down_memory", "up_memory", "up_residual")
 
 
@@ -169,8 +168,13 @@ def _train_fedsqueeze(msg: Message, context: Context, started: float) -> Message
     down = downlink_from_record(content.config_records[DOWN_KEY])
     settings = settings_from_config(config.values, setup.w0.numel())
     w0 = setup.w0.to(device)
-    committed = _load_state(context, COMMITTED, device) or _initial_state(settings, w0)
-    pending = _load_state(context, PENDING, device)
+    session = str(content.config_records[DOWN_KEY].get("session", ""))
+    prefix = f"{STATE_PREFIX}{session}."
+    for key in [k for k in context.state if k.startswith(STATE_PREFIX)]:
+        if not key.startswith(prefix):  # state of an earlier run on this node
+            del context.state[key]
+    committed = _load_state(context, prefix + "committed", device) or _initial_state(settings, w0)
+    pending = _load_state(context, prefix + "pending", device)
 
     def compute(w: torch.Tensor) -> tuple[torch.Tensor, float, int]:
         seed = derive_seed(settings.seed, down.round, setup.partition_id, 3)
@@ -189,8 +193,8 @@ def _train_fedsqueeze(msg: Message, context: Context, started: float) -> Message
     step = client_round(
         settings, committed, pending, down, w0, client_apply(settings), compute, device
     )
-    _save_state(context, COMMITTED, step.committed)
-    _save_state(context, PENDING, step.pending)
+    _save_state(context, prefix + "committed", step.committed)
+    _save_state(context, prefix + "pending", step.pending)
     _maybe_fail(config, setup.partition_id, down.round)
     record = uplink_to_record(step.uplink, time.perf_counter() - started)
     return Message(RecordDict({UP_KEY: record}), reply_to=msg)

@@ -37,6 +37,7 @@ and counted.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import tempfile
@@ -80,6 +81,7 @@ class Compressor(Protocol):
     def compress(self, x: torch.Tensor, seed: int) -> Encoded: ...
 
 
+@functools.lru_cache(maxsize=64)
 def get_compressor(spec: str) -> Compressor:
     """`compression.parse_compressor(spec)`, with a clear error naming the spec."""
     from compression import parse_compressor
@@ -119,11 +121,12 @@ def encode(
 ) -> tuple[Wire, torch.Tensor]:
     """Compress x and return (wire, x̂) where x̂ is what the *receiver* decodes from the wire.
 
-    Using the receiver's decoding on the sender side keeps both ends bit-identical.
+    The sender uses exactly the receiver's x̂, which keeps both ends bit-identical.
     """
     message = compressor.compress(x.detach().to(torch.float32).contiguous(), seed=seed)
     payload = message.to_bytes()
-    decoded = decode_payload(payload, device).dense().reshape(-1).to(torch.float32)
+    # compression guarantees decode(m.to_bytes()).dense() == m.dense() bit for bit
+    decoded = message.dense().reshape(-1).to(torch.float32)
     return Wire(payload, int(message.predicted_nbytes)), decoded
 
 
@@ -654,6 +657,8 @@ class RoundStats:
     catchup_bytes: int = 0
     resets_sent: int = 0
     expected_participants: float = 0.0
+    downlink_payloads: int = 0  # codec payloads sent (each carries a < 64-byte header)
+    uplink_payloads: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -693,7 +698,9 @@ class ServerHalf:
         self.down_compressor = get_compressor(settings.downlink)
         self.identity = get_compressor("identity")
         self.max_uplink_bytes = max_uplink_bytes or 8 * self.dim + 65536
-        self.h_global = torch.zeros(self.dim) if settings.up_memory else None  # PP2
+        self.h_global = (
+            torch.zeros(self.dim) if settings.up_memory and settings.pp_variant == "pp2" else None
+        )  # PP2: one memory h
         self.h_store = (
             TensorStore(self.dim, directory=store_dir, expected_clients=expected_clients)
             if settings.up_memory and settings.pp_variant == "pp1"

@@ -48,9 +48,10 @@ ProgressFn = Callable[[RoundRecord], None]
 
 
 # ----------------------------------------------------------------------------- formats
-def downlink_to_record(message: Downlink) -> ConfigRecord:
+def downlink_to_record(message: Downlink, session: str = "") -> ConfigRecord:
     return ConfigRecord(
         {
+            "session": session,
             "round": message.round,
             "kind": message.kind,
             "base-version": message.base_version,
@@ -195,8 +196,11 @@ class FedSqueezeStrategy(Strategy):
         poll_interval: float = 0.1,
         min_nodes: int = 1,
         progress: ProgressFn | None = None,
+        session: str = "",
     ) -> None:
         self.server = server
+        #: names this run's client state in context.state (a node may serve several runs)
+        self.session = session or f"{run_id or 0}-{np.random.default_rng().integers(2**62):x}"
         self.settings: AlgorithmSettings = server.settings
         self.client_config = ConfigRecord(dict(client_config))
         self.evaluate_fn = evaluate_fn
@@ -234,9 +238,13 @@ class FedSqueezeStrategy(Strategy):
         for node in sampled:
             down = self.server.downlink_for(server_round, node)
             book.down_bytes[node] = down.nbytes
+            self.server.stats.downlink_payloads += len(down.payloads)
             book.predicted_down += down.predicted_nbytes
             content = RecordDict(
-                {DOWN_KEY: downlink_to_record(down), CONFIG_KEY: self.client_config}
+                {
+                    DOWN_KEY: downlink_to_record(down, self.session),
+                    CONFIG_KEY: self.client_config,
+                }
             )
             messages.append(
                 Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN)
@@ -284,6 +292,7 @@ class FedSqueezeStrategy(Strategy):
             if record.outcome != "ok":
                 record.error = uplink.detail or "invalid payload or state digest (see log)"
             book.up_bytes += uplink.nbytes
+            self.server.stats.uplink_payloads += 1 if uplink.payload else 0
             book.predicted_up += uplink.predicted_nbytes
             if record.outcome == "ok":
                 book.losses.append((uplink.loss, uplink.num_examples))
