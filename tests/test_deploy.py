@@ -336,3 +336,104 @@ def test_server_enrolment_and_refusals(deployment: Deployment) -> None:
     wait_for(lambda: not [p for p in dep.seen_pids if alive(p)], 30, "all processes to end")
     status = dep.cli("server", "status", "--data-dir", str(dep.data_dir), check=False)
     assert status.returncode == 3
+
+
+# ----------------------------------------------------------------------------- runs
+#: the Flower app submitted by the run tests (the repository; overridable for debugging)
+APP_DIR = Path(os.environ.get("FSQ_TEST_APP_DIR", str(REPO_ROOT)))
+RUN_CONFIG = ["-c", "task='synthetic-lsq'", "-c", "num-partitions=2", "-c", "min-nodes=2",
+              "-c", "device='cpu'"]  # fmt: skip
+
+
+def _two_nodes(dep: Deployment) -> tuple[list[BundleInfo], list[Node]]:
+    dep.start_server()
+    infos = [dep.enroll(n, dep.root / f"{n}.bundle", i, 2) for i, n in enumerate(("n0", "n1"))]
+    nodes = [dep.start_node(i.name, dep.root / f"{i.name}.bundle") for i in infos]
+    ids = [i.node_id for i in infos]
+    wait_for(lambda: all(dep.node_status(n) == "online" for n in ids), 60, "both nodes online")
+    return infos, nodes
+
+
+def _store_run(dep: Deployment, strategy: str) -> dict[str, Any]:
+    runs = [r for r in dep.get("/runs", limit=100)["items"] if r["strategy"] == strategy]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_runs_artemis_and_mcm_on_supernodes(deployment: Deployment) -> None:
+    dep = deployment
+    infos, _ = _two_nodes(dep)
+    node_ids = {i.node_id for i in infos}
+    for strategy in ("artemis", "mcm"):
+        out = dep.cli("run", "--strategy", strategy, "--rounds", "3", "--app", str(APP_DIR),
+                      "--data-dir", str(dep.data_dir), *RUN_CONFIG)  # fmt: skip
+        assert "run finished" in out.stdout
+        run = _store_run(dep, strategy)
+        assert run["status"] == "finished"
+        assert run["flower_run_id"] is not None
+        assert str(run["flower_run_id"]) in out.stdout
+        rounds = dep.get(f"/runs/{run['id']}/rounds")["items"]
+        assert [r["round"] for r in rounds] == [1, 2, 3]
+        # measured bytes: every round sends uplink payloads; the downlink starts once the
+        # model has moved (round 1's clients all start from the same seeded w0)
+        assert all(r["downlink_bytes"] > 0 for r in rounds[1:])
+        for r in rounds:
+            assert r["sampled"] == r["replied"] == 2 and r["failed"] == 0
+            assert r["uplink_bytes"] > 0 and r["predicted_uplink_bytes"] > 0
+            detail = dep.get(f"/runs/{run['id']}/rounds/{r['round']}")
+            clients = detail["clients"]
+            assert {c["node_id"] for c in clients} == node_ids
+            assert all(c["outcome"] == "ok" and c["uplink_bytes"] > 0 for c in clients)
+            assert sum(c["uplink_bytes"] for c in clients) == r["uplink_bytes"]
+    # the clients' participation is visible over REST
+    for c in dep.get("/clients")["items"]:
+        assert c["participation"]["rounds"] == 6 and c["participation"]["ok"] == 6
+
+
+def test_supernode_killed_mid_run_then_rejoins(deployment: Deployment) -> None:
+    dep = deployment
+    infos, nodes = _two_nodes(dep)
+    victim, victim_node = infos[1], nodes[1]
+    log = dep.root / "logs" / "run.log"
+    with open(log, "wb") as fh:
+        run_proc = subprocess.Popen(
+            [FEDSQUEEZE, "run", "--strategy", "artemis", "--rounds", "5", "--app", str(APP_DIR),
+             "--data-dir", str(dep.data_dir), *RUN_CONFIG, "-c", "round-timeout=20.0"],
+            env=dep.env, cwd=dep.root, stdout=fh, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    dep.seen_pids.add(run_proc.pid)
+    try:
+
+        def rounds_done() -> int:
+            items = dep.get("/runs", limit=10)["items"]
+            if not items:
+                return 0
+            return int(items[0]["summary"]["rounds"])
+
+        wait_for(lambda: rounds_done() >= 1, 180, "round 1 recorded", every=0.1)
+        dep.kill_node(victim_node, signal.SIGKILL)  # round 2 is under way
+        wait_for(lambda: rounds_done() >= 2, 120, "round 2 recorded without the victim")
+        dep.start_node(victim.name, dep.root / f"{victim.name}.bundle")  # same bundle
+        code = run_proc.wait(timeout=300)
+    finally:
+        if run_proc.poll() is None:
+            run_proc.kill()
+            run_proc.wait()
+    text = log.read_text(errors="replace")
+    assert code == 0, text[-4000:]
+    run = _store_run(dep, "artemis")
+    assert run["status"] == "finished"
+    rounds = {r["round"]: r for r in dep.get(f"/runs/{run['id']}/rounds")["items"]}
+    assert sorted(rounds) == [1, 2, 3, 4, 5]
+
+    def outcome(k: int) -> str | None:
+        clients = dep.get(f"/runs/{run['id']}/rounds/{k}")["clients"]
+        return next((c["outcome"] for c in clients if c["node_id"] == victim.node_id), None)
+
+    # the round in flight recorded the victim's failure and went on with the other node
+    assert rounds[2]["failed"] >= 1 and rounds[2]["replied"] >= 1
+    assert outcome(2) not in (None, "ok")
+    # the restarted node rejoined and its replies are accepted again
+    assert rounds[5]["replied"] == 2 and outcome(5) == "ok"
+    # and its state was brought back in step with the server's (a resync was counted)
+    assert sum(int(r["extra"].get("resyncs", 0)) for r in rounds.values()) >= 1
