@@ -201,7 +201,10 @@ def _lsq_claims_problem():
 def claims() -> dict[str, float]:
     """Excess loss ratio F(w_K) − F(w*) over F(w_0) − F(w*) after K rounds, per algorithm."""
     task, grad = _lsq_claims_problem()
-    mu, L = task.smoothness()
+    _mu, L = task.smoothness()
+    omega = parse_compressor("qsgd:s=1,bucket=4096").omega(20)
+    # a step size the papers allow: γ <= 1 / (2L(1 + ω/N))
+    assert 0.2 <= 1 / (2 * L * (1 + omega / 20))
     w0 = torch.zeros(20)
     start = task.excess_loss(w0)
     out = {}
