@@ -204,7 +204,7 @@ def claims() -> dict[str, float]:
     _mu, L = task.smoothness()
     omega = parse_compressor("qsgd:s=1,bucket=4096").omega(20)
     # a step size the papers allow: γ <= 1 / (2L(1 + ω/N))
-    assert 0.2 <= 1 / (2 * L * (1 + omega / 20))
+    assert 1 / (2 * L * (1 + omega / 20)) >= 0.2
     w0 = torch.zeros(20)
     start = task.excess_loss(w0)
     out = {}

@@ -4,6 +4,7 @@ sampling, run-config validation and the message formats (fast, no Flower engine)
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,6 +31,11 @@ from strategies.registry import get_preset, make_server, settings_from_config
 from tasks.synthetic import make_lsq_task
 
 N, D = 5, 12
+
+
+def _eq(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    assert a is not None and b is not None
+    return torch.equal(a, b)
 
 
 def _grad():
@@ -90,7 +96,8 @@ def test_without_rollback_the_digest_catches_divergence_and_resyncs() -> None:
     assert run.history[4].snapshots >= 1
     later = run.history[5:]
     assert all(h.accepted == N and h.digest_mismatches == 0 for h in later)
-    assert torch.equal(run.pending[2].up_memory, run.server.client_memory(2))
+    state = run.pending[2]
+    assert state is not None and _eq(state.up_memory, run.server.client_memory(2))
 
 
 def test_client_that_lost_its_state_asks_for_a_resync() -> None:
@@ -107,7 +114,8 @@ def test_client_that_lost_its_state_asks_for_a_resync() -> None:
     assert run.history[2].resyncs == 1 and run.history[2].accepted == N - 1
     assert run.history[3].resets_sent == 1 and run.history[3].accepted == N
     assert sum(h.digest_mismatches for h in run.history) == 0
-    assert torch.equal(run.pending[3].up_memory, run.server.client_memory(3))
+    state = run.pending[3]
+    assert state is not None and _eq(state.up_memory, run.server.client_memory(3))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -165,7 +173,7 @@ def test_reply_from_a_node_that_was_not_sampled_is_dropped() -> None:
 # ----------------------------------------------------------------------------- catch-up
 def test_idle_client_gets_missed_messages_or_a_snapshot_whichever_is_smaller() -> None:
     settings = _settings("artemis", pp_variant="pp2")
-    server = make_server(settings, torch.zeros(D))
+    server: Any = make_server(settings, torch.zeros(D))
     grad = _grad()
     for k in range(1, 9):  # only client 0 participates
         server.begin_round(k)
@@ -302,7 +310,7 @@ def test_option_parsing() -> None:
 
 # ----------------------------------------------------------------------------- formats
 def test_downlink_and_uplink_records_round_trip() -> None:
-    settings, server, messages = _one_round_server()
+    settings, _server, messages = _one_round_server()
     down = messages[0]
     back = downlink_from_record(downlink_to_record(down, "s1"))
     assert back == down
@@ -325,6 +333,6 @@ def test_client_state_survives_in_context_state() -> None:
     _save_state(context, "k.committed", state)
     back = _load_state(context, "k.committed", torch.device("cpu"))
     assert back is not None and back.stamp == 4 and back.version == 3
-    assert torch.equal(back.model, state.model) and back.up_residual is None
+    assert _eq(back.model, state.model) and back.up_residual is None
     _save_state(context, "k.committed", None)
     assert _load_state(context, "k.committed", torch.device("cpu")) is None
