@@ -128,20 +128,93 @@ def best_rice_parameter(gaps: npt.NDArray[np.int64]) -> int:
     return min(candidates, key=lambda k: rice_cost_bits(gaps, k))
 
 
+class BitWriter:
+    """Appends arrays of bits (uint8 0/1, MSB first) and packs whole bytes as it goes, so a
+    long stream is built chunk by chunk with memory bounded by the chunk."""
+
+    def __init__(self) -> None:
+        self._bytes: list[U8] = []
+        self._pending: U8 = np.zeros(0, dtype=np.uint8)
+        self.nbits = 0
+
+    def append(self, bit_array: U8) -> None:
+        self.nbits += int(bit_array.size)
+        if self._pending.size:
+            bit_array = np.concatenate([self._pending, bit_array])
+        whole = bit_array.size // 8 * 8
+        if whole:
+            self._bytes.append(np.packbits(bit_array[:whole]))
+        self._pending = bit_array[whole:].copy()
+
+    def finish(self, pad_bit: int = 0) -> U8:
+        """The packed stream; a last partial byte is filled with ``pad_bit``."""
+        if self._pending.size:
+            fill = np.full(8 - self._pending.size, pad_bit, dtype=np.uint8)
+            self._bytes.append(np.packbits(np.concatenate([self._pending, fill])))
+            self._pending = np.zeros(0, dtype=np.uint8)
+        if not self._bytes:
+            return np.zeros(0, dtype=np.uint8)
+        return np.concatenate(self._bytes)
+
+
+def fixed_bits(values: npt.NDArray[np.integer], width: int) -> U8:
+    """The ``width``-bit binary digits of each value, MSB first, as a flat 0/1 array."""
+    if width == 0 or values.size == 0:
+        return np.zeros(0, dtype=np.uint8)
+    shifts = np.arange(width - 1, -1, -1, dtype=np.uint64)
+    v = values.astype(np.uint64).reshape(-1, 1)
+    return ((v >> shifts) & np.uint64(1)).astype(np.uint8).reshape(-1)
+
+
+class RiceWriter:
+    """Streaming Rice encoder with parameter ``k`` (see :func:`rice_encode`)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.count = 0
+        self._unary = BitWriter()
+        self._rem = BitWriter()
+
+    def add(self, values: npt.NDArray[np.int64]) -> None:
+        """Append non-negative values."""
+        n = int(values.size)
+        if n == 0:
+            return
+        q = values >> self.k
+        unary = np.ones(int(q.sum()) + n, dtype=np.uint8)
+        unary[np.cumsum(q + 1) - 1] = 0
+        self._unary.append(unary)
+        if self.k:
+            self._rem.append(fixed_bits(values & ((1 << self.k) - 1), self.k))
+        self.count += n
+
+    def finish(self) -> tuple[U8, U8]:
+        """(unary stream padded with one-bits, remainder stream padded with zero-bits)."""
+        return self._unary.finish(pad_bit=1), self._rem.finish(pad_bit=0)
+
+
 def rice_encode(gaps: npt.NDArray[np.int64], k: int) -> tuple[U8, U8]:
     """Rice-code ``gaps >= 0``: (unary stream, remainder stream).
 
     The unary stream holds, for each g, ``g >> k`` one-bits followed by one zero-bit; it is
     padded with one-bits to a whole byte. The remainder stream is ``g mod 2^k`` in ``k`` bits.
     """
-    q = gaps >> k
-    total = int(q.sum()) + int(gaps.size)
-    bits = np.ones(((total + 7) // 8) * 8, dtype=np.uint8)
-    ends = np.cumsum(q + 1) - 1
-    bits[ends] = 0
-    unary = np.packbits(bits)
-    rem = pack_fixed(gaps & ((1 << k) - 1), k) if k else np.zeros(0, dtype=np.uint8)
-    return unary, rem
+    writer = RiceWriter(k)
+    writer.add(gaps)
+    return writer.finish()
+
+
+def best_rice_parameter_from_counts(counts: npt.NDArray[np.int64]) -> tuple[int, int]:
+    """(k, bits) minimizing the Rice code length of a multiset given by its histogram
+    (``counts[v]`` values equal to v)."""
+    values = np.arange(counts.size, dtype=np.int64)
+    n = int(counts.sum())
+    best = (0, 0)
+    for k in range(max(1, int(counts.size).bit_length() + 1)):
+        cost = int((counts * (values >> k)).sum()) + n * (k + 1)
+        if k == 0 or cost < best[1]:
+            best = (k, cost)
+    return best
 
 
 def rice_decode(unary: U8, rem: U8, n: int, k: int) -> npt.NDArray[np.int64]:

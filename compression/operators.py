@@ -53,6 +53,11 @@ _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 #: Coordinates processed per step; bounds the temporaries of encode to a few MB.
 CHUNK = 1 << 18
+#: Levels per step of the level codecs: a multiple of 5 (base-3 groups) and of 8 (bytes).
+_LEVEL_CHUNK = 5 * 8 * (1 << 13)
+_LEVEL_CODES = {"dense": 0, "base3": 0, "sparse": 1, "rice": 2}
+#: k_mags value meaning "magnitudes - 1 in fixed width ceil(log2 s)" in the sparse code.
+_FIXED_MAGS = 255
 #: Default bound on decoded coordinates per payload byte (see :func:`decode`).
 MAX_COORDS_PER_BYTE = 1 << 15
 
@@ -153,6 +158,20 @@ def _check_finite_decoded(t: torch.Tensor, what: str) -> None:
         raise CodecError(f"{what} contain NaN or inf")
 
 
+def _varint_len(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+def _section_bits(*nbits: int) -> int:
+    """Bits that sections holding ``nbits`` bits each take on the wire: whole bytes plus
+    their length varints."""
+    total = 0
+    for n in nbits:
+        nbytes = -(-n // 8)
+        total += 8 * (nbytes + _varint_len(nbytes))
+    return total
+
+
 def _entropy_bits(counts: npt.NDArray[np.int64]) -> float:
     """n * H(empirical distribution) in bits, for symbol counts ``counts``."""
     counts = counts[counts > 0].astype(np.float64)
@@ -243,6 +262,7 @@ class Compressed:
         self.numel = math.prod(shape)
         self._payload = payload
         self._plan: _Plan | None = None
+        self._wire_code: str | None = None  # set by decode(): the code the payload used
 
     def __repr__(self) -> str:
         return (
@@ -264,8 +284,8 @@ class Compressed:
 
     @property
     def code(self) -> str:
-        """Name of the code used on the wire (e.g. ``dense``, ``base3``, ``sparse``)."""
-        return self.plan().code
+        """Name of the code used on the wire (e.g. ``dense``, ``base3``, ``rice``, ``sparse``)."""
+        return self._wire_code or self.plan().code
 
     def dense(self) -> torch.Tensor:
         """C(x): same shape, dtype and device as the compressed input."""
@@ -275,18 +295,28 @@ class Compressed:
         return flat.reshape(self.shape)
 
     def to_bytes(self) -> bytes:
+        """The wire format, with the operator's smallest code (cached)."""
         if self._payload is None:
-            w = Writer()
-            w._parts.append(MAGIC)
-            w.u8(FORMAT_VERSION)
-            w.u8(self.compressor.op_code)
-            w.u8(DTYPE_CODES[self.dtype])
-            w.u8(len(self.shape))
-            for n in self.shape:
-                w.varint(n)
-            self.compressor._write(w, self.fields, self.numel, self.plan())
-            self._payload = w.finish()
+            self._payload = self._serialize(self.plan())
         return self._payload
+
+    def to_bytes_with(self, code: str) -> bytes:
+        """The wire format with a given code instead of the smallest (for benchmarks and
+        tests: e.g. ``"base3"``/``"dense"``, ``"rice"`` or ``"sparse"`` for QSGD); any
+        code decodes to the same ``dense()``."""
+        return self._serialize(self.compressor._plan_for(self.fields, self.numel, code))
+
+    def _serialize(self, plan: _Plan) -> bytes:
+        w = Writer()
+        w._parts.append(MAGIC)
+        w.u8(FORMAT_VERSION)
+        w.u8(self.compressor.op_code)
+        w.u8(DTYPE_CODES[self.dtype])
+        w.u8(len(self.shape))
+        for n in self.shape:
+            w.varint(n)
+        self.compressor._write(w, self.fields, self.numel, plan)
+        return w.finish()
 
     @property
     def nbytes(self) -> int:
@@ -404,6 +434,12 @@ class Compressor(ABC):
     @abstractmethod
     def _plan(self, fields: Fields, d: int) -> _Plan: ...
 
+    def _plan_for(self, fields: Fields, d: int, code: str) -> _Plan:
+        plan = self._plan(fields, d)
+        if plan.code != code:
+            raise ValueError(f"{self.spec} has no code {code!r}; it uses {plan.code!r}")
+        return plan
+
     @abstractmethod
     def _write(self, w: Writer, fields: Fields, d: int, plan: _Plan) -> None: ...
 
@@ -480,12 +516,14 @@ class Identity(Compressor):
 
 class _LevelQuantizer(Compressor):
     """Shared part of QSGD and natural dithering: per bucket B a float32 norm ||x_B||, and per
-    coordinate a signed level l_j in {-s..s}. Two codes, the smaller is sent:
+    coordinate a signed level l_j in {-s..s}. Three codes, the smallest is sent:
 
     * dense: symbol l_j + s in ceil(log2(2s+1)) = 1 + ceil(log2(s+1)) bits (for s = 1 the
       three symbols are packed five per byte, 1.6 bits);
+    * rice: |l_j| Rice-coded for every coordinate, plus one sign bit per non-zero (small
+      levels dominate when s is large);
     * sparse: positions of the non-zero levels as Rice-coded zero runs, one sign bit and
-      |l_j| - 1 in ceil(log2 s) bits per non-zero.
+      |l_j| - 1 Rice-coded (or in ceil(log2 s) bits) per non-zero.
 
     Fields: ``norms`` (float32, one per bucket) and either ``levels`` (int16, d) or the sparse
     pair ``index`` (int64, sorted) + ``nzlevels`` (int16).
@@ -493,10 +531,6 @@ class _LevelQuantizer(Compressor):
 
     s: int
     bucket: int
-
-    def _unit_values(self, norms: torch.Tensor) -> torch.Tensor:
-        """Per-bucket factor; a coordinate's value is table(level) * factor."""
-        raise NotImplementedError
 
     def _level_table(self, device: torch.device) -> torch.Tensor:
         """float32 values of the signed levels -s..s (index level + s)."""
@@ -524,68 +558,166 @@ class _LevelQuantizer(Compressor):
         out[index] = vals
         return out
 
-    def _nonzero(self, fields: Fields) -> tuple[torch.Tensor, torch.Tensor]:
+    def _level_chunks(self, fields: Fields, d: int) -> Iterator[npt.NDArray[np.int16]]:
+        """The signed levels, ``_LEVEL_CHUNK`` coordinates at a time (numpy int16)."""
+        if "levels" in fields:
+            levels: torch.Tensor = fields["levels"]
+            for start in range(0, d, _LEVEL_CHUNK):
+                yield levels[start : start + _LEVEL_CHUNK].cpu().numpy()
+            return
+        idx = fields["index"].cpu().numpy()
+        nz = fields["nzlevels"].cpu().numpy()
+        for start in range(0, d, _LEVEL_CHUNK):
+            end = min(d, start + _LEVEL_CHUNK)
+            lo, hi = np.searchsorted(idx, [start, end])
+            arr = np.zeros(end - start, dtype=np.int16)
+            arr[idx[lo:hi] - start] = nz[lo:hi]
+            yield arr
+
+    def _nonzero_chunks(
+        self, fields: Fields, d: int
+    ) -> Iterator[tuple[npt.NDArray[np.int64], npt.NDArray[np.int16]]]:
+        """(zero runs, levels) of the non-zero levels in order, chunk by chunk: the run before
+        each non-zero; the last chunk carries one more run, from the last non-zero to d."""
         if "index" in fields:
-            return fields["index"], fields["nzlevels"]
-        levels: torch.Tensor = fields["levels"]
-        index = torch.nonzero(levels).reshape(-1)
-        return index, levels[index]
+            idx = fields["index"].cpu().numpy().astype(np.int64)
+            nz = fields["nzlevels"].cpu().numpy()
+            yield np.diff(np.append(idx, d), prepend=-1) - 1, nz
+            return
+        last = -1
+        for start, arr in zip(
+            range(0, d, _LEVEL_CHUNK), self._level_chunks(fields, d), strict=True
+        ):
+            pos = np.flatnonzero(arr) + start
+            if pos.size:
+                yield np.diff(pos, prepend=last) - 1, arr[pos - start]
+                last = int(pos[-1])
+        yield np.array([d - 1 - last], dtype=np.int64), np.zeros(0, dtype=np.int16)
+
+    def _histogram(self, fields: Fields, d: int) -> npt.NDArray[np.int64]:
+        """counts[l + s] = number of coordinates with level l, for l in -s..s."""
+        s = self.s
+        if "index" in fields:
+            nz = fields["nzlevels"].cpu().numpy().astype(np.int64)
+            counts = np.bincount(nz + s, minlength=2 * s + 1)
+            counts[s] = d - nz.size
+            return counts
+        counts = np.zeros(2 * s + 1, dtype=np.int64)
+        for arr in self._level_chunks(fields, d):
+            counts += np.bincount(arr.astype(np.int32) + s, minlength=2 * s + 1)
+        return counts
 
     def _dense_bits(self, d: int) -> int:
         if self.s == 1:
             return 8 * ((d + 4) // 5)
         return d * (2 * self.s).bit_length()
 
+    def _plans(self, fields: Fields, d: int, want: str | None = None) -> dict[str, _Plan]:
+        """Sizes of the codes: dense (fixed width or base 3), rice (every |l_j| Rice-coded,
+        then a sign bit per non-zero) and, when it can win or is asked for, sparse (zero runs
+        and |l_j| - 1 Rice-coded, or |l_j| - 1 in fixed width when smaller, and signs)."""
+        s = self.s
+        # every code: the code byte and the norms section
+        head = 8 + _section_bits(32 * fields["norms"].numel())
+        signed = self._histogram(fields, d)
+        mags = signed[s:].copy()
+        mags[1:] += signed[:s][::-1]
+        nnz = d - int(mags[0])
+        dense_code = "base3" if s == 1 else "dense"
+        plans = {dense_code: _Plan(dense_code, head + _section_bits(self._dense_bits(d)))}
+        k, cost = bits.best_rice_parameter_from_counts(mags)
+        rice_bits = 8 + _section_bits(cost - d * k, d * k, nnz)
+        plans["rice"] = _Plan("rice", head + rice_bits, {"k": k})
+        fixed_width = (s - 1).bit_length()
+        k_mags, mag_cost = bits.best_rice_parameter_from_counts(mags[1:])
+        mag_sections = _section_bits(mag_cost - nnz * k_mags, nnz * k_mags)
+        if _section_bits(0, fixed_width * nnz) <= mag_sections:
+            k_mags, mag_sections = _FIXED_MAGS, _section_bits(0, fixed_width * nnz)
+        # every non-zero costs at least its sign and the end of its run
+        if want == "sparse" or head + 2 * nnz + mag_sections < min(p.bits for p in plans.values()):
+            mean_run = (d - nnz) / (nnz + 1)
+            centre = int(np.floor(np.log2(mean_run * np.log(2)))) if mean_run >= 1 else 0
+            ks = range(max(0, centre - 2), centre + 3)
+            run_bits = dict.fromkeys(ks, 0)
+            for runs, _ in self._nonzero_chunks(fields, d):
+                for kk in ks:
+                    run_bits[kk] += bits.rice_cost_bits(runs, kk)
+            k_runs = min(ks, key=run_bits.__getitem__)
+            rem_runs = (nnz + 1) * k_runs
+            sparse_bits = 16 + 8 * _varint_len(nnz) + mag_sections
+            sparse_bits += _section_bits(run_bits[k_runs] - rem_runs, rem_runs, nnz)
+            plans["sparse"] = _Plan(
+                "sparse", head + sparse_bits, {"k": k_runs, "k_mags": k_mags, "nnz": nnz}
+            )
+        return plans
+
     def _plan(self, fields: Fields, d: int) -> _Plan:
-        nb = fields["norms"].numel()
-        dense_bits = 32 * nb + self._dense_bits(d)
-        index, nzlevels = self._nonzero(fields)
-        nnz = index.numel()
-        mag_width = (self.s - 1).bit_length()
-        if 32 * nb + nnz * (2 + mag_width) >= dense_bits:
-            return _Plan("base3" if self.s == 1 else "dense", dense_bits)
-        idx = index.cpu().numpy().astype(np.int64)
-        gaps = np.diff(idx, prepend=-1) - 1
-        tail = d - 1 - (int(idx[-1]) if nnz else -1)
-        gaps = np.append(gaps, tail)
-        k = bits.best_rice_parameter(gaps)
-        sparse_bits = 32 * nb + bits.rice_cost_bits(gaps, k) + nnz * (1 + mag_width)
-        if sparse_bits >= dense_bits:
-            return _Plan("base3" if self.s == 1 else "dense", dense_bits)
-        return _Plan("sparse", sparse_bits, {"gaps": gaps, "k": k, "nzlevels": nzlevels})
+        return min(self._plans(fields, d).values(), key=lambda p: p.bits)
+
+    def _plan_for(self, fields: Fields, d: int, code: str) -> _Plan:
+        plans = self._plans(fields, d, want=code)
+        if code not in plans:
+            raise ValueError(f"{self.spec} has no code {code!r}; codes: {sorted(plans)}")
+        return plans[code]
 
     def _write_params(self, w: Writer) -> None:
         w.varint(self.s)
         w.varint(self.bucket)
 
     def _write(self, w: Writer, fields: Fields, d: int, plan: _Plan) -> None:
+        s = self.s
         self._write_params(w)
-        w.u8({"dense": 0, "base3": 0, "sparse": 1}[plan.code])
+        w.u8(_LEVEL_CODES[plan.code])
         w.section(_tensor_bytes(fields["norms"].to(torch.float32)))
-        if plan.code != "sparse":
-            if "levels" in fields:
-                levels = fields["levels"]
-            else:
-                levels = torch.zeros(d, dtype=torch.int16, device=fields["index"].device)
-                levels[fields["index"]] = fields["nzlevels"]
-            symbols = (levels.cpu().numpy() + self.s).astype(
-                np.uint8 if self.s < 128 else np.uint32
-            )
-            if self.s == 1:
-                w.section(bits.pack_base3(symbols))
-            else:
-                w.section(bits.pack_fixed(symbols, (2 * self.s).bit_length()))
+        if plan.code in ("dense", "base3"):
+            width = (2 * s).bit_length()
+            parts = []
+            for arr in self._level_chunks(fields, d):
+                symbols = arr.astype(np.int32) + s
+                if s == 1:
+                    parts.append(bits.pack_base3(symbols.astype(np.uint8)))
+                else:
+                    parts.append(bits.pack_fixed(symbols, width))
+            w.section_parts(parts)
             return
-        gaps = plan.extra["gaps"]
-        k = plan.extra["k"]
-        nz = plan.extra["nzlevels"].cpu().numpy().astype(np.int64)
-        unary, rem = bits.rice_encode(gaps, k)
-        w.u8(k)
-        w.varint(nz.size)
-        w.section(unary)
-        w.section(rem)
-        w.section(np.packbits(nz < 0))
-        w.section(bits.pack_fixed(np.abs(nz) - 1, (self.s - 1).bit_length()))
+        signs = bits.BitWriter()
+        if plan.code == "rice":
+            k = plan.extra["k"]
+            rice = bits.RiceWriter(k)
+            for arr in self._level_chunks(fields, d):
+                rice.add(np.abs(arr).astype(np.int64))
+                signs.append((arr[arr != 0] < 0).astype(np.uint8))
+            unary, rem = rice.finish()
+            w.u8(k)
+            w.section(unary)
+            w.section(rem)
+            w.section(signs.finish())
+            return
+        k_runs, k_mags = plan.extra["k"], plan.extra["k_mags"]
+        runs = bits.RiceWriter(k_runs)
+        mags_rice = bits.RiceWriter(k_mags if k_mags != _FIXED_MAGS else 0)
+        mags_fixed = bits.BitWriter()
+        width = (s - 1).bit_length()
+        for gaps, nz in self._nonzero_chunks(fields, d):
+            runs.add(gaps)
+            signs.append((nz < 0).astype(np.uint8))
+            mags = np.abs(nz).astype(np.int64) - 1
+            if k_mags == _FIXED_MAGS:
+                mags_fixed.append(bits.fixed_bits(mags, width))
+            else:
+                mags_rice.add(mags)
+        w.u8(k_runs)
+        w.u8(k_mags)
+        w.varint(plan.extra["nnz"])
+        for section in runs.finish():
+            w.section(section)
+        w.section(signs.finish())
+        if k_mags == _FIXED_MAGS:
+            w.section(b"")
+            w.section(mags_fixed.finish())
+        else:
+            for section in mags_rice.finish():
+                w.section(section)
 
     @classmethod
     def _read_params(cls, r: Reader) -> _LevelQuantizer:
@@ -614,12 +746,31 @@ class _LevelQuantizer(Compressor):
                     raise CodecError(f"level symbol above 2s = {2 * s}")
                 symbols = sym32.astype(np.int16)
             levels = torch.from_numpy(symbols - np.int16(s)).to(device)
-            return comp, {"norms": norms, "levels": levels}
+            code_name = "base3" if s == 1 else "dense"
+            return comp, {"norms": norms, "levels": levels, "wire_code": code_name}
+        if code == 2:
+            k = r.u8()
+            if k > 62:
+                raise CodecError(f"Rice parameter {k} out of range")
+            mags = bits.rice_decode(r.section(), r.section(), d, k)
+            if d and int(mags.max()) > s:
+                raise CodecError(f"level above s = {s}")
+            nonzero = mags != 0
+            nnz = int(nonzero.sum())
+            signs_raw = r.section()
+            if signs_raw.size != (nnz + 7) // 8:
+                raise CodecError("sign section has the wrong length")
+            levels16 = mags.astype(np.int16)
+            neg = np.unpackbits(signs_raw, count=nnz).astype(bool)
+            levels16[np.flatnonzero(nonzero)[neg]] *= -1
+            levels_t = torch.from_numpy(levels16).to(device)
+            return comp, {"norms": norms, "levels": levels_t, "wire_code": "rice"}
         if code != 1:
             raise CodecError(f"unknown level code {code}")
         k = r.u8()
-        if k > 62:
-            raise CodecError(f"Rice parameter {k} out of range")
+        k_mags = r.u8()
+        if k > 62 or (k_mags > 62 and k_mags != _FIXED_MAGS):
+            raise CodecError(f"Rice parameters {k}, {k_mags} out of range")
         nnz = r.varint(limit=d)
         gaps = bits.rice_decode(r.section(), r.section(), nnz + 1, k)
         if int(gaps.sum()) + nnz != d or bool((gaps < 0).any()):
@@ -629,7 +780,13 @@ class _LevelQuantizer(Compressor):
         if signs_raw.size != (nnz + 7) // 8:
             raise CodecError("sign section has the wrong length")
         neg = np.unpackbits(signs_raw, count=nnz).astype(bool)
-        mags = bits.unpack_fixed(r.section(), nnz, (s - 1).bit_length()).astype(np.int64) + 1
+        mags_unary, mags_rem = r.section(), r.section()
+        if k_mags == _FIXED_MAGS:
+            if mags_unary.size:
+                raise CodecError("fixed-width magnitudes with a unary stream")
+            mags = bits.unpack_fixed(mags_rem, nnz, (s - 1).bit_length()).astype(np.int64) + 1
+        else:
+            mags = bits.rice_decode(mags_unary, mags_rem, nnz, k_mags) + 1
         if nnz and int(mags.max()) > s:
             raise CodecError(f"level above s = {s}")
         nzlevels = np.where(neg, -mags, mags).astype(np.int16)
@@ -637,15 +794,11 @@ class _LevelQuantizer(Compressor):
             "norms": norms,
             "index": torch.from_numpy(index.astype(np.int64)).to(device),
             "nzlevels": torch.from_numpy(nzlevels).to(device),
+            "wire_code": "sparse",
         }
 
     def _info_bits(self, fields: Fields, d: int, dtype: torch.dtype) -> float:
-        _, nzlevels = self._nonzero(fields)
-        counts = np.bincount(
-            nzlevels.cpu().numpy().astype(np.int64) + self.s, minlength=2 * self.s + 1
-        )
-        counts[self.s] = d - int(nzlevels.numel())
-        return _entropy_bits(counts) + 32.0 * fields["norms"].numel()
+        return _entropy_bits(self._histogram(fields, d)) + 32.0 * fields["norms"].numel()
 
 
 class QSGD(_LevelQuantizer):
@@ -690,9 +843,6 @@ class QSGD(_LevelQuantizer):
     def omega(self, d: int) -> float:
         b = _bucket_size(self.bucket, d)
         return min(b / self.s**2, math.sqrt(b) / self.s)
-
-    def _unit_values(self, norms: torch.Tensor) -> torch.Tensor:
-        return norms
 
     def _level_table(self, device: torch.device) -> torch.Tensor:
         return torch.arange(-self.s, self.s + 1, device=device, dtype=torch.float32) / self.s
@@ -1197,6 +1347,7 @@ class TopK(Compressor):
         return cls(k=k), {
             "values": values,
             "index": torch.from_numpy(index.astype(np.int64)).to(device),
+            "wire_code": "varint" if code == 0 else "bitmap",
         }
 
     def _info_bits(self, fields: Fields, d: int, dtype: torch.dtype) -> float:
@@ -1420,7 +1571,10 @@ def decode(
         raise
     except (ValueError, IndexError, OverflowError, RuntimeError, struct.error, TypeError) as exc:
         raise CodecError(f"malformed payload: {exc}") from exc
-    return Compressed(comp, shape, dtype, dev, fields, payload=data)
+    wire_code = fields.pop("wire_code", None)
+    out = Compressed(comp, shape, dtype, dev, fields, payload=data)
+    out._wire_code = wire_code
+    return out
 
 
 def _check_memory(d: int) -> None:

@@ -64,6 +64,14 @@ class Writer:
         self.varint(view.nbytes)
         self._parts.append(view)
 
+    def section_parts(self, parts: list[npt.NDArray[np.uint8]]) -> None:
+        """One section made of several arrays, without joining them first."""
+        self.varint(sum(int(p.size) for p in parts))
+        for part in parts:
+            self._parts.append(
+                memoryview(np.ascontiguousarray(part, dtype=np.uint8).data).cast("B")
+            )
+
     def finish(self) -> bytes:
         """The payload: every part and the CRC-32 of them all, joined with one copy."""
         crc = 0

@@ -90,6 +90,36 @@ def test_round_trip_large_tensor() -> None:
         assert torch.equal(_bits(decode(m.to_bytes()).dense()), _bits(m.dense())), spec
 
 
+LEVEL_SPECS = [
+    "qsgd:s=1,bucket=4096,norm=l2",
+    "qsgd:s=1,bucket=64,norm=max",
+    "qsgd:s=3,bucket=0,norm=max",
+    "qsgd:s=256,bucket=4096,norm=l2",
+    "dither:s=8,bucket=4096",
+    "dither:s=1,bucket=10",
+]
+
+
+@pytest.mark.parametrize("spec", LEVEL_SPECS)
+def test_every_level_code_decodes_to_the_same_message(spec: str) -> None:
+    c = parse_compressor(spec)
+    dense_code = "base3" if ":s=1," in spec else "dense"
+    for i, shape in enumerate([(), (9,), (5, 7), (70_001,), (400_003,)]):
+        x = _sample(shape, torch.float32, seed=i)
+        m = c.compress(x, seed=i)
+        y = m.dense()
+        sizes = {}
+        for code in (dense_code, "rice", "sparse"):
+            payload = m.to_bytes_with(code)
+            back = decode(payload)
+            assert back.code == code if code != "base3" else back.code in ("base3", "dense")
+            assert torch.equal(_bits(back.dense()), _bits(y)), (spec, shape, code)
+            sizes[code] = len(payload)
+        assert m.nbytes == min(sizes.values())  # the smallest code is the one sent
+    with pytest.raises(ValueError, match="no code"):
+        m.to_bytes_with("bitmap")
+
+
 def test_identity_and_topk_keep_exact_values() -> None:
     x = _sample((999,), torch.bfloat16, seed=1)
     assert torch.equal(
@@ -130,7 +160,8 @@ def test_bits_per_coordinate_of_the_codes() -> None:
     assert m.nbytes * 8 <= 1.2 * m.information_limit_bits() + 64 * 8
     # QSGD s=4 dense regime: ceil(log2(s+1)) + 1 = 4 bits
     m = parse_compressor("qsgd:s=4,bucket=0,norm=max").compress(torch.rand(d) + 1.0)
-    assert m.code == "dense" and m.predicted_nbytes == 4 + d * 4 // 8
+    assert m.code == "dense"
+    assert 0 <= m.predicted_nbytes - (4 + d * 4 // 8) <= 8  # + code byte, section lengths
     # natural: 9 bits
     m = parse_compressor("natural").compress(x)
     assert m.predicted_nbytes == 9 * d // 8
@@ -233,11 +264,21 @@ def _payloads() -> list[bytes]:
     return [parse_compressor(s).compress(x, seed=9).to_bytes() for s in SPECS]
 
 
+def _level_payloads() -> list[bytes]:
+    x = _sample((300,), torch.float32, seed=5)
+    out = []
+    for spec, code in (("qsgd:s=1,bucket=64", "base3"), ("qsgd:s=5", "dense")):
+        for c in (code, "rice", "sparse"):
+            out.append(parse_compressor(spec).compress(x, seed=1).to_bytes_with(c))
+    return out
+
+
 PAYLOADS = _payloads()
+FUZZ_PAYLOADS = PAYLOADS + _level_payloads()
 
 
 def test_every_truncation_is_rejected() -> None:
-    for payload in PAYLOADS:
+    for payload in FUZZ_PAYLOADS:
         for cut in range(len(payload)):
             with pytest.raises(CodecError):
                 decode(payload[:cut])
@@ -247,7 +288,7 @@ def test_every_truncation_is_rejected() -> None:
 
 def test_bit_flips_are_rejected() -> None:
     rng = np.random.default_rng(5)
-    for payload in PAYLOADS:
+    for payload in FUZZ_PAYLOADS:
         for _ in range(50):
             i = int(rng.integers(len(payload)))
             bad = bytearray(payload)
@@ -354,7 +395,7 @@ def _decode_or_codec_error(payload: bytes) -> None:
 
 
 @given(
-    st.sampled_from(range(len(PAYLOADS))),
+    st.sampled_from(range(len(FUZZ_PAYLOADS))),
     st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6),
     st.integers(0, 40),
 )
@@ -362,7 +403,7 @@ def _decode_or_codec_error(payload: bytes) -> None:
 def test_corrupted_payloads_with_a_valid_checksum_never_crash(
     index: int, edits: list[tuple[int, int]], cut: int
 ) -> None:
-    body = bytearray(PAYLOADS[index][:-4])
+    body = bytearray(FUZZ_PAYLOADS[index][:-4])
     for pos, value in edits:
         body[pos % len(body)] = value
     if cut:
