@@ -54,7 +54,8 @@ def run_local(
 
     `lose_reply(k, i)` True drops client i's reply in round k after the client has updated
     its state (a crash after training); `revert_lost_state=False` makes the client keep its
-    unacknowledged state (the bug the round stamps prevent), for tests.
+    unacknowledged uplink memory (the bug the round stamps prevent and the state digest
+    detects), for tests.
     """
     server = make_server(settings, w0, expected_clients=num_clients)
     apply = client_apply(settings)
@@ -91,8 +92,12 @@ def run_local(
             if lose_reply is not None and lose_reply(k, i):
                 server.receive(k, i, None, "reply lost (test)")
                 if not revert_lost_state and step.pending is not None:
-                    # the bug: keep the unacknowledged state as if it were committed
-                    run.committed[i] = replace(step.pending, stamp=step.committed.stamp)
+                    # the bug: keep the unacknowledged uplink memory and residual
+                    run.committed[i] = replace(
+                        step.committed,
+                        up_memory=step.pending.up_memory,
+                        up_residual=step.pending.up_residual,
+                    )
                 continue
             run.uplink_bytes += step.uplink.nbytes
             server.receive(k, i, step.uplink)

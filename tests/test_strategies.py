@@ -81,8 +81,10 @@ def test_lost_reply_rolls_both_sides_back(name: str) -> None:
 
 def test_without_rollback_the_digest_catches_divergence_and_resyncs() -> None:
     grad = _grad()
+    # an uncompressed uplink, so that the lost update is surely non-zero (s = 1 quantization
+    # of a short vector can round every coordinate to 0)
     run = run_local(
-        _settings("artemis"),
+        _settings("artemis", uplink="identity"),
         torch.zeros(D),
         grad,
         N,
@@ -90,7 +92,9 @@ def test_without_rollback_the_digest_catches_divergence_and_resyncs() -> None:
         lose_reply=lambda k, i: (k, i) == (3, 2),
         revert_lost_state=False,
     )
-    assert run.history[3].digest_mismatches == 1  # round 4 sees the client's stale-free h_i
+    assert (
+        run.history[3].digest_mismatches == 1
+    )  # round 4: the client kept an h_i the server never acknowledged
     assert run.history[3].resyncs == 1
     assert run.history[4].resets_sent == 1  # round 5: both sides reset, snapshot sent
     assert run.history[4].snapshots >= 1
