@@ -533,15 +533,15 @@ def create_app(settings: Settings | None = None, registrar: Registrar | None = N
         tags=["rounds"],
         responses=AUTH_RESPONSES,
     )
-    def append_round(run_id: RunId, body: s.RoundCreate, _token: Writer) -> s.RoundOut:
+    def append_round(run_id: RunId, body: s.RoundCreate, _token: Writer) -> Response:
         """Append one finished round with its client-rounds (one transaction)."""
+        fields = body.model_dump(exclude={"clients"})
         record = RoundRecord(
-            **body.model_dump(exclude={"clients"}),
-            clients=[ClientRoundRecord(**c.model_dump()) for c in body.clients],
+            **fields, clients=[ClientRoundRecord(**c.model_dump()) for c in body.clients]
         )
         store.append_round(run_id, record)
-        rnd, _ = store.get_round(run_id, body.round)
-        return s.RoundOut(**_round_fields(rnd))
+        # the body was stored as is (it is validated finite and UTC): echo it, no re-read
+        return _json(s.RoundOut(run_id=run_id, **fields), status_code=201)
 
     @app.post(
         "/runs/{run_id}/finish", response_model=s.RunOut, tags=["runs"], responses=AUTH_RESPONSES

@@ -5,8 +5,10 @@ with bulk inserts (default 100 x 1000 x 20 = 100k rounds, 2M client-rounds), sta
 real service (`fedsqueeze api serve`, uvicorn) and drive it with K concurrent clients
 (default 8) for D seconds (default 30) on a mix of the main read endpoints; report
 p50/p99 latency per endpoint, with ``GET /health`` as the in-run baseline (the
-framework's floor). Then measure the append rate of rounds (C client-rounds each): through
-`SqlRecorder` (the ServerApp's path, one transaction per round) and over HTTP.
+framework's floor); then the same with 1 client (the service time without queueing).
+Then the append rate of rounds (C client-rounds each): through `SqlRecorder` (the
+ServerApp's path, one transaction per round) with one writer and with four at once, and
+over HTTP.
 
 Targets: p99 <= 50 ms for a run summary and a page of 100 rounds; append >= 500 rounds/s.
 `--quick`: 10 x 100 x 20, 5 s of load. `--json PATH` writes the records.
@@ -282,11 +284,11 @@ def request_for(endpoint: str, rng: random.Random, sizes: Sizes) -> tuple[str, d
     return f"/runs/{run_id}/series", {}
 
 
-async def load(url: str, sizes: Sizes) -> dict[str, Samples]:
+async def load(url: str, sizes: Sizes, concurrency: int, duration_s: float) -> dict[str, Samples]:
     import httpx
 
     samples = {e: Samples() for e in ENDPOINTS}
-    deadline = time.perf_counter() + sizes.duration_s
+    deadline = time.perf_counter() + duration_s
 
     async def worker(k: int) -> None:
         rng = random.Random(k)
@@ -310,7 +312,7 @@ async def load(url: str, sizes: Sizes) -> dict[str, Samples]:
                 else:
                     samples[endpoint].errors += 1
 
-    await asyncio.gather(*(worker(k) for k in range(sizes.concurrency)))
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
     return samples
 
 
@@ -355,6 +357,30 @@ def append_rates(database_url: str, url: str, sizes: Sizes) -> dict[str, float]:
     sql_rate = len(records) / (time.perf_counter() - t0)
     recorder.finish_run(run_id, "finished")
 
+    # four ServerApps recording at once (threads, one run each, one connection each)
+    import threading
+
+    writers = 4
+    per_writer = max(50, sizes.append_rounds // writers)
+    run_ids = [
+        recorder.start_run(RunInfo("mcm", "sq", "sq", "bench", {}, num_parameters=10))
+        for _ in range(writers)
+    ]
+
+    def write(run: int) -> None:
+        for rec in records[:per_writer]:
+            recorder.record_round(run, rec)
+
+    threads = [threading.Thread(target=write, args=(r,)) for r in run_ids]
+    t0 = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    parallel_rate = writers * per_writer / (time.perf_counter() - t0)
+    for r in run_ids:
+        recorder.finish_run(r, "finished")
+
     _, token = open_store(database_url).create_token("bench")
     n_http = max(50, sizes.append_rounds // 4)
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as client:
@@ -373,7 +399,11 @@ def append_rates(database_url: str, url: str, sizes: Sizes) -> dict[str, float]:
         for body in bodies:
             client.post(f"/runs/{run['id']}/rounds", json=body).raise_for_status()
         http_rate = n_http / (time.perf_counter() - t0)
-    return {"append_rounds_per_s": sql_rate, "http_append_rounds_per_s": http_rate}
+    return {
+        "append_rounds_per_s": sql_rate,
+        "append_rounds_per_s_4_writers": parallel_rate,
+        "http_append_rounds_per_s": http_rate,
+    }
 
 
 # ---------------------------------------------------------------- main
@@ -426,20 +456,27 @@ def main(argv: list[str] | None = None) -> int:
                     console.print(
                         f"{backend}: {sizes.concurrency} clients for {sizes.duration_s:.0f} s ..."
                     )
-                    samples = asyncio.run(load(url, sizes))
+                    samples = asyncio.run(load(url, sizes, sizes.concurrency, sizes.duration_s))
+                    solo_s = min(10.0, sizes.duration_s / 3)
+                    console.print(f"{backend}: 1 client for {solo_s:.0f} s (service time) ...")
+                    solo = asyncio.run(load(url, sizes, 1, solo_s))
+                    console.print(f"{backend}: append rate ...")
                     rates = append_rates(database_url, url, sizes)
-            base_p50 = percentile(samples["health"].latencies_ms, 50)
-            for endpoint, sample in samples.items():
-                p50 = percentile(sample.latencies_ms, 50)
-                p99 = percentile(sample.latencies_ms, 99)
-                target = TARGET_P99_MS.get(endpoint)
-                records.append({
-                    "backend": backend, "endpoint": endpoint, "p50_ms": p50, "p99_ms": p99,
-                    "requests": len(sample.latencies_ms) + sample.errors, "errors": sample.errors,
-                    "p50_vs_health": p50 / base_p50 if base_p50 else None,
-                    "target_p99_ms": target,
-                    "meets_target": None if target is None else p99 <= target,
-                })  # fmt: skip
+            for clients, phase in ((sizes.concurrency, samples), (1, solo)):
+                base_p50 = percentile(phase["health"].latencies_ms, 50)
+                for endpoint, sample in phase.items():
+                    p50 = percentile(sample.latencies_ms, 50)
+                    p99 = percentile(sample.latencies_ms, 99)
+                    target = TARGET_P99_MS.get(endpoint) if clients == sizes.concurrency else None
+                    records.append({
+                        "backend": backend, "endpoint": endpoint, "concurrency": clients,
+                        "p50_ms": p50, "p99_ms": p99,
+                        "requests": len(sample.latencies_ms) + sample.errors,
+                        "errors": sample.errors,
+                        "p50_vs_health": p50 / base_p50 if base_p50 else None,
+                        "target_p99_ms": target,
+                        "meets_target": None if target is None else p99 <= target,
+                    })  # fmt: skip
             records.append({
                 "backend": backend, **rates, "target_append_rounds_per_s": TARGET_APPEND_PER_S,
                 "meets_target": rates["append_rounds_per_s"] >= TARGET_APPEND_PER_S,
@@ -453,8 +490,8 @@ def main(argv: list[str] | None = None) -> int:
 
     table = Table(title=f"REST read latency ({sizes.concurrency} clients, {sizes.runs} runs x "
                         f"{sizes.rounds} rounds x {sizes.clients} client-rounds)")  # fmt: skip
-    for col in ("backend", "endpoint", "requests", "errors", "p50 ms", "p99 ms", "p50 / health",
-                "target p99"):  # fmt: skip
+    for col in ("backend", "endpoint", "clients", "requests", "errors", "p50 ms", "p99 ms",
+                "p50 / health", "target p99"):  # fmt: skip
         table.add_column(col, justify="right")
     for r in records:
         if "endpoint" not in r:
@@ -464,18 +501,20 @@ def main(argv: list[str] | None = None) -> int:
             "" if target is None else f"<= {target:.0f} {'ok' if r['meets_target'] else 'MISSED'}"
         )
         table.add_row(
-            r["backend"], r["endpoint"], str(r["requests"]), str(r["errors"]),
+            r["backend"], r["endpoint"], str(r["concurrency"]), str(r["requests"]),
+            str(r["errors"]),
             f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}",
             f"{r['p50_vs_health']:.1f}x" if r["p50_vs_health"] else "", verdict,
         )  # fmt: skip
     console.print(table)
     rates_table = Table(title=f"append rate (rounds of {sizes.clients} client-rounds)")
-    for col in ("backend", "SqlRecorder rounds/s", "HTTP rounds/s", "target"):
+    for col in ("backend", "SqlRecorder rounds/s", "4 writers rounds/s", "HTTP rounds/s", "target"):
         rates_table.add_column(col, justify="right")
     for r in records:
         if "append_rounds_per_s" in r:
             rates_table.add_row(
                 r["backend"], f"{r['append_rounds_per_s']:.0f}",
+                f"{r['append_rounds_per_s_4_writers']:.0f}",
                 f"{r['http_append_rounds_per_s']:.0f}",
                 f">= {TARGET_APPEND_PER_S:.0f} {'ok' if r['meets_target'] else 'MISSED'}",
             )  # fmt: skip
