@@ -1252,6 +1252,26 @@ def _k_frac_params(p: dict[str, str]) -> tuple[int | None, float | None]:
     return k, frac
 
 
+def _topk_abs_index(f32: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted indices of k coordinates of largest |x_j|, selected chunk by chunk: the running
+    best k is merged with each chunk's best k, so memory stays O(k + chunk)."""
+    d = f32.numel()
+    step = max(4 * CHUNK, 2 * k)
+    if d <= step:
+        return torch.topk(f32.abs(), k, sorted=False).indices.sort().values
+    best_v = torch.empty(0, dtype=torch.float32, device=f32.device)
+    best_i = torch.empty(0, dtype=torch.int64, device=f32.device)
+    for start in range(0, d, step):
+        a = f32[start : start + step].abs()
+        v, i = torch.topk(a, min(k, a.numel()), sorted=False)
+        best_v = torch.cat([best_v, v])
+        best_i = torch.cat([best_i, i + start])
+        if best_v.numel() > k:
+            best_v, j = torch.topk(best_v, k, sorted=False)
+            best_i = best_i[j]
+    return best_i.sort().values
+
+
 class TopK(Compressor):
     """top-k: keep the k coordinates of largest |x_j|; biased with delta = k/d, since
     ||C(x) - x||^2 = sum of the d - k smallest x_j^2 <= (1 - k/d) ||x||^2. On the wire: the k
@@ -1289,7 +1309,7 @@ class TopK(Compressor):
         _check_finite_sum(f32)
         d = f32.numel()
         k = self.k_for(d)
-        index = torch.topk(f32.abs(), k, sorted=False).indices.sort().values
+        index = _topk_abs_index(f32, k)
         return {"values": flat[index], "index": index}
 
     def _dense(self, fields: Fields, d: int, device: torch.device) -> torch.Tensor:
