@@ -60,7 +60,7 @@ def _env_list(name: str) -> list[str]:
     return [item.strip() for item in raw.split(",") if item.strip()]
 
 
-def _env_float(name: str, default: float) -> float:
+def env_float(name: str, default: float) -> float:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
@@ -94,7 +94,7 @@ class Settings:
         return cls(
             database_url=resolve_database_url(database_url),
             cors_origins=_env_list("FEDSQUEEZE_CORS_ORIGINS"),
-            max_page_size=int(_env_float("FEDSQUEEZE_MAX_PAGE_SIZE", DEFAULT_MAX_PAGE_SIZE)),
-            max_body_bytes=int(_env_float("FEDSQUEEZE_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES)),
-            stale_after_s=_env_float("FEDSQUEEZE_STALE_AFTER_S", DEFAULT_STALE_AFTER_S),
+            max_page_size=int(env_float("FEDSQUEEZE_MAX_PAGE_SIZE", DEFAULT_MAX_PAGE_SIZE)),
+            max_body_bytes=int(env_float("FEDSQUEEZE_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES)),
+            stale_after_s=env_float("FEDSQUEEZE_STALE_AFTER_S", DEFAULT_STALE_AFTER_S),
         )

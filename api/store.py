@@ -677,13 +677,16 @@ def _client_row(round_id: int, c: ClientRoundRecord) -> dict[str, Any]:
 
 
 def open_store(database_url: str | None = None, stale_after_s: float | None = None) -> Store:
-    """The store at `database_url` (see api.settings), migrated if empty, stale runs closed."""
-    from api.settings import DEFAULT_STALE_AFTER_S
+    """The store at `database_url` (see api.settings), migrated if empty, stale runs closed
+    (stale after `stale_after_s`, default ``FEDSQUEEZE_STALE_AFTER_S`` or 24 h)."""
+    from api.settings import DEFAULT_STALE_AFTER_S, env_float
 
     engine = get_engine(database_url)
     ensure_schema(engine)
     store = Store(engine)
-    store.mark_stale_runs(DEFAULT_STALE_AFTER_S if stale_after_s is None else stale_after_s)
+    if stale_after_s is None:
+        stale_after_s = env_float("FEDSQUEEZE_STALE_AFTER_S", DEFAULT_STALE_AFTER_S)
+    store.mark_stale_runs(stale_after_s)
     return store
 
 
