@@ -319,6 +319,13 @@ class LocalSuperLink:
         """Environment for the SuperLink and for the flwr CLI calls that talk to it."""
         env = os.environ.copy()
         env.update(self.extra_env)
+        # the SuperLink starts `flower-superexec` and `flwr-simulation` by name: make the
+        # ones beside this interpreter (the virtual environment) found even when it is not
+        # activated (`.venv/bin/fedsqueeze simulate`, `make demo`)
+        bin_dir = str(Path(sys.executable).parent)
+        path = env.get("PATH", "")
+        if bin_dir not in path.split(os.pathsep):
+            env["PATH"] = bin_dir + (os.pathsep + path if path else "")
         env["FLWR_HOME"] = str(self.flwr_home)
         env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
         env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
