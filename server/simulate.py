@@ -650,6 +650,8 @@ class JsonlWatcher:
         kind = event.get("event")
         if kind == "start_run":
             info = event.get("info") or {}
+            if self.store_run_id is not None and event.get("run_id") == self.store_run_id:
+                self.store_run_id = -1  # a later run reuses the id: ours is over
             if info.get("flower_run_id") == self.flower_run_id:
                 self.store_run_id = int(event["run_id"])
                 self.run_status = "running"

@@ -15,9 +15,11 @@ import psutil
 import pytest
 from flwr.common.config import parse_config_args
 
+from server.recording import JsonlRecorder, RoundRecord, RunInfo
 from server.simulate import (
     CONNECTION_NAME,
     AppInfo,
+    JsonlWatcher,
     LocalSuperLink,
     SimulationError,
     build_specs,
@@ -164,6 +166,36 @@ def test_cli_reports_bad_input_clearly() -> None:
     )
     assert done.returncode == 2
     assert "unknown run-config key 'no-such-key'" in done.stdout
+
+
+def test_jsonl_history_is_followed_for_one_flower_run(tmp_path: Path) -> None:
+    path = tmp_path / "history.jsonl"
+
+    def info(flower_run_id: int) -> RunInfo:
+        return RunInfo("artemis", "qsgd:s=1", "qsgd:s=1", "t", {}, flower_run_id, num_parameters=9)
+
+    earlier = JsonlRecorder(path)
+    rid = earlier.start_run(info(111))
+    earlier.record_round(rid, RoundRecord(1, 2, 2, 0, 10, 20, 10, 20))
+    earlier.finish_run(rid, "finished")
+    watcher = JsonlWatcher(path, flower_run_id=222)
+    assert watcher.poll() == [] and watcher.store_run_id is None
+    ours = JsonlRecorder(path)
+    rid = ours.start_run(info(222))
+    ours.record_round(rid, RoundRecord(1, 3, 3, 0, 30, 60, 30, 60, train_loss=0.5))
+    (row,) = watcher.poll()
+    assert (row.round, row.uplink_bytes, row.train_loss) == (1, 30, 0.5)
+    assert row.seconds is not None and row.seconds >= 0
+    assert watcher.run_facts["num_parameters"] == 9
+    ours.record_round(rid, RoundRecord(2, 3, 2, 1, 20, 60, 20, 60, eval_accuracy=0.7))
+    ours.finish_run(rid, "finished")
+    (row,) = watcher.poll()
+    assert (row.round, row.failed, row.eval_accuracy) == (2, 1, 0.7)
+    assert watcher.run_status == "finished"
+    later = JsonlRecorder(path)  # a later run in the same file, same recorder-local id
+    later.record_round(later.start_run(info(333)), RoundRecord(3, 1, 1, 0, 1, 1, 1, 1))
+    assert watcher.poll() == []
+    assert sorted(watcher.rounds) == [1, 2]
 
 
 # ----------------------------------------------------------------------------- slow
