@@ -45,7 +45,7 @@ from strategies.flower import (
 from strategies.registry import FLWR_FEDAVG, client_apply, settings_from_config
 from tasks.base import Task, load_task
 
-log = logging.getLogger("fedsqueeze.client")
+log = logging.getLogger("flwr.fedsqueeze.client")
 
 app = ClientApp()
 

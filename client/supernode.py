@@ -14,9 +14,15 @@ one host its own).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +108,108 @@ def supernode_env(flwr_home: Path | None = None) -> dict[str, str]:
     return env
 
 
-def exec_supernode(cmd: list[str], env: dict[str, str]) -> None:
-    """Replace this process by the SuperNode (its PID stays the one the caller knows)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(cmd[0], cmd, env)
+#: what flower-supernode prints when the SuperLink refuses to activate its key
+ACTIVATION_REFUSED = "Failed to activate SuperNode"
+#: flwr 1.41 marks a node offline 2 heartbeats (2 x 30 s) after its last one; until then a
+#: restarted SuperNode with the same key is refused as "already online"
+DEFAULT_REJOIN_WAIT_S = 75.0
+
+
+def _forwarder(proc: subprocess.Popen[str]) -> Callable[[int, Any], None]:
+    def forward(signum: int, _frame: Any) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    return forward
+
+
+def _pump(proc: subprocess.Popen[str], seen: list[str], out: Callable[[str], None]) -> None:
+    """Pass the SuperNode's output on, keeping the lines that matter for a retry."""
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        line = raw.rstrip("\n")
+        if ACTIVATION_REFUSED in line:
+            seen.append(line)
+        out(line)
+
+
+def _wait_and_reap(proc: subprocess.Popen[str]) -> int:
+    """Wait for the SuperNode; then end the helpers it started (its SuperExec and any
+    ClientApp) if they outlive it, so that nothing is left behind."""
+    import psutil
+
+    family: dict[int, psutil.Process] = {}
+    while proc.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                family.setdefault(child.pid, child)
+        time.sleep(0.5)
+    left = [p for p in family.values() if p.is_running()]
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, still = psutil.wait_procs(left, timeout=10)
+    for p in still:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    return int(proc.returncode)
+
+
+def run_supernode(
+    cmd: list[str],
+    env: dict[str, str],
+    *,
+    rejoin_wait: float = DEFAULT_REJOIN_WAIT_S,
+    retry_every: float = 10.0,
+    out: Callable[[str], None] = lambda line: print(line, flush=True),
+) -> int:
+    """Run the SuperNode in the foreground, its output passed to `out`; return its exit code.
+
+    A SuperNode that crashed stays "online" at the SuperLink until two missed heartbeats
+    (up to 60 s in flwr 1.41), and a new SuperNode with the same key is refused until then.
+    So when the SuperLink refuses the activation, the start is retried every `retry_every`
+    seconds for up to `rejoin_wait` seconds before giving up (a key that is not enrolled,
+    or was disabled or removed, is refused the same way: after `rejoin_wait` it fails with
+    a message saying both possibilities). SIGTERM and SIGINT are passed on to the SuperNode.
+    """
+    deadline = time.monotonic() + max(rejoin_wait, 0.0)
+    attempt = 0
+    while True:
+        attempt += 1
+        # its own session: a terminal's Ctrl-C reaches it once, through the handler below
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+        )
+        handler = _forwarder(proc)
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        seen: list[str] = []
+        reader = threading.Thread(target=_pump, args=(proc, seen, out), daemon=True)
+        reader.start()
+        try:
+            code = _wait_and_reap(proc)
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+        reader.join(timeout=2)
+        refused = any(ACTIVATION_REFUSED in line for line in seen)
+        if not refused:
+            return code
+        if time.monotonic() + retry_every > deadline:
+            out(
+                "fedsqueeze: the SuperLink refused this node's key: either it is not "
+                "enrolled (or was disabled or removed), or the node crashed less than about "
+                "60 s ago and the SuperLink still counts it as online"
+                + (f" (gave up after {attempt} attempts)" if attempt > 1 else "")
+            )
+            return code or 1
+        out(
+            f"fedsqueeze: activation refused; retrying in {retry_every:.0f} s (a crashed "
+            "node is released by the SuperLink within about 60 s)"
+        )
+        time.sleep(retry_every)

@@ -24,7 +24,7 @@ from strategies.flower import FedSqueezeStrategy, wait_for_nodes
 from strategies.registry import FLWR_FEDAVG, make_server, settings_from_config
 from tasks.base import Task, load_task
 
-log = logging.getLogger("fedsqueeze.server")
+log = logging.getLogger("flwr.fedsqueeze.server")
 
 ProgressFn = Callable[[RoundRecord], None]
 

@@ -50,7 +50,8 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
-log = logging.getLogger("fedsqueeze.strategies")
+# a child of Flower's logger, so that our lines appear in `flwr run` log streams
+log = logging.getLogger("flwr.fedsqueeze.strategies")
 
 ModelKind = Literal["exact", "degraded", "preserved", "preserved-rand", "sign-vote"]
 MODEL_KINDS: tuple[str, ...] = ("exact", "degraded", "preserved", "preserved-rand", "sign-vote")

@@ -37,7 +37,7 @@ from strategies.common import (
     sample_clients,
 )
 
-log = logging.getLogger("fedsqueeze.strategy")
+log = logging.getLogger("flwr.fedsqueeze.strategy")
 
 DOWN_KEY = "fedsqueeze.down"
 UP_KEY = "fedsqueeze.up"
@@ -379,7 +379,9 @@ class FedSqueezeStrategy(Strategy):
             log.info(
                 "round %d/%d: %d/%d replied, up %d B, down %d B, train loss %s, eval %s",
                 k, num_rounds, record.replied, record.sampled, record.uplink_bytes,
-                record.downlink_bytes, record.train_loss, evaluation,
+                record.downlink_bytes,
+                "-" if record.train_loss is None else f"{record.train_loss:.4g}",
+                {key: round(v, 4) for key, v in evaluation.items()},
             )  # fmt: skip
         result.arrays = ArrayRecord([self.server.evaluation_model().numpy()])
         return result
