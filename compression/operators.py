@@ -916,7 +916,7 @@ class QSGD(_LevelQuantizer):
         offset = ((points - hazard[bucket]) / lam[bucket]).to(torch.int64)
         cand = bucket * b + torch.minimum(offset, lengths[bucket].to(torch.int64) - 1)
         cand = torch.unique_consecutive(cand)
-        bucket = cand // b
+        bucket = cand >> (b.bit_length() - 1) if b & (b - 1) == 0 else cand // b
         q_hit = torch.expm1(lam.neg()).neg_().to(torch.float32)  # 1 - exp(-lambda_B)
         xc = f32[cand]
         p = xc.abs() / norms[bucket]
@@ -1559,6 +1559,8 @@ def decode(
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
     dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"cannot decode to {dev}: CUDA is not available")
     data = bytes(payload)
     try:
         r = Reader(data)

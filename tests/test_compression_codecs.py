@@ -85,7 +85,18 @@ def test_round_trip_is_bit_exact(spec: str, dtype: torch.dtype) -> None:
 
 def test_round_trip_large_tensor() -> None:
     x = _sample((1_000_003,), torch.float32, seed=3)
-    for spec in ("qsgd:s=1,bucket=4096", "qsgd:s=16", "scaled_sign:bucket=4096", "natural"):
+    specs = (
+        "qsgd:s=1,bucket=4096",
+        "qsgd:s=1,bucket=0",
+        "qsgd:s=4,bucket=300000",
+        "qsgd:s=16",
+        "dither:s=4,bucket=0",
+        "scaled_sign:bucket=4096",
+        "scaled_sign:bucket=300001",
+        "natural",
+        "topk:frac=0.3",
+    )
+    for spec in specs:
         m = parse_compressor(spec).compress(x, seed=5)
         assert torch.equal(_bits(decode(m.to_bytes()).dense()), _bits(m.dense())), spec
 
@@ -409,3 +420,9 @@ def test_corrupted_payloads_with_a_valid_checksum_never_crash(
     if cut:
         del body[-cut:]
     _decode_or_codec_error(_fix_crc(bytes(body)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_decode_to_cuda_without_cuda_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        decode(PAYLOADS[0], device="cuda")
