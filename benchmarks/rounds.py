@@ -1,7 +1,8 @@
 """Rounds benchmark: our strategies against Flower's own FedAvg on one simulated workload.
 
 Workload (issue 3): 20 clients, participation p = 0.5, Fashion-MNIST with the small CNN of
-tasks/fashion_mnist.py (Dirichlet α = 0.5 label skew), 5 rounds, in Flower's simulation
+tasks/fashion_mnist.py (Dirichlet α = 0.5 label skew), 5 rounds (each client that takes part
+runs K = 10 local SGD steps of batch 32, η = 0.05), in Flower's simulation
 engine on a local SuperLink (``server.simulate``), one run per strategy, one after the
 other, each recorded to a throw-away SQLite round-history store.
 
@@ -61,8 +62,16 @@ TARGETS: tuple[tuple[str, str, float], ...] = (
     ("artemis", "downlink_bytes_ratio_vs_fedavg", 1 / 8),
 )
 
-FULL: dict[str, Any] = {"clients": 20, "participation": 0.5, "rounds": 5, "test_examples": 0}
-QUICK: dict[str, Any] = {"clients": 4, "participation": 0.5, "rounds": 2, "test_examples": 1000}
+FULL: dict[str, Any] = {
+    "clients": 20,
+    "participation": 0.5,
+    "rounds": 5,
+    "local_steps": 10,
+    "batch_size": 32,
+    "client_lr": 0.05,
+    "test_examples": 0,
+}
+QUICK: dict[str, Any] = {**FULL, "clients": 4, "rounds": 2, "local_steps": 2, "test_examples": 1000}
 
 
 def _ratio(value: float | None, base: float | None) -> float | None:
@@ -185,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, help="simulated clients (default 20; quick 4)")
     parser.add_argument("--rounds", type=int, help="rounds per run (default 5; quick 2)")
     parser.add_argument("--participation", type=float, help="participation p (default 0.5)")
+    parser.add_argument(
+        "--local-steps", type=int, help="local SGD steps K per round (default 10; quick 2)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default="", help="Fashion-MNIST IDX directory")
     parser.add_argument("--timeout", type=float, default=1800.0, help="per run, seconds")
@@ -204,11 +216,19 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]error:[/] {exc}")
         return 2
     workload = dict(QUICK if args.quick else FULL)
-    for key in ("clients", "rounds", "participation"):
+    for key in ("clients", "rounds", "participation", "local_steps"):
         if getattr(args, key) is not None:
             workload[key] = getattr(args, key)
-    if workload["clients"] < 1 or workload["rounds"] < 2 or not 0 < workload["participation"] <= 1:
-        console.print("[red]error:[/] need clients >= 1, rounds >= 2 and 0 < participation <= 1")
+    if (
+        workload["clients"] < 1
+        or workload["rounds"] < 2
+        or workload["local_steps"] < 1
+        or not 0 < workload["participation"] <= 1
+    ):
+        console.print(
+            "[red]error:[/] need clients >= 1, rounds >= 2, local steps >= 1 and "
+            "0 < participation <= 1"
+        )
         return 2
     if args.strategies:
         strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -234,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
                     "num-server-rounds": workload["rounds"],
                     "num-partitions": workload["clients"],
                     "participation": workload["participation"],
+                    "local-steps": workload["local_steps"],
+                    "batch-size": workload["batch_size"],
+                    "client-lr": workload["client_lr"],
                     "seed": args.seed,
                     "device": "cpu",
                     "database-url": f"sqlite:///{work / 'rounds.db'}",
@@ -249,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         console.print(
             f"Rounds benchmark: {workload['clients']} clients, p={workload['participation']}, "
-            f"Fashion-MNIST CNN, {workload['rounds']} rounds; {len(specs)} runs"
+            f"Fashion-MNIST CNN, {workload['rounds']} rounds of K={workload['local_steps']} local "
+            f"steps; {len(specs)} runs (work dir {work})"
         )
         results = run_simulations(
             app,
