@@ -293,7 +293,7 @@ def test_server_enrolment_and_refusals(deployment: Deployment) -> None:
     info = BundleInfo(name="rogue", superlink=f"127.0.0.1:{dep.superlink_port}", node_id=1,
                       partition_id=0, num_partitions=2)  # fmt: skip
     write_bundle(rogue, info, NodeKeyPair.generate(), dep.ca_cert.read_bytes())
-    log = _rejected(dep.start_node("rogue", rogue, "--max-retries", "1"))
+    log = _rejected(dep.start_node("rogue", rogue, "--max-retries", "1", "--rejoin-wait", "0"))
     assert "Failed to activate SuperNode" in log
 
     # a device that trusts another CA cannot connect (TLS verification fails)
@@ -303,14 +303,14 @@ def test_server_enrolment_and_refusals(deployment: Deployment) -> None:
 
     shutil.copytree(dep.root / "alpha.bundle", wrong)
     (wrong / "ca.crt").write_bytes(other_ca)
-    log = _rejected(dep.start_node("wrong-ca", wrong, "--max-retries", "1"))
+    log = _rejected(dep.start_node("wrong-ca", wrong, "--max-retries", "1", "--rejoin-wait", "0"))
     assert "CERTIFICATE_VERIFY_FAILED" in log or "certificate verify failed" in log
 
     # a removed client can no longer join
     dep.cli("client", "remove", "beta", "--data-dir", str(dep.data_dir))
     assert "beta" not in {c["name"] for c in dep.get("/clients")["items"]}
     assert dep.node_status(beta.node_id) in (None, "unregistered")
-    log = _rejected(dep.start_node("beta", dep.root / "beta.tar.gz", "--max-retries", "1"))
+    log = _rejected(dep.start_node("beta", dep.root / "beta.tar.gz", "--max-retries", "1", "--rejoin-wait", "0"))
     assert "Failed to activate SuperNode" in log
 
     # disabling a running client cuts it off, and it cannot come back
@@ -319,7 +319,7 @@ def test_server_enrolment_and_refusals(deployment: Deployment) -> None:
     wait_for(lambda: a.proc.poll() is not None or dep.node_status(alpha.node_id) != "online",
              60, "alpha cut off")  # fmt: skip
     dep.kill_node(a)
-    log = _rejected(dep.start_node("alpha", dep.root / "alpha.bundle", "--max-retries", "1"))
+    log = _rejected(dep.start_node("alpha", dep.root / "alpha.bundle", "--max-retries", "1", "--rejoin-wait", "0"))
     assert "Failed to activate SuperNode" in log
 
     # keys and the token never reach a log
@@ -398,7 +398,7 @@ def test_supernode_killed_mid_run_then_rejoins(deployment: Deployment) -> None:
     with open(log, "wb") as fh:
         run_proc = subprocess.Popen(
             [FEDSQUEEZE, "run", "--strategy", "artemis", "--rounds", "5", "--app", str(APP_DIR),
-             "--data-dir", str(dep.data_dir), *RUN_CONFIG, "-c", "round-timeout=20.0"],
+             "--data-dir", str(dep.data_dir), *RUN_CONFIG, "-c", "round-timeout=45.0"],
             env=dep.env, cwd=dep.root, stdout=fh, stderr=subprocess.STDOUT,
         )  # fmt: skip
     dep.seen_pids.add(run_proc.pid)
@@ -408,7 +408,7 @@ def test_supernode_killed_mid_run_then_rejoins(deployment: Deployment) -> None:
             items = dep.get("/runs", limit=10)["items"]
             if not items:
                 return 0
-            return int(items[0]["summary"]["rounds"])
+            return int(items[0]["summary"]["rounds_done"])
 
         wait_for(lambda: rounds_done() >= 1, 180, "round 1 recorded", every=0.1)
         dep.kill_node(victim_node, signal.SIGKILL)  # round 2 is under way

@@ -251,6 +251,12 @@ def client_start(
     max_wait_time: float | None = typer.Option(
         None, help="Give up reconnecting after this many seconds [default: never]."
     ),
+    rejoin_wait: float = typer.Option(
+        75.0,
+        help="When the SuperLink refuses the key, retry for this many seconds (a node "
+        "restarted after a crash is refused until the SuperLink notices it went away, "
+        "about 60 s); 0 = give up at once.",
+    ),
     print_command: bool = typer.Option(
         False, help="Print the flower-supernode command instead of running it."
     ),
@@ -259,7 +265,7 @@ def client_start(
     import shlex
 
     from client.enroll import open_bundle
-    from client.supernode import exec_supernode, supernode_command, supernode_env
+    from client.supernode import run_supernode, supernode_command, supernode_env
 
     try:
         opened = open_bundle(bundle.expanduser().resolve())
@@ -281,7 +287,8 @@ def client_start(
         f"starting SuperNode {opened.info.name} (node {opened.info.node_id}) -> "
         f"{superlink or opened.info.superlink}"
     )
-    exec_supernode(cmd, supernode_env())
+    code = run_supernode(cmd, supernode_env(), rejoin_wait=rejoin_wait)
+    raise typer.Exit(code=code)
 
 
 def _client_action(
