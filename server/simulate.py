@@ -877,9 +877,9 @@ def run_one(
         "client-resources-num-cpus": spec.cpus_per_client,
     }
     memory = ServerMemorySampler(superlink.pid)
-    memory.start()
     started = time.monotonic()
     run_id = superlink.submit(app.path, spec.overrides, federation)
+    memory.start()
     log_path = log_dir / f"run-{spec.label}-{run_id}.log"
     follower = LogFollower(superlink, run_id, log_path)
     watcher = make_watcher(database_url, run_id)
