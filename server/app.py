@@ -129,14 +129,16 @@ def run_server(
                 progress=progress,
             )
             outcome.records = strategy.records
-            strategy.start(
-                grid,
-                ArrayRecord(),
-                num_rounds=int(config["num-server-rounds"]),
-                timeout=float(config["round-timeout"]),
-            )
-            outcome.final_model = server.evaluation_model().clone()
-            server.close()
+            try:
+                strategy.start(
+                    grid,
+                    ArrayRecord(),
+                    num_rounds=int(config["num-server-rounds"]),
+                    timeout=float(config["round-timeout"]),
+                )
+                outcome.final_model = server.evaluation_model().clone()
+            finally:
+                server.close()  # flushes and removes spilled per-client memories
         status = "finished"
     except KeyboardInterrupt:
         status = "interrupted"

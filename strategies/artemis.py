@@ -148,6 +148,7 @@ class BroadcastServer(ServerHalf):
         self.snapshot_nbytes = n_snapshot * len(self._snapshot([self.w])[0][0])
         self.log = BroadcastLog(self.snapshot_nbytes if settings.model == "degraded" else 0)
         self._snapshot_cache: tuple[int, list[bytes], int] | None = None
+        self._digest_cache: tuple[int, tuple[float, float, float, float]] | None = None
 
     def _snapshot_now(self) -> tuple[list[bytes], int]:
         if self._snapshot_cache is None or self._snapshot_cache[0] != self.version:
@@ -164,14 +165,16 @@ class BroadcastServer(ServerHalf):
     def _expected_digest_down(
         self, node: int, pending_commit: dict[str, torch.Tensor]
     ) -> tuple[float | None, float | None, float | None, float | None]:
-        out: list[float | None] = []
-        for t in (self.H, self.w):
-            if t is None:
-                out += [0.0, 0.0]
-            else:
-                t64 = t.to(torch.float64)
-                out += [float(t64.sum()), float((t64 * t64).sum())]
-        return out[0], out[1], out[2], out[3]
+        if self._digest_cache is None or self._digest_cache[0] != self.version:
+            out: list[float] = []
+            for t in (self.H, self.w):
+                if t is None:
+                    out += [0.0, 0.0]
+                else:
+                    t64 = t.to(torch.float64)
+                    out += [float(t64.sum()), float((t64 * t64).sum())]
+            self._digest_cache = (self.version, (out[0], out[1], out[2], out[3]))
+        return self._digest_cache[1]
 
     def _advance(self, g_hat: torch.Tensor, k: int) -> None:
         s = self.settings
