@@ -78,3 +78,46 @@ def test_bad_options_are_refused(options) -> None:
         make_lsq_task(**options)
     with pytest.raises(ValueError, match="l2"):
         make_logreg_task(l2=-1.0)
+
+
+def test_sgd_with_local_steps_is_fedavg() -> None:
+    """K local steps, γ = η, p = 1: w ← w − γ (1/N) Σ (w − w_end,i)/η = (1/N) Σ w_end,i."""
+    from strategies.common import resolve_settings
+    from strategies.local import run_local
+    from strategies.registry import get_preset
+
+    task = make_logreg_task(num_partitions=4, dim=6, samples_per_client=40, seed=3)
+    task.full_batch = False  # mini-batches of 8, so K = 3 steps see different data
+    model = task.make_model()
+    lr, steps, cpu = 0.5, 3, torch.device("cpu")
+    data = [task.load_partition(i) for i in range(4)]
+
+    def update(i: int, w: torch.Tensor) -> tuple[torch.Tensor, float]:
+        g, loss, _ = local_update(task, model, data[i], w, lr, steps, 8, cpu, seed=i)
+        return g, loss
+
+    settings = resolve_settings(get_preset("sgd"), 6, server_lr=lr, participation=1.0)
+    w = torch.zeros(6)
+    expected = []
+    for _ in range(3):
+        ends = []
+        for i in range(4):
+            local = task.make_model()
+            load_flat(local, w)
+            optimizer = torch.optim.SGD(local.parameters(), lr=lr)
+            gen = torch.Generator().manual_seed(i)
+            batches = iter(torch.utils.data.DataLoader(data[i], batch_size=8, shuffle=True,
+                                                       generator=gen))  # fmt: skip
+            for _ in range(steps):
+                x, y = next(batches)
+                optimizer.zero_grad()
+                task.loss(local(x), y).backward()
+                optimizer.step()
+            ends.append(flatten(local))
+        w = torch.stack(ends).mean(dim=0)
+        expected.append(w)
+    got: list[torch.Tensor] = []
+    run_local(settings, torch.zeros(6), update, 4, 3,
+              on_round=lambda k, r: got.append(r.server.evaluation_model().clone()))  # fmt: skip
+    for a, b in zip(got, expected, strict=True):
+        assert torch.allclose(a, b, atol=1e-5), (a, b)
