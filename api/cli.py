@@ -165,6 +165,7 @@ def api_serve(
         port=port,
         workers=workers,
         log_level=log_level,
+        ws="none",  # no websockets here
     )
 
 

@@ -405,7 +405,9 @@ def test_registrar_hooks(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'r.db'}"
     app = create_app(Settings(database_url=url), registrar=registrar)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws="none")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
