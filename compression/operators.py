@@ -211,16 +211,14 @@ def _signs_dense(
 ) -> torch.Tensor:
     """The float32 vector (-1)^bit_j * scale (scale 1 when None) for packed sign bits: one
     table lookup per byte, eight floats at a time."""
-    table = torch.from_numpy(_SIGN_TABLE)
+    table = _SIGN_TABLE
     if scale is not None:
-        table = table * scale.reshape(()).to(torch.float32).cpu()
-    nbytes = packed.size
+        table = table * np.float32(float(scale.reshape(()).to(torch.float32).cpu()))
     if device.type == "cpu":
-        out = torch.empty(nbytes * 8, dtype=torch.float32)
-        np.take(table.numpy(), packed, axis=0, out=out.numpy().reshape(nbytes, 8))
+        out = torch.from_numpy(table[packed].reshape(-1))
     else:
         index = torch.from_numpy(packed).to(device).to(torch.int64)
-        out = table.to(device)[index].reshape(-1)
+        out = torch.from_numpy(table).to(device)[index].reshape(-1)
     return out[:d]
 
 
@@ -909,20 +907,29 @@ class QSGD(_LevelQuantizer):
             m = int((total - last) + 6 * math.sqrt(total - last) + 16)
             e = torch.rand(m, dtype=torch.float64, generator=g, device=device)
             points = torch.cumsum(torch.log1p(e.neg_()).neg_(), 0).add_(last)
-            pieces.append(points[points < total])
+            pieces.append(points[: int(torch.searchsorted(points, total))])  # sorted: a cut
             last = float(points[-1])
         points = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        bucket = torch.searchsorted(hazard[1:], points, right=True).clamp_(max=nb - 1)
-        offset = ((points - hazard[bucket]) / lam[bucket]).to(torch.int64)
-        cand = bucket * b + torch.minimum(offset, lengths[bucket].to(torch.int64) - 1)
-        cand = torch.unique_consecutive(cand)
+        # point t in [H_B, H_B+1) lands on coordinate B b + floor((t - H_B) / lambda_B):
+        # per bucket an affine map, spread over the points by their counts per bucket
+        counts = torch.diff(torch.searchsorted(points, hazard))
+        slope = torch.where(lam > 0, 1 / lam, torch.zeros_like(lam))
+        first = torch.arange(nb, dtype=torch.float64, device=device) * b
+        cand = torch.addcmul(
+            torch.repeat_interleave(first, counts),
+            points.sub_(torch.repeat_interleave(hazard[:-1], counts)),
+            torch.repeat_interleave(slope, counts),
+        )
+        cand = torch.unique_consecutive(cand.floor_().to(torch.int64).clamp_(0, d - 1))
         bucket = cand >> (b.bit_length() - 1) if b & (b - 1) == 0 else cand // b
-        q_hit = torch.expm1(lam.neg()).neg_().to(torch.float32)  # 1 - exp(-lambda_B)
-        xc = f32[cand]
-        p = xc.abs() / norms[bucket]
-        keep = torch.rand(cand.numel(), generator=g, device=device) * q_hit[bucket] < p
+        # keep candidate j with probability p_j / q_B = |x_j| / (||x_B|| (1 - exp(-lambda_B)))
+        hit = torch.expm1(lam.neg()).neg_().to(torch.float32)
+        inv = torch.where(hit > 0, 1 / (norms * hit), torch.zeros_like(norms))
+        xc = torch.index_select(f32, 0, cand)
+        u = torch.rand(cand.numel(), generator=g, device=device)
+        keep = u < xc.abs().mul_(torch.index_select(inv, 0, bucket))
         index = cand[keep]
-        lev = torch.where(xc[keep] < 0, -1, 1).to(torch.int16)
+        lev = xc[keep].sign().to(torch.int16)
         return {"norms": norms, "index": index, "nzlevels": lev}
 
     def _write_params(self, w: Writer) -> None:
