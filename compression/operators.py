@@ -848,13 +848,14 @@ class QSGD(_LevelQuantizer):
     def _compress(self, f32: torch.Tensor, flat: torch.Tensor, seed: int) -> Fields:
         d = f32.numel()
         b = _bucket_size(self.bucket, d)
+        thinned = self.s == 1 and self.norm == "l2"
         norms = _bucket_reduce(f32, b, 2.0 if self.norm == "l2" else math.inf)
         if not bool(torch.isfinite(norms).all()):
             _check_finite_sum(f32)
             raise ValueError("the norm of a bucket overflows float32; scale the input down")
         g = self._generator(f32.device, seed)
-        if self.s == 1 and self.norm == "l2":
-            fields = self._compress_thinned(f32, norms, b, g)
+        if thinned:
+            fields = self._compress_thinned(f32, norms, _bucket_peaks(f32, b), b, g)
             if fields is not None:
                 return fields
         return self._compress_dense(f32, norms, b, g)
@@ -876,7 +877,12 @@ class QSGD(_LevelQuantizer):
         return {"norms": norms, "levels": levels}
 
     def _compress_thinned(
-        self, f32: torch.Tensor, norms: torch.Tensor, b: int, g: torch.Generator
+        self,
+        f32: torch.Tensor,
+        norms: torch.Tensor,
+        peaks: torch.Tensor,
+        b: int,
+        g: torch.Generator,
     ) -> Fields | None:
         """s = 1 by thinning. Per bucket B, q_B = max_j p_j with p_j = |x_j| / ||x_B||.
         Candidates: coordinate j of bucket B is a candidate iff a rate-1 Poisson process on
@@ -888,7 +894,6 @@ class QSGD(_LevelQuantizer):
         """
         d = f32.numel()
         device = f32.device
-        peaks = _bucket_peaks(f32, b)
         nb = norms.numel()
         q = torch.where(norms > 0, peaks / norms, torch.zeros_like(norms)).to(torch.float64)
         lam = torch.log1p(-q.clamp(max=1.0)).neg_().clamp_(max=17.0)
@@ -927,9 +932,9 @@ class QSGD(_LevelQuantizer):
         inv = torch.where(hit > 0, 1 / (norms * hit), torch.zeros_like(norms))
         xc = torch.index_select(f32, 0, cand)
         u = torch.rand(cand.numel(), generator=g, device=device)
-        keep = u < xc.abs().mul_(torch.index_select(inv, 0, bucket))
-        index = cand[keep]
-        lev = xc[keep].sign().to(torch.int16)
+        kept = torch.nonzero(u < xc.abs().mul_(torch.index_select(inv, 0, bucket))).view(-1)
+        index = torch.index_select(cand, 0, kept)
+        lev = torch.index_select(xc, 0, kept).sign_().to(torch.int16)
         return {"norms": norms, "index": index, "nzlevels": lev}
 
     def _write_params(self, w: Writer) -> None:
