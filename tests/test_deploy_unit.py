@@ -375,3 +375,44 @@ def test_fast_poll_grid_honours_the_timeout() -> None:
     replies = list(grid.send_and_receive(_msgs(grid, 1), timeout=0.2))
     assert replies == []
     assert 0.2 <= time.monotonic() - t0 < 0.5
+
+
+# ----------------------------------------------------------------------- benchmark parsing
+def test_supernode_log_parsing_and_poll_wait() -> None:
+    from datetime import UTC, datetime
+
+    from benchmarks.deploy import parse_supernode_log, poll_waits
+
+    def stamp(t: float) -> str:
+        local = datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S,%f")[:-3]
+        return f"\x1b[92mINFO {local}\x1b[0m:      "
+
+    t = 1_800_000_000.0
+    log = "\n".join(
+        [
+            stamp(t) + "[RUN 7]",
+            stamp(t) + "Receiving: train message (ID: a)",
+            stamp(t + 1.0) + "Received successfully",
+            stamp(t + 4.0) + "[RUN 7]",
+            stamp(t + 4.0) + "Sending: train message (ID: b)",
+            stamp(t + 4.5) + "Sent successfully",
+            stamp(t + 5.0) + "[RUN 8]",  # another run: ignored
+            stamp(t + 5.0) + "Receiving: train message (ID: c)",
+            stamp(t + 5.5) + "Received successfully",
+            stamp(t + 9.0) + "[RUN 7, ROUND 2]",
+            stamp(t + 9.0) + "Receiving: train message (ID: d)",
+            stamp(t + 9.2) + "Received successfully",
+            "INFO:     127.0.0.1 - a uvicorn line without a Flower stamp",
+        ]
+    )
+    events = parse_supernode_log(log, 7)
+    assert events.received == pytest.approx({"1": t + 1.0, "2": t + 9.2})
+    assert events.sent == pytest.approx({"1": t + 4.5})
+    start = datetime.fromtimestamp(t - 0.5, UTC).isoformat()
+    rounds = [
+        {"round": 1, "started_at": start, "phase_seconds": {"configure": 0.25, "train": 5.0}},
+        {"round": 2, "started_at": start, "phase_seconds": {"configure": 0.0, "train": 1.0}},
+    ]
+    # push at t-0.25, received at t+1 (1.25 s), sent at t+4.5, server had it at t+4.75 (0.25 s)
+    waits = poll_waits(rounds, [events])
+    assert waits[0] == pytest.approx(1.5) and waits[1] is None
