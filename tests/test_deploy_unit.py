@@ -27,6 +27,7 @@ from client.enroll import BundleInfo, open_bundle, write_bundle
 from client.supernode import node_config, supernode_command
 from server.deploy.certs import (
     NodeKeyPair,
+    certificate_names,
     ensure_tls,
     fingerprint,
     install_tls,
@@ -57,6 +58,9 @@ def test_ensure_tls_makes_a_verifiable_chain_with_sans(tmp_path: Path) -> None:
         ipaddress.ip_address("::1"),
         ipaddress.ip_address("10.1.2.3"),
     }
+    assert set(certificate_names(files.server_cert.read_bytes())) == {
+        "localhost", "fl.example.org", "127.0.0.1", "::1", "10.1.2.3"
+    }  # fmt: skip
     # the server certificate verifies against the CA (an ssl context does the check)
     ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
     cert.verify_directly_issued_by(ca)

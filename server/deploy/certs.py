@@ -283,6 +283,18 @@ def load_public_key(data: bytes) -> ec.EllipticCurvePublicKey:
     return key
 
 
+def certificate_names(cert_pem: bytes) -> list[str]:
+    """The DNS names and IP addresses a certificate is valid for (its SANs)."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [*san.get_values_for_type(x509.DNSName)] + [
+        str(ip) for ip in san.get_values_for_type(x509.IPAddress)
+    ]
+
+
 def fingerprint(public_pem: bytes) -> str:
     """SHA-256 of the public key's DER encoding, hex (safe to log and show)."""
     key = load_public_key(public_pem)

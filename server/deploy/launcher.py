@@ -33,7 +33,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from server.deploy.certs import TlsFiles, ensure_tls, install_tls, write_private
+from server.deploy.certs import (
+    TlsFiles,
+    certificate_names,
+    ensure_tls,
+    install_tls,
+    write_private,
+)
 from server.deploy.processes import ProcessRecord, start_background, stop_pid_file, tail
 
 DEFAULT_SUPERLINK_HOST = "127.0.0.1"
@@ -314,6 +320,15 @@ def start_server(
         echo(f"created a CA and a server certificate in {paths.tls_dir}")
     else:
         ensure_tls(paths.tls_dir, config.server_names)
+
+    host = config.device_address.rpartition(":")[0].strip("[]")
+    names = certificate_names(paths.tls.server_cert.read_bytes())
+    if host and host not in names:
+        warnings.append(
+            f"devices will dial {host!r} but the server certificate is only valid for "
+            f"{', '.join(names)}: they will fail TLS verification. Add the name with "
+            "--server-name on a fresh data directory, or bring a certificate that has it"
+        )
 
     # store and the admin token
     store = open_store(config.database_url)
