@@ -62,8 +62,10 @@ def server_start(
     server_key: Path | None = typer.Option(None, help="Your own server private key (PEM)."),
     timeout: float = typer.Option(60.0, help="Seconds to wait for each process to be ready."),
 ) -> None:
-    """Start the SuperLink and the REST service in the background (first start makes the
-    CA, the server certificate and the admin token)."""
+    """Start the SuperLink and the REST service in the background.
+
+    The first start makes the CA, the server certificate and the admin API token.
+    """
     from server.deploy.launcher import start_server
 
     own = [ca_cert, server_cert, server_key]
@@ -328,8 +330,10 @@ def client_remove(
     api_url: str | None = typer.Option(None, help="REST service URL."),
     token: str | None = typer.Option(None, envvar="FEDSQUEEZE_TOKEN", help="Admin token."),
 ) -> None:
-    """Remove a client: unregistered from the SuperLink and its enrolment deleted (its
-    round history stays)."""
+    """Remove a client: unregistered from the SuperLink, its enrolment deleted.
+
+    Its round history stays.
+    """
     c = _client_action(ref, "remove", data_dir, api_url, token)
     typer.echo(f"removed {c.get('name')} (node {c.get('node_id')})")
 
@@ -349,8 +353,10 @@ def run_command(
     data_dir: Path | None = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     quiet: bool = typer.Option(False, help="Do not print the streamed logs."),
 ) -> None:
-    """Submit the Flower app to the running SuperLink and stream its progress; the rounds
-    are recorded in the server's store."""
+    """Submit the Flower app to the running SuperLink and stream its progress.
+
+    The rounds are recorded in the server's store; at the end the run's rounds are printed.
+    """
     import tomllib
 
     from server.deploy.launcher import require_config
