@@ -36,6 +36,8 @@ pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FEDSQUEEZE = str(Path(sys.executable).parent / "fedsqueeze")
+#: `client start` options for a SuperNode that must be refused: one try, no rejoin wait
+GIVE_UP_AT_ONCE = ("--max-retries", "1", "--rejoin-wait", "0")
 
 
 def free_port() -> int:
@@ -293,7 +295,7 @@ def test_server_enrolment_and_refusals(deployment: Deployment) -> None:
     info = BundleInfo(name="rogue", superlink=f"127.0.0.1:{dep.superlink_port}", node_id=1,
                       partition_id=0, num_partitions=2)  # fmt: skip
     write_bundle(rogue, info, NodeKeyPair.generate(), dep.ca_cert.read_bytes())
-    log = _rejected(dep.start_node("rogue", rogue, "--max-retries", "1", "--rejoin-wait", "0"))
+    log = _rejected(dep.start_node("rogue", rogue, *GIVE_UP_AT_ONCE))
     assert "Failed to activate SuperNode" in log
 
     # a device that trusts another CA cannot connect (TLS verification fails)
@@ -303,14 +305,14 @@ def test_server_enrolment_and_refusals(deployment: Deployment) -> None:
 
     shutil.copytree(dep.root / "alpha.bundle", wrong)
     (wrong / "ca.crt").write_bytes(other_ca)
-    log = _rejected(dep.start_node("wrong-ca", wrong, "--max-retries", "1", "--rejoin-wait", "0"))
+    log = _rejected(dep.start_node("wrong-ca", wrong, *GIVE_UP_AT_ONCE))
     assert "CERTIFICATE_VERIFY_FAILED" in log or "certificate verify failed" in log
 
     # a removed client can no longer join
     dep.cli("client", "remove", "beta", "--data-dir", str(dep.data_dir))
     assert "beta" not in {c["name"] for c in dep.get("/clients")["items"]}
     assert dep.node_status(beta.node_id) in (None, "unregistered")
-    log = _rejected(dep.start_node("beta", dep.root / "beta.tar.gz", "--max-retries", "1", "--rejoin-wait", "0"))
+    log = _rejected(dep.start_node("beta", dep.root / "beta.tar.gz", *GIVE_UP_AT_ONCE))
     assert "Failed to activate SuperNode" in log
 
     # disabling a running client cuts it off, and it cannot come back
@@ -319,7 +321,7 @@ def test_server_enrolment_and_refusals(deployment: Deployment) -> None:
     wait_for(lambda: a.proc.poll() is not None or dep.node_status(alpha.node_id) != "online",
              60, "alpha cut off")  # fmt: skip
     dep.kill_node(a)
-    log = _rejected(dep.start_node("alpha", dep.root / "alpha.bundle", "--max-retries", "1", "--rejoin-wait", "0"))
+    log = _rejected(dep.start_node("alpha", dep.root / "alpha.bundle", *GIVE_UP_AT_ONCE))
     assert "Failed to activate SuperNode" in log
 
     # keys and the token never reach a log
