@@ -117,8 +117,8 @@ def _bucket_lengths(d: int, b: int, device: torch.device) -> torch.Tensor:
 def _segments(d: int, b: int, chunk: int = CHUNK) -> Iterator[tuple[int, int, int, int]]:
     """Cut [0, d) into pieces ``(start, rows, cols, bucket)``: the piece is the flat slice
     ``[start, start + rows * cols)`` viewed as ``(rows, cols)``, row r lying in bucket
-    ``bucket + r``. Pieces hold at most ``max(chunk, b)`` coordinates... or ``chunk`` when a
-    bucket is longer than ``chunk`` (then a row is part of one bucket)."""
+    ``bucket + r``. When b <= chunk a piece is up to chunk // b whole buckets (or the short
+    last bucket); when b > chunk it is one row of at most ``chunk`` coordinates of a bucket."""
     if b <= chunk:
         nfull = d // b
         per = max(1, chunk // b)
@@ -808,7 +808,7 @@ class QSGD(_LevelQuantizer):
     with ||.|| the L2 norm (``norm=l2``) or the max norm (``norm=max``). Unbiased with
     omega = min(d_B / s^2, sqrt(d_B) / s). For s = 1 with the L2 norm the non-zero levels are
     drawn by thinning (candidates at geometric gaps of rate q = max_j |x_j|/||x_B||, each
-    kept with probability (|x_j|/||x_B||) / q), which gives exactly the same law
+    kept with probability (|x_j|/||x_B||) / q, per bucket), which gives the same law
     P(xi_j = 1) = |x_j| / ||x_B|| while drawing only about q d random numbers.
     """
 
@@ -855,7 +855,7 @@ class QSGD(_LevelQuantizer):
             raise ValueError("the norm of a bucket overflows float32; scale the input down")
         g = self._generator(f32.device, seed)
         if thinned:
-            fields = self._compress_thinned(f32, norms, _bucket_peaks(f32, b), b, g)
+            fields = self._compress_thinned(f32, norms, b, g)
             if fields is not None:
                 return fields
         return self._compress_dense(f32, norms, b, g)
@@ -877,28 +877,28 @@ class QSGD(_LevelQuantizer):
         return {"norms": norms, "levels": levels}
 
     def _compress_thinned(
-        self,
-        f32: torch.Tensor,
-        norms: torch.Tensor,
-        peaks: torch.Tensor,
-        b: int,
-        g: torch.Generator,
+        self, f32: torch.Tensor, norms: torch.Tensor, b: int, g: torch.Generator
     ) -> Fields | None:
-        """s = 1 by thinning. Per bucket B, q_B = max_j p_j with p_j = |x_j| / ||x_B||.
-        Candidates: coordinate j of bucket B is a candidate iff a rate-1 Poisson process on
-        the hazard axis (bucket B owning d_B intervals of length lambda_B = -log(1 - q_B))
-        hits its interval, i.e. with probability q_B independently; a candidate is kept
-        with probability p_j / q_B. So P(xi_j = 1) = p_j, independently, as in QSGD.
-        lambda_B is capped at 17 (q_B within 4e-8 of 1, below float32's 2^-24 resolution of
-        a uniform draw). Returns None when thinning would not save draws (sum d_B q_B > d/4).
+        """s = 1 by thinning. Blocks K are the buckets (smaller blocks cut the candidates but
+        cost more in per-block bookkeeping than they save at d_B = 4096); per block,
+        q_K = max_{j in K} p_j with p_j = |x_j| / ||x_B||. Coordinate j of block K is a
+        candidate iff a rate-1 Poisson process on the hazard axis (block K owning |K|
+        intervals of length lambda_K = -log(1 - q_K)) hits its interval, i.e. with
+        probability q_K, independently; a candidate is kept with probability p_j / q_K. So
+        P(xi_j = 1) = p_j, independently, as in QSGD, with about sum_K |K| q_K draws.
+        lambda_K is capped at 17 (q_K within 4e-8 of 1, below float32's 2^-24 resolution of
+        a uniform draw). Returns None when thinning would not save draws (more than d/4).
         """
         d = f32.numel()
         device = f32.device
-        nb = norms.numel()
-        q = torch.where(norms > 0, peaks / norms, torch.zeros_like(norms)).to(torch.float64)
-        lam = torch.log1p(-q.clamp(max=1.0)).neg_().clamp_(max=17.0)
-        lengths = _bucket_lengths(d, b, device).to(torch.float64)
-        hazard = torch.zeros(nb + 1, dtype=torch.float64, device=device)
+        c = b
+        nk = -(-d // c)
+        block_norms = norms
+        peaks = _bucket_peaks(f32, c)
+        q = torch.where(block_norms > 0, peaks / block_norms, torch.zeros_like(peaks))
+        lam = torch.log1p(-q.to(torch.float64).clamp_(max=1.0)).neg_().clamp_(max=17.0)
+        lengths = _bucket_lengths(d, c, device).to(torch.float64)
+        hazard = torch.zeros(nk + 1, dtype=torch.float64, device=device)
         torch.cumsum(lengths * lam, 0, out=hazard[1:])
         total = float(hazard[-1])
         if total > d / 4:
@@ -915,24 +915,24 @@ class QSGD(_LevelQuantizer):
             pieces.append(points[: int(torch.searchsorted(points, total))])  # sorted: a cut
             last = float(points[-1])
         points = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        # point t in [H_B, H_B+1) lands on coordinate B b + floor((t - H_B) / lambda_B):
-        # per bucket an affine map, spread over the points by their counts per bucket
+        # point t in [H_K, H_K+1) lands on coordinate K c + floor((t - H_K) / lambda_K):
+        # per block an affine map, spread over the points by their counts per block
         counts = torch.diff(torch.searchsorted(points, hazard))
         slope = torch.where(lam > 0, 1 / lam, torch.zeros_like(lam))
-        first = torch.arange(nb, dtype=torch.float64, device=device) * b
+        first = torch.arange(nk, dtype=torch.float64, device=device) * c
         cand = torch.addcmul(
             torch.repeat_interleave(first, counts),
             points.sub_(torch.repeat_interleave(hazard[:-1], counts)),
             torch.repeat_interleave(slope, counts),
         )
         cand = torch.unique_consecutive(cand.floor_().to(torch.int64).clamp_(0, d - 1))
-        bucket = cand >> (b.bit_length() - 1) if b & (b - 1) == 0 else cand // b
-        # keep candidate j with probability p_j / q_B = |x_j| / (||x_B|| (1 - exp(-lambda_B)))
+        block = cand >> (c.bit_length() - 1) if c & (c - 1) == 0 else cand // c
+        # keep candidate j with probability p_j / q_K = |x_j| / (||x_B|| (1 - exp(-lambda_K)))
         hit = torch.expm1(lam.neg()).neg_().to(torch.float32)
-        inv = torch.where(hit > 0, 1 / (norms * hit), torch.zeros_like(norms))
+        inv = torch.where(hit > 0, 1 / (block_norms * hit), torch.zeros_like(hit))
         xc = torch.index_select(f32, 0, cand)
         u = torch.rand(cand.numel(), generator=g, device=device)
-        kept = torch.nonzero(u < xc.abs().mul_(torch.index_select(inv, 0, bucket))).view(-1)
+        kept = torch.nonzero(u < xc.abs().mul_(torch.index_select(inv, 0, block))).view(-1)
         index = torch.index_select(cand, 0, kept)
         lev = torch.index_select(xc, 0, kept).sign_().to(torch.int16)
         return {"norms": norms, "index": index, "nzlevels": lev}

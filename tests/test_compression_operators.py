@@ -160,11 +160,19 @@ def _qsgd_exact_variance(x: torch.Tensor, s: int, norm: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("s", "norm", "gaussian"),
-    [(1, "l2", True), (1, "l2", False), (1, "max", False), (4, "l2", False), (16, "max", False)],
+    ("s", "norm", "gaussian", "m"),
+    [
+        (1, "l2", True, 1024),  # thinning
+        (1, "l2", True, 1000),  # thinning, bucket size not a power of two
+        (1, "l2", False, 64),
+        (1, "max", False, 64),
+        (4, "l2", False, 64),
+        (16, "max", False, 64),
+    ],
 )
-def test_qsgd_is_unbiased_with_the_exact_variance(s: int, norm: str, gaussian: bool) -> None:
-    m = 1024 if gaussian else 64
+def test_qsgd_is_unbiased_with_the_exact_variance(
+    s: int, norm: str, gaussian: bool, m: int
+) -> None:
     x = torch.randn(m, generator=torch.Generator().manual_seed(1)) if gaussian else None
     x = x if x is not None else _heavy_tailed(m, seed=s)
     copies = 400
