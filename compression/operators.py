@@ -807,8 +807,8 @@ class QSGD(_LevelQuantizer):
 
     with ||.|| the L2 norm (``norm=l2``) or the max norm (``norm=max``). Unbiased with
     omega = min(d_B / s^2, sqrt(d_B) / s). For s = 1 with the L2 norm the non-zero levels are
-    drawn by thinning (candidates at geometric gaps of rate q = max_j |x_j|/||x_B||, each
-    kept with probability (|x_j|/||x_B||) / q, per bucket), which gives the same law
+    drawn by thinning (each coordinate a candidate with probability q_B = max_j |x_j|/||x_B||
+    from Poisson points, each kept with probability (|x_j|/||x_B||) / q_B), the same law
     P(xi_j = 1) = |x_j| / ||x_B|| while drawing only about q d random numbers.
     """
 
@@ -879,57 +879,45 @@ class QSGD(_LevelQuantizer):
     def _compress_thinned(
         self, f32: torch.Tensor, norms: torch.Tensor, b: int, g: torch.Generator
     ) -> Fields | None:
-        """s = 1 by thinning. Blocks K are the buckets (smaller blocks cut the candidates but
-        cost more in per-block bookkeeping than they save at d_B = 4096); per block,
-        q_K = max_{j in K} p_j with p_j = |x_j| / ||x_B||. Coordinate j of block K is a
-        candidate iff a rate-1 Poisson process on the hazard axis (block K owning |K|
-        intervals of length lambda_K = -log(1 - q_K)) hits its interval, i.e. with
-        probability q_K, independently; a candidate is kept with probability p_j / q_K. So
-        P(xi_j = 1) = p_j, independently, as in QSGD, with about sum_K |K| q_K draws.
-        lambda_K is capped at 17 (q_K within 4e-8 of 1, below float32's 2^-24 resolution of
+        """s = 1 by thinning. Per bucket B, q_B = max_{j in B} p_j with p_j = |x_j| / ||x_B||
+        and lambda_B = -log(1 - q_B). Draw N_B ~ Poisson(d_B lambda_B) points uniformly on
+        the bucket's coordinates: each coordinate then gets Poisson(lambda_B) points,
+        independently, so it is hit with probability 1 - exp(-lambda_B) = q_B. Each distinct
+        coordinate hit (a candidate) is kept with probability p_j / q_B. So P(xi_j = 1) = p_j,
+        independently, as in QSGD, with about sum_B d_B q_B draws instead of d.
+        lambda_B is capped at 17 (q_B within 4e-8 of 1, below float32's 2^-24 resolution of
         a uniform draw). Returns None when thinning would not save draws (more than d/4).
         """
         d = f32.numel()
         device = f32.device
-        c = b
-        nk = -(-d // c)
-        block_norms = norms
-        peaks = _bucket_peaks(f32, c)
-        q = torch.where(block_norms > 0, peaks / block_norms, torch.zeros_like(peaks))
+        nb = norms.numel()
+        peaks = _bucket_peaks(f32, b)
+        q = torch.where(norms > 0, peaks / norms, torch.zeros_like(peaks))
         lam = torch.log1p(-q.to(torch.float64).clamp_(max=1.0)).neg_().clamp_(max=17.0)
-        lengths = _bucket_lengths(d, c, device).to(torch.float64)
-        hazard = torch.zeros(nk + 1, dtype=torch.float64, device=device)
-        torch.cumsum(lengths * lam, 0, out=hazard[1:])
-        total = float(hazard[-1])
-        if total > d / 4:
+        lengths = _bucket_lengths(d, b, device).to(torch.float64)
+        rate = lengths * lam
+        if float(rate.sum()) > d / 4:
             return None
-        if total == 0.0:
-            empty = torch.zeros(0, dtype=torch.int64, device=device)
-            return {"norms": norms, "index": empty, "nzlevels": empty.to(torch.int16)}
-        pieces = []
-        last = 0.0
-        while last < total:
-            m = int((total - last) + 6 * math.sqrt(total - last) + 16)
-            e = torch.rand(m, dtype=torch.float64, generator=g, device=device)
-            points = torch.cumsum(torch.log1p(e.neg_()).neg_(), 0).add_(last)
-            pieces.append(points[: int(torch.searchsorted(points, total))])  # sorted: a cut
-            last = float(points[-1])
-        points = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        # point t in [H_K, H_K+1) lands on coordinate K c + floor((t - H_K) / lambda_K):
-        # per block an affine map, spread over the points by their counts per block
-        counts = torch.diff(torch.searchsorted(points, hazard))
-        slope = torch.where(lam > 0, 1 / lam, torch.zeros_like(lam))
-        first = torch.arange(nk, dtype=torch.float64, device=device) * c
-        cand = torch.addcmul(
-            torch.repeat_interleave(first, counts),
-            points.sub_(torch.repeat_interleave(hazard[:-1], counts)),
-            torch.repeat_interleave(slope, counts),
-        )
-        cand = torch.unique_consecutive(cand.floor_().to(torch.int64).clamp_(0, d - 1))
-        block = cand >> (c.bit_length() - 1) if c & (c - 1) == 0 else cand // c
-        # keep candidate j with probability p_j / q_K = |x_j| / (||x_B|| (1 - exp(-lambda_K)))
+        counts = torch.poisson(rate, generator=g).to(torch.int64)
+        itype = torch.int32 if d < 1 << 31 else torch.int64
+        bucket = torch.repeat_interleave(torch.arange(nb, dtype=itype, device=device), counts)
+        u = torch.rand(bucket.numel(), generator=g, device=device)
+        pos = u.mul_(float(b)).to(itype)  # uniform offset in a full bucket
+        tail = d - (nb - 1) * b
+        last = int(counts[-1])
+        if tail != b and last:  # the short last bucket: uniform over its own length
+            torch.mul(u[-last:].div_(float(b)), float(tail), out=u[-last:])
+            pos[-last:] = u[-last:].to(itype)
+        pos.add_(bucket * b)
+        if device.type == "cpu":  # numpy's vectorized sort is several times torch's here
+            ordered = torch.from_numpy(np.sort(pos.numpy()))
+        else:
+            ordered = torch.sort(pos).values
+        cand = torch.unique_consecutive(ordered).to(torch.int64)
+        block = cand >> (b.bit_length() - 1) if b & (b - 1) == 0 else cand // b
+        # keep candidate j with probability p_j / q_B = |x_j| / (||x_B|| (1 - exp(-lambda_B)))
         hit = torch.expm1(lam.neg()).neg_().to(torch.float32)
-        inv = torch.where(hit > 0, 1 / (block_norms * hit), torch.zeros_like(hit))
+        inv = torch.where(hit > 0, 1 / (norms * hit), torch.zeros_like(hit))
         xc = torch.index_select(f32, 0, cand)
         u = torch.rand(cand.numel(), generator=g, device=device)
         kept = torch.nonzero(u < xc.abs().mul_(torch.index_select(inv, 0, block))).view(-1)
