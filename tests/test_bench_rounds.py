@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,7 @@ def test_quick_benchmark_writes_every_field(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=900,
+        env={**os.environ, "FEDSQUEEZE_HOME": str(tmp_path / "fsq-home")},
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     records = json.loads(out.read_text())
