@@ -1097,6 +1097,22 @@ def results_table(results: Sequence[SimulationResult], title: str = "Simulations
 # ----------------------------------------------------------------------------- the command
 
 
+def check_task_data(config: dict[str, ConfigValue]) -> None:
+    """Fail before starting anything when the run's dataset files are missing.
+
+    The simulated ServerApp and ClientApps run on this machine with this environment, so
+    what is missing here would make every client fail later, with the reason buried in a log.
+    """
+    if config.get("task") != "fashion-mnist":
+        return
+    from tasks.fashion_mnist import FashionMnistDataMissing, check_data_dir
+
+    try:
+        check_data_dir(str(config.get("data-dir", "") or "") or None)
+    except FashionMnistDataMissing as exc:
+        raise SimulationError(str(exc)) from None
+
+
 def build_specs(
     app: AppInfo,
     strategies: Sequence[str],
@@ -1136,6 +1152,8 @@ def build_specs(
         if "strategy" not in app.run_config:
             raise SimulationError("--strategy: this app has no run-config key 'strategy'")
         per_run = [check_overrides(app.run_config, {**overrides, "strategy": s}) for s in labels]
+    for o in per_run:
+        check_task_data({**app.run_config, **o})
     return [
         RunSpec(
             label=label,

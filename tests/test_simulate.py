@@ -168,6 +168,19 @@ def test_cli_reports_bad_input_clearly() -> None:
     assert "unknown run-config key 'no-such-key'" in done.stdout
 
 
+def test_missing_dataset_is_reported_before_anything_starts(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [FEDSQUEEZE, "simulate", "--task", "fashion-mnist", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "300"},
+    )
+    assert done.returncode == 2
+    assert "apt-get install dataset-fashion-mnist" in done.stdout
+    assert "SuperLink" not in done.stdout
+
+
 def test_jsonl_history_is_followed_for_one_flower_run(tmp_path: Path) -> None:
     path = tmp_path / "history.jsonl"
 
