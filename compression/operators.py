@@ -214,12 +214,10 @@ def _signs_dense(
     table = _SIGN_TABLE
     if scale is not None:
         table = table * np.float32(float(scale.reshape(()).to(torch.float32).cpu()))
-    if device.type == "cpu":
-        out = torch.from_numpy(table[packed].reshape(-1))
-    else:
-        index = torch.from_numpy(packed).to(device).to(torch.int64)
-        out = torch.from_numpy(table).to(device)[index].reshape(-1)
-    return out[:d]
+    index = torch.from_numpy(packed).to(device=device, dtype=torch.int64)
+    out = torch.empty(packed.size, 8, dtype=torch.float32, device=device)
+    torch.index_select(torch.from_numpy(table).to(device), 0, index, out=out)
+    return out.view(-1)[:d]
 
 
 # --------------------------------------------------------------------------- Compressed
