@@ -20,8 +20,11 @@ the app bundle and the first ClientApp start-up and is reported apart as first_r
   server's push (round start + configure phase) to that node's receipt of the message
   (the SuperNode asks the SuperLink for work every 3 s in flwr 1.41), plus from the node's
   reply being sent to the server's poll returning with it (the ServerApp polls every
-  0.1 s). The node-side times come from the SuperNodes' own log lines ("Receiving",
-  "Sent successfully"), timestamped by running them with ``FLWR_LOG_LEVEL=DEBUG``; all
+  0.1 s). Beside it, ``node_busy_s_per_round``: that node's time from receiving the
+  message to sending its reply (the ClientApp process start-up, one per message in
+  Flower's subprocess isolation, the local training, the 0.5 s reply check). The node-side
+  times come from the SuperNodes' own log lines ("Received successfully", "Sent
+  successfully"), timestamped by running them with ``FLWR_LOG_LEVEL=DEBUG``; all
   processes share this machine's clock.
 
     python -m benchmarks.deploy               # 8 rounds
@@ -108,6 +111,21 @@ def parse_supernode_log(text: str, run_id: int) -> NodeEvents:
             sent[send_key] = when
             send_key = None
     return NodeEvents(received, sent)
+
+
+def node_busy(rounds: list[dict[str, Any]], nodes: list[NodeEvents]) -> list[float | None]:
+    """Per round, the critical node's time from receiving the message to sending its reply
+    (ClientApp process start-up, local training, the SuperNode's 0.5 s reply check)."""
+    out: list[float | None] = []
+    for r in rounds:
+        key = str(r["round"])
+        candidates = [n for n in nodes if key in n.sent and key in n.received]
+        if not candidates:
+            out.append(None)
+            continue
+        last = max(candidates, key=lambda n: n.sent[key])
+        out.append(last.sent[key] - last.received[key])
+    return out
 
 
 def poll_waits(rounds: list[dict[str, Any]], nodes: list[NodeEvents]) -> list[float | None]:
@@ -296,6 +314,7 @@ def run_benchmark(
     waits = poll_waits(dep_rounds, events)
     steady = [(w, s) for w, s in zip(waits[1:], dep_s[1:], strict=True) if w is not None]
     share = sum(w for w, _ in steady) / sum(s for _, s in steady) if steady else None
+    busy = [b for b in node_busy(dep_rounds, events)[1:] if b is not None]
     return {
         "strategy": strategy,
         "task": task,
@@ -309,6 +328,7 @@ def run_benchmark(
         "poll_wait_share": share,
         "poll_wait_s_per_round": (statistics.fmean(w for w, _ in steady) if steady else None),
         "poll_rounds_measured": len(steady),
+        "node_busy_s_per_round": statistics.fmean(busy) if busy else None,
         "wall_s_deployment": wall_deploy,
         "wall_s_simulation": wall_sim,
         "replied_deployment": [r["replied"] for r in dep_rounds],
@@ -339,6 +359,8 @@ def _table(result: dict[str, Any]) -> Any:
     per = result["poll_wait_s_per_round"]
     table.add_row("poll wait share", "-" if share is None else f"{share:.1%}", "")
     table.add_row("poll wait s per round", "-" if per is None else f"{per:.2f}", "")
+    busy = result["node_busy_s_per_round"]
+    table.add_row("node busy s per round", "-" if busy is None else f"{busy:.2f}", "")
     table.add_row("deployment / simulation", f"{result['deployment_vs_simulation']:.2f}", "")
     return table
 

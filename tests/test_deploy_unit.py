@@ -385,7 +385,7 @@ def test_fast_poll_grid_honours_the_timeout() -> None:
 def test_supernode_log_parsing_and_poll_wait() -> None:
     from datetime import UTC, datetime
 
-    from benchmarks.deploy import parse_supernode_log, poll_waits
+    from benchmarks.deploy import node_busy, parse_supernode_log, poll_waits
 
     def stamp(t: float) -> str:
         local = datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S,%f")[:-3]
@@ -420,3 +420,5 @@ def test_supernode_log_parsing_and_poll_wait() -> None:
     # push at t-0.25, received at t+1 (1.25 s), sent at t+4.5, server had it at t+4.75 (0.25 s)
     waits = poll_waits(rounds, [events])
     assert waits[0] == pytest.approx(1.5) and waits[1] is None
+    busy = node_busy(rounds, [events])
+    assert busy[0] == pytest.approx(3.5) and busy[1] is None
