@@ -91,19 +91,18 @@ def _bucket_reduce(f32: torch.Tensor, b: int, ord: float) -> torch.Tensor:
 
 
 def _bucket_peaks(f32: torch.Tensor, b: int) -> torch.Tensor:
-    """max_j |x_j| per bucket, float32; chunked through a reusable buffer (one pass)."""
+    """max_j |x_j| per bucket, float32, as max(max_j x_j, -min_j x_j): two reductions
+    straight over the data, no |x| temporary."""
     d = f32.numel()
-    out = torch.empty(-(-d // b), dtype=torch.float32, device=f32.device)
-    buf = torch.empty(min(d, CHUNK), device=f32.device)
-    for start, rows, cols, bk in _segments(d, b):
-        a = buf[: rows * cols].view(rows, cols)
-        torch.abs(f32[start : start + rows * cols].view(rows, cols), out=a)
-        peak = a.amax(dim=1)
-        if start % b == 0:  # the piece starts whole buckets
-            out[bk : bk + rows] = peak
-        else:  # a later piece of a bucket longer than CHUNK
-            out[bk] = torch.maximum(out[bk], peak[0])
-    return out
+    nfull = d // b
+    parts = []
+    if nfull:
+        view = f32[: nfull * b].view(nfull, b)
+        parts.append(torch.maximum(view.amax(dim=1), view.amin(dim=1).neg_()))
+    if d % b:
+        tail = f32[nfull * b :]
+        parts.append(torch.maximum(tail.amax(), tail.amin().neg()).reshape(1))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def _bucket_lengths(d: int, b: int, device: torch.device) -> torch.Tensor:
