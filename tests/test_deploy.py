@@ -268,6 +268,9 @@ def test_server_enrolment_and_refusals(deployment: Deployment) -> None:
     assert _mode(dep.data_dir / "tls" / "ca.key") == 0o600
     again = dep.start_server()  # ... and not again
     assert "already running" in again.stdout and token not in again.stdout
+    moved = dep.cli("server", "start", "--data-dir", str(dep.data_dir), "--api-port",
+                    str(free_port()), check=False)  # fmt: skip
+    assert moved.returncode != 0 and "server stop" in moved.stderr
     status = dep.cli("server", "status", "--data-dir", str(dep.data_dir), "--json")
     assert all(c["running"] and c["reachable"] for c in json.loads(status.stdout))
 

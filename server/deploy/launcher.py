@@ -294,10 +294,22 @@ def start_server(
     paths = ServerPaths(data_dir)
     paths.root.mkdir(parents=True, exist_ok=True)
     paths.root.chmod(0o700)
-    config = load_config(paths) or ServerConfig()
+    saved = load_config(paths)
+    config = saved or ServerConfig()
+    running = [
+        name
+        for name in ("superlink", "api")
+        if (rec := ProcessRecord.read(paths.pid_file(name))) is not None and rec.alive()
+    ]
     for key, value in (overrides or {}).items():
-        if value is not None:
-            setattr(config, key, value)
+        if value is None:
+            continue
+        if running and saved is not None and getattr(saved, key) != value:
+            raise RuntimeError(
+                f"{' and '.join(running)} already running with {key}={getattr(saved, key)!r}: "
+                f"run `fedsqueeze server stop --data-dir {data_dir}` before changing it"
+            )
+        setattr(config, key, value)
     if not config.database_url:
         config.database_url = resolve_database_url(None)
     config.validate()
