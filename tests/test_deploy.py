@@ -442,3 +442,33 @@ def test_supernode_killed_mid_run_then_rejoins(deployment: Deployment) -> None:
     assert rounds[5]["replied"] == 2 and outcome(5) == "ok"
     # and its state was brought back in step with the server's (a resync was counted)
     assert sum(int(r["extra"].get("resyncs", 0)) for r in rounds.values()) >= 1
+
+
+@pytest.mark.postgres
+def test_deployment_records_to_postgresql(deployment: Deployment) -> None:
+    """The server's store on PostgreSQL: the ServerApp (started by the SuperLink) records
+    there, the REST service serves it."""
+    from conftest import throwaway_postgres
+    from sqlalchemy import create_engine, text
+
+    dep = deployment
+    with throwaway_postgres() as url:
+        dep.database_url = url
+        infos, _ = _two_nodes(dep)
+        assert json.loads((dep.data_dir / "server.json").read_text())["database_url"] == url
+        dep.cli("run", "--strategy", "artemis", "--rounds", "2", "--app", str(APP_DIR),
+                "--data-dir", str(dep.data_dir), *RUN_CONFIG)  # fmt: skip
+        run = _store_run(dep, "artemis")
+        assert run["status"] == "finished" and run["summary"]["rounds_done"] == 2
+        engine = create_engine(url)
+        try:
+            with engine.connect() as conn:
+                n_rounds = conn.execute(
+                    text("SELECT count(*) FROM rounds WHERE run_id = :r"), {"r": run["id"]}
+                ).scalar_one()
+                nodes = set(conn.execute(text("SELECT node_id FROM clients")).scalars())
+        finally:
+            engine.dispose()
+        assert n_rounds == 2
+        assert nodes == {i.node_id for i in infos}
+        dep.shutdown()  # before the database is dropped
