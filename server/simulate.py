@@ -1189,7 +1189,7 @@ def simulate(
         "-n",
         min=1,
         help="Number of simulated clients (SuperNodes); also the number of data partitions. "
-        "Default: the app's federation size.",
+        "Default: the app's num-partitions, else 20.",
     ),
     participation: float | None = typer.Option(
         None, "--participation", "-p", help="Participation probability p (run-config)."
