@@ -201,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default="", help="Fashion-MNIST IDX directory")
     parser.add_argument("--timeout", type=float, default=1800.0, help="per run, seconds")
     parser.add_argument("--app-dir", type=Path, help="Flower app directory (default: this repo)")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        help="where the runs' store, FLWR_HOME and logs go (default: a temporary directory, "
+        "removed when every run completed)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -236,7 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         strategies = list(QUICK_STRATEGIES if args.quick else ALL_STRATEGIES)
     strategies = [BASELINE, *[s for s in dict.fromkeys(strategies) if s != BASELINE]]
 
-    work = Path(tempfile.mkdtemp(prefix="fedsqueeze-bench-rounds-"))
+    if args.work_dir is not None:
+        work = args.work_dir.expanduser().resolve()
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="fedsqueeze-bench-rounds-"))
     try:
         app = read_app(args.app_dir)
         task_options = (
@@ -289,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[yellow]interrupted[/] (files kept in {work})")
         return 130
     if all(r.ok for r in results):
-        shutil.rmtree(work, ignore_errors=True)
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
     else:
         console.print(f"[red]some runs failed[/]: logs kept in {work}")
 

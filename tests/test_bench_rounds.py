@@ -73,7 +73,17 @@ def test_ratios_are_against_fedavg_over_warm_rounds() -> None:
 def test_quick_benchmark_writes_every_field(tmp_path: Path) -> None:
     out = tmp_path / "rounds.json"
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.rounds", "--quick", "--no-progress", "--json", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.rounds",
+            "--quick",
+            "--no-progress",
+            "--json",
+            str(out),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -310,6 +310,7 @@ def test_ctrl_c_stops_the_run_and_the_superlink(tmp_path: Path) -> None:
                 "--rounds", "500",
                 "--clients", "3",
                 "--database-url", f"sqlite:///{tmp_path / 'runs.db'}",
+                "--flwr-home", str(tmp_path / "flwr-home"),  # kept after Ctrl-C: keep it here
                 "--no-progress",
             ],
             cwd=ROOT,
@@ -339,6 +340,7 @@ def test_ctrl_c_stops_the_run_and_the_superlink(tmp_path: Path) -> None:
         psutil.wait_procs(descendants, timeout=15)
         assert all(_gone(c.pid) for c in descendants)
         assert "interrupted" in log.read_text()
+        assert list((tmp_path / "flwr-home" / "logs").glob("run-*.log"))
     finally:
         if proc.poll() is None:
             proc.kill()
