@@ -20,7 +20,7 @@ client_app = typer.Typer(
     help="Enrol edge devices and run their Flower SuperNodes.", no_args_is_help=True
 )
 
-DATA_DIR_HELP = "Server data directory [default: $FEDSQUEEZE_HOME/server]."
+DATA_DIR_HELP = "Server data directory (default: $FEDSQUEEZE_HOME/server)."
 
 
 def _data_dir(value: Path | None) -> Path:
@@ -39,21 +39,21 @@ def _fail(message: str) -> typer.Exit:
 def server_start(
     data_dir: Path | None = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     superlink_host: str | None = typer.Option(
-        None, help="Address the SuperLink binds to [default: 127.0.0.1; 0.0.0.0 for devices]."
+        None, help="Address the SuperLink binds to (default: 127.0.0.1; 0.0.0.0 for devices)."
     ),
-    superlink_port: int | None = typer.Option(None, help="SuperLink HTTPS port [default: 9092]."),
+    superlink_port: int | None = typer.Option(None, help="SuperLink HTTPS port (default: 9092)."),
     api_host: str | None = typer.Option(
-        None, help="REST service bind address [default: 127.0.0.1]."
+        None, help="REST service bind address (default: 127.0.0.1)."
     ),
-    api_port: int | None = typer.Option(None, help="REST service port [default: 8080]."),
+    api_port: int | None = typer.Option(None, help="REST service port (default: 8080)."),
     public_address: str | None = typer.Option(
-        None, help="host:port devices dial, written into bundles [default: the local address]."
+        None, help="host:port devices dial, written into bundles (default: the local address)."
     ),
     server_name: list[str] = typer.Option(
         [], "--server-name", help="Extra DNS name or IP for the server certificate (repeat)."
     ),
     database_url: str | None = typer.Option(
-        None, help="Store URL [default: $DATABASE_URL, else SQLite under $FEDSQUEEZE_HOME]."
+        None, help="Store URL (default: $DATABASE_URL, else SQLite under $FEDSQUEEZE_HOME)."
     ),
     ca_cert: Path | None = typer.Option(
         None, help="Your own CA certificate (with --server-cert/--server-key)."
@@ -177,24 +177,24 @@ def client_enroll(
     name: str = typer.Option(..., help="Unique name of the device."),
     location: str | None = typer.Option(None, help='Where it is, "<latitude>,<longitude>".'),
     partition_id: int | None = typer.Option(
-        None, help="Its data partition [default: the number of clients already enrolled]."
+        None, help="Its data partition (default: the number of clients already enrolled)."
     ),
     num_partitions: int = typer.Option(20, help="How many partitions the data is split into."),
     out: Path | None = typer.Option(
-        None, help="Bundle path: a directory, or a file ending .tar.gz [default: ./NAME.bundle]."
+        None, help="Bundle path: a directory, or a file ending .tar.gz (default: ./NAME.bundle)."
     ),
     data_dir: Path | None = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
-    api_url: str | None = typer.Option(None, help="REST service URL [default: from the data dir]."),
+    api_url: str | None = typer.Option(None, help="REST service URL (default: from the data dir)."),
     token: str | None = typer.Option(
         None,
         envvar="FEDSQUEEZE_TOKEN",
-        help="Admin or enrolment token [env FEDSQUEEZE_TOKEN; default: the data dir's one].",
+        help="Admin or enrolment token (env FEDSQUEEZE_TOKEN; default: the data dir's one).",
     ),
     superlink: str | None = typer.Option(
-        None, help="SuperLink host:port for the bundle [default: the server's public address]."
+        None, help="SuperLink host:port for the bundle (default: the server's public address)."
     ),
     ca_cert: Path | None = typer.Option(
-        None, help="CA certificate for the bundle [default: the data dir's]."
+        None, help="CA certificate for the bundle (default: the data dir's)."
     ),
     force: bool = typer.Option(False, help="Overwrite an existing bundle."),
 ) -> None:
@@ -248,10 +248,10 @@ def client_start(
     ),
     superlink: str | None = typer.Option(None, help="Override the bundle's SuperLink host:port."),
     max_retries: int | None = typer.Option(
-        None, help="Give up after this many failed connection attempts [default: never]."
+        None, help="Give up after this many failed connection attempts (default: never)."
     ),
     max_wait_time: float | None = typer.Option(
-        None, help="Give up reconnecting after this many seconds [default: never]."
+        None, help="Give up reconnecting after this many seconds (default: never)."
     ),
     rejoin_wait: float = typer.Option(
         75.0,
@@ -341,14 +341,24 @@ def client_remove(
 # ------------------------------------------------------------------------------- run
 def run_command(
     strategy: str = typer.Option(..., help="Algorithm name (artemis, mcm, sgd, ...)."),
-    rounds: int | None = typer.Option(
-        None, help="Number of rounds (run config num-server-rounds)."
+    rounds: int | None = typer.Option(None, help="Rounds (run config num-server-rounds)."),
+    task: str | None = typer.Option(None, help="Task (run config task)."),
+    num_partitions: int | None = typer.Option(
+        None,
+        help="Data partitions (run config num-partitions): the --num-partitions the clients "
+        "were enrolled with (default: the app's, -1 = each node's own).",
+    ),
+    min_nodes: int | None = typer.Option(
+        None, help="Connected SuperNodes to wait for before round 1 (run config min-nodes)."
     ),
     run_config: list[str] = typer.Option(
-        [], "--run-config", "-c", help="Extra run-config entries key=value (TOML values; repeat)."
+        [],
+        "--run-config",
+        "-c",
+        help="More run-config entries: \"key=value key2='text'\" (TOML values; repeatable).",
     ),
     app_dir: Path | None = typer.Option(
-        None, "--app", help="Flower app directory [default: this repository]."
+        None, "--app", help="Flower app directory (default: this repository)."
     ),
     data_dir: Path | None = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     quiet: bool = typer.Option(False, help="Do not print the streamed logs."),
@@ -357,24 +367,26 @@ def run_command(
 
     The rounds are recorded in the server's store; at the end the run's rounds are printed.
     """
-    import tomllib
-
     from server.deploy.launcher import require_config
-    from server.deploy.runs import submit_run
+    from server.deploy.runs import app_config_keys, default_app_dir, submit_run
+    from server.simulate import SimulationError, check_overrides, parse_raw_overrides
 
-    values: dict[str, Any] = {"strategy": strategy}
-    if rounds is not None:
-        if rounds < 1:
-            raise _fail("--rounds must be >= 1")
-        values["num-server-rounds"] = rounds
-    for item in run_config:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise _fail(f"--run-config {item!r} is not key=value")
-        try:
-            values[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            values[key.strip()] = raw
+    if rounds is not None and rounds < 1:
+        raise _fail("--rounds must be >= 1")
+    friendly: dict[str, Any] = {
+        "strategy": strategy,
+        "num-server-rounds": rounds,
+        "task": task,
+        "num-partitions": num_partitions,
+        "min-nodes": min_nodes,
+    }
+    try:
+        defaults = app_config_keys((app_dir or default_app_dir()).resolve())
+        values = {k: v for k, v in friendly.items() if v is not None}
+        values.update(parse_raw_overrides(run_config))
+        values = check_overrides(defaults, values)
+    except (SimulationError, OSError, ValueError) as exc:
+        raise _fail(str(exc)) from None
     try:
         paths, config = require_config(_data_dir(data_dir))
         outcome = submit_run(
