@@ -447,28 +447,41 @@ def test_supernode_killed_mid_run_then_rejoins(deployment: Deployment) -> None:
 @pytest.mark.postgres
 def test_deployment_records_to_postgresql(deployment: Deployment) -> None:
     """The server's store on PostgreSQL: the ServerApp (started by the SuperLink) records
-    there, the REST service serves it."""
+    there and the REST service serves it. The URL carries a password (trust auth ignores
+    it): it reaches the ServerApp through the SuperLink's environment, never through the
+    run config, and appears in no log and not in Flower's state."""
     from conftest import throwaway_postgres
     from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
 
     dep = deployment
-    with throwaway_postgres() as url:
+    password = "pw-" + os.urandom(8).hex()
+    with throwaway_postgres() as plain_url:
+        url = make_url(plain_url).set(password=password).render_as_string(hide_password=False)
         dep.database_url = url
         infos, _ = _two_nodes(dep)
-        assert json.loads((dep.data_dir / "server.json").read_text())["database_url"] == url
-        dep.cli("run", "--strategy", "artemis", "--rounds", "2", "--app", str(APP_DIR),
-                "--data-dir", str(dep.data_dir), *RUN_CONFIG)  # fmt: skip
+        assert _mode(dep.data_dir / "server.json") == 0o600
+        out = dep.cli("run", "--strategy", "artemis", "--rounds", "2", "--app", str(APP_DIR),
+                      "--data-dir", str(dep.data_dir), *RUN_CONFIG)  # fmt: skip
         run = _store_run(dep, "artemis")
         assert run["status"] == "finished" and run["summary"]["rounds_done"] == 2
-        engine = create_engine(url)
+        engine = create_engine(plain_url)
         try:
             with engine.connect() as conn:
                 n_rounds = conn.execute(
                     text("SELECT count(*) FROM rounds WHERE run_id = :r"), {"r": run["id"]}
                 ).scalar_one()
-                nodes = set(conn.execute(text("SELECT node_id FROM clients")).scalars())
+                # node ids are unsigned 64-bit; the column stores them as signed BIGINT
+                rows = conn.execute(text("SELECT node_id FROM clients")).scalars()
+                nodes = {int(n) % 2**64 for n in rows}
         finally:
             engine.dispose()
         assert n_rounds == 2
         assert nodes == {i.node_id for i in infos}
         dep.shutdown()  # before the database is dropped
+    assert password not in out.stdout + out.stderr
+    assert password not in json.dumps(run["config"])
+    logs = sorted((dep.data_dir / "logs").glob("*.log")) + sorted((dep.root / "logs").glob("*.log"))
+    _assert_no_secrets_in(logs, [password])
+    for state in dep.data_dir.glob("superlink.db*"):
+        assert password.encode() not in state.read_bytes(), state

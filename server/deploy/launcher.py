@@ -145,8 +145,9 @@ def load_config(paths: ServerPaths) -> ServerConfig | None:
 
 
 def save_config(paths: ServerPaths, config: ServerConfig) -> None:
+    """Write server.json, mode 0600 (the store URL may hold a password)."""
     paths.root.mkdir(parents=True, exist_ok=True)
-    paths.config.write_text(json.dumps(asdict(config), indent=2) + "\n", encoding="utf-8")
+    write_private(paths.config, (json.dumps(asdict(config), indent=2) + "\n").encode())
 
 
 def require_config(data_dir: Path) -> tuple[ServerPaths, ServerConfig]:

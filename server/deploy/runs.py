@@ -6,9 +6,11 @@ This is ``flwr run APP fedsqueeze --stream --run-config ...`` with a Flower conf
 already installed beside the SuperLink, so runtime installation stays off
 (``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``).
 
-The run config always gets ``database-url`` set to the server's store, so that the
-ServerApp (which the SuperLink starts on the server host) records each round where the REST
-service reads it.
+The ServerApp (which the SuperLink starts on the server host) records each round where the
+REST service reads it: the run config gets ``database-url`` set to the server's store,
+unless that URL holds a password (Flower keeps run configs in its state and shows them);
+then the ServerApp finds it in the SuperLink's environment (``DATABASE_URL``, set by
+`server start`), which its processes inherit.
 """
 
 from __future__ import annotations
@@ -26,6 +28,19 @@ from typing import Any
 from server.deploy.launcher import CONNECTION_NAME, ServerConfig, ServerPaths, _executable
 
 RUN_ID_PATTERN = re.compile(r"Successfully started run (\d+)")
+
+
+def url_has_password(url: str) -> bool:
+    """True when a database URL carries a password (it must then not go into a run config,
+    which Flower stores and shows; the ServerApp finds the URL in the SuperLink's
+    environment, ``DATABASE_URL``, set by `server start`, instead)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).password is not None
+    except ArgumentError:
+        return False
 
 
 def write_flower_config(flwr_home: Path, address: str, ca_cert: Path) -> Path:
@@ -96,7 +111,7 @@ def submit_run(
     app = (app_dir or default_app_dir()).resolve()
     known = app_config_keys(app)
     values = dict(run_config)
-    if "database-url" in known:
+    if "database-url" in known and not url_has_password(config.database_url):
         values.setdefault("database-url", config.database_url)
     unknown = sorted(k for k in values if k not in known)
     if unknown:
