@@ -898,13 +898,15 @@ class QSGD(_LevelQuantizer):
         counts = torch.poisson(rate, generator=g).to(torch.int64)
         itype = torch.int32 if d < 1 << 31 else torch.int64
         bucket = torch.repeat_interleave(torch.arange(nb, dtype=itype, device=device), counts)
-        u = torch.rand(bucket.numel(), generator=g, device=device)
-        pos = u.mul_(float(b)).to(itype)  # uniform offset in a full bucket
+        # uniform offsets in float64 (53-bit draws: uniform over any bucket length)
+        u = torch.rand(bucket.numel(), dtype=torch.float64, generator=g, device=device)
         tail = d - (nb - 1) * b
         last = int(counts[-1])
         if tail != b and last:  # the short last bucket: uniform over its own length
-            torch.mul(u[-last:].div_(float(b)), float(tail), out=u[-last:])
-            pos[-last:] = u[-last:].to(itype)
+            u[-last:] *= tail / b
+        pos = u.mul_(float(b)).to(itype).clamp_(max=b - 1)
+        if tail != b and last:
+            pos[-last:].clamp_(max=tail - 1)
         pos.add_(bucket * b)
         if device.type == "cpu":  # numpy's vectorized sort is several times torch's here
             ordered = torch.from_numpy(np.sort(pos.numpy()))

@@ -207,6 +207,34 @@ def test_qsgd_thinning_keeps_a_lone_coordinate_and_zero_buckets() -> None:
         assert torch.count_nonzero(y[4096:]) == 0  # bucket of zeros stays zero
 
 
+def test_qsgd_thinning_positions_cover_long_and_short_buckets() -> None:
+    # per-tensor bucket longer than float32's 2^24 grid resolution would matter, and a
+    # short last bucket: constant |x| makes every candidate a kept coordinate, so the kept
+    # positions are the candidates themselves and must be uniform over each bucket
+    for d, bucket, expect_nnz in ((3_000_001, 0, math.sqrt(3_000_001)), (10_000, 4096, None)):
+        x = torch.ones(d)
+        x[1::2] = -1.0
+        c = parse_compressor(f"qsgd:s=1,bucket={bucket}")
+        hits = torch.zeros(10, dtype=torch.float64)
+        for seed in range(30):
+            m = c.compress(x, seed=seed)
+            assert "index" in m.fields
+            index = m.fields["index"]
+            assert int(index.min()) >= 0 and int(index.max()) < d
+            assert bool((index[1:] > index[:-1]).all())
+            hits += torch.bincount(index * 10 // d, minlength=10).double()
+            y = m.dense()
+            assert bool((torch.sign(y[index]) == x[index]).all())
+        # P(xi_j = 1) = |x_j| / ||x_B|| = 1 / sqrt(d_B): expected hits per tenth of [0, d)
+        b = d if bucket == 0 else bucket
+        lengths = torch.tensor([min(b, d - i) for i in range(0, d, b)], dtype=torch.float64)
+        p = (1 / lengths.sqrt()).repeat_interleave(lengths.long())
+        expected = 30 * torch.bincount(torch.arange(d) * 10 // d, weights=p, minlength=10)
+        assert float(((hits - expected) ** 2 / expected).sum()) < 40  # 9 dof: P(> 40) ~ 1e-5
+        if expect_nnz:
+            assert float(hits.sum()) / 30 == pytest.approx(expect_nnz, rel=0.05)
+
+
 def test_natural_compression_rounds_to_neighbouring_powers_of_two() -> None:
     x = _heavy_tailed(256, seed=3)
     x[0] = 2.0**-130  # subnormal
