@@ -1598,7 +1598,14 @@ def decode(
     return out
 
 
+#: below this many coordinates (512 MiB as float64) a payload is decoded without asking the
+#: OS how much memory is free, so the common message costs no system call
+_MEMORY_CHECK_ABOVE = 1 << 26
+
+
 def _check_memory(d: int) -> None:
+    if d < _MEMORY_CHECK_ABOVE:
+        return
     try:
         import psutil
 
