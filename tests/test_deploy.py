@@ -399,11 +399,15 @@ def test_supernode_killed_mid_run_then_rejoins(deployment: Deployment) -> None:
     dep = deployment
     infos, nodes = _two_nodes(dep)
     victim, victim_node = infos[1], nodes[1]
+    # the victim is back about 30-75 s after the kill (the SuperLink releases a crashed
+    # node after two missed 30 s heartbeats), then needs one round to resync: 8 rounds
+    last = 8  # rounds
     log = dep.root / "logs" / "run.log"
     with open(log, "wb") as fh:
         run_proc = subprocess.Popen(
-            [FEDSQUEEZE, "run", "--strategy", "artemis", "--rounds", "5", "--app", str(APP_DIR),
-             "--data-dir", str(dep.data_dir), *RUN_CONFIG, "-c", "round-timeout=45.0"],
+            [FEDSQUEEZE, "run", "--strategy", "artemis", "--rounds", str(last),
+             "--app", str(APP_DIR), "--data-dir", str(dep.data_dir), *RUN_CONFIG,
+             "-c", "round-timeout=45.0"],
             env=dep.env, cwd=dep.root, stdout=fh, stderr=subprocess.STDOUT,
         )  # fmt: skip
     dep.seen_pids.add(run_proc.pid)
@@ -429,7 +433,7 @@ def test_supernode_killed_mid_run_then_rejoins(deployment: Deployment) -> None:
     run = _store_run(dep, "artemis")
     assert run["status"] == "finished"
     rounds = {r["round"]: r for r in dep.get(f"/runs/{run['id']}/rounds")["items"]}
-    assert sorted(rounds) == [1, 2, 3, 4, 5]
+    assert sorted(rounds) == list(range(1, last + 1))
 
     def outcome(k: int) -> str | None:
         clients = dep.get(f"/runs/{run['id']}/rounds/{k}")["clients"]
@@ -438,8 +442,11 @@ def test_supernode_killed_mid_run_then_rejoins(deployment: Deployment) -> None:
     # the round in flight recorded the victim's failure and went on with the other node
     assert rounds[2]["failed"] >= 1 and rounds[2]["replied"] >= 1
     assert outcome(2) not in (None, "ok")
-    # the restarted node rejoined and its replies are accepted again
-    assert rounds[5]["replied"] == 2 and outcome(5) == "ok"
+    assert all(r["replied"] >= 1 for r in rounds.values())  # the run never stalled
+    # the restarted node rejoined and its replies are accepted again, to the last round
+    assert any(outcome(k) == "ok" for k in range(3, last + 1))
+    assert rounds[last]["replied"] == rounds[last]["sampled"] == 2
+    assert outcome(last) == "ok"
     # and its state was brought back in step with the server's (a resync was counted)
     assert sum(int(r["extra"].get("resyncs", 0)) for r in rounds.values()) >= 1
 
