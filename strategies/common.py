@@ -413,14 +413,24 @@ ApplyDownlinkFn = Callable[["AlgorithmSettings", ClientState, Downlink, str], Cl
 
 
 def initial_client_state(w0: torch.Tensor, settings: AlgorithmSettings) -> ClientState:
+    """The state every client starts from (and falls back to on a resync).
+
+    h_i = 0, e_i = 0; the downlink memory is H_0 = w_0 for MCM / Rand-MCM (a model-space
+    memory, as in the MCM paper's initialisation: with H_0 = 0 the first perturbed model
+    ŵ = C(w) would carry variance ω‖w‖², far larger than the model itself) and H_0 = 0 for
+    the Artemis family (a gradient-space memory).
+    """
     zeros = torch.zeros_like(w0)
+    down_memory: torch.Tensor | None = None
+    if settings.model in ("preserved", "preserved-rand"):
+        down_memory = w0.clone()
+    elif settings.down_memory:
+        down_memory = zeros.clone()
     return ClientState(
         stamp=0,
         version=0,
         model=w0.clone(),
-        down_memory=zeros.clone()
-        if settings.model in ("preserved", "preserved-rand") or settings.down_memory
-        else None,
+        down_memory=down_memory,
         up_memory=zeros.clone() if settings.up_memory else None,
         up_residual=zeros.clone() if settings.up_ef else None,
     )
@@ -507,7 +517,7 @@ class TensorStore:
     Kept in RAM while N·d·4 bytes stay under `ram_budget_bytes`; beyond that the vectors live
     in a memory-mapped float32 file (one row per client, grown on demand) with an LRU cache of
     `cache_rows` rows in RAM, so the server's resident memory stays O(cache·d), not O(N·d).
-    Missing clients read as zeros.
+    Missing clients read as `initial` (zeros when not given; Rand-MCM's H_i start at w_0).
     """
 
     def __init__(
@@ -517,8 +527,16 @@ class TensorStore:
         cache_rows: int = 64,
         directory: str | Path | None = None,
         expected_clients: int = 0,
+        initial: torch.Tensor | None = None,
     ) -> None:
         self.dim = dim
+        self.initial = (
+            torch.zeros(dim)
+            if initial is None
+            else initial.detach().to("cpu", torch.float32).reshape(-1).clone()
+        )
+        if self.initial.numel() != dim:
+            raise ValueError(f"initial vector has {self.initial.numel()} values, expected {dim}")
         self.cache_rows = cache_rows
         self._ram: dict[int, torch.Tensor] | None = {}
         self._rows: dict[int, int] = {}
@@ -571,13 +589,13 @@ class TensorStore:
     def get(self, key: int) -> torch.Tensor:
         if self._ram is not None:
             value = self._ram.get(key)
-            return torch.zeros(self.dim) if value is None else value.clone()
+            return self.initial.clone() if value is None else value.clone()
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key].clone()
         row = self._rows.get(key)
         if row is None:
-            return torch.zeros(self.dim)
+            return self.initial.clone()
         assert self._mmap is not None
         value = torch.from_numpy(np.array(self._mmap[row]))
         self._remember(key, value)

@@ -18,7 +18,13 @@ Rand-MCM (for partial participation: one memory H_i per client, compressed indep
 
     Ω_i = C_dwn(w − H_i);  ŵ_i = H_i + Ω_i;  H_i ← H_i + α_dwn Ω_i
 
-H_i moves only when client i receives a message, so an idle client needs no catch-up. The
+H_i moves only when client i receives a message, so an idle client needs no catch-up.
+
+Initialisation (MCM paper, Algorithm 1): H_0 = H_0^i = w_0, ŵ_0 = w_0, h_i = 0. H is a
+model-space memory; starting it at 0 instead makes the first perturbed models
+ŵ = C(w) with E‖ŵ − w‖² = ω‖w‖² (ω = 64 for QSGD s = 1 on buckets of 4096: ‖ŵ − w‖ ≈ 7‖w‖),
+and with α_dwn = 1/(2(ω+1)) H needs hundreds of rounds to reach w: a CNN trained at such
+models diverges. A resync resets H (H_i) to w_0 on both sides. The
 server keeps the H_i in a `TensorStore` (RAM, or a memory-mapped file with an LRU cache when
 N·d does not fit), updating H_i only once client i's reply is accepted.
 """
@@ -107,7 +113,8 @@ class PreservedServer(ServerHalf):
         max_uplink_bytes: int | None = None,
     ) -> None:
         super().__init__(settings, w0, store_dir, expected_clients, max_uplink_bytes)
-        self.H = torch.zeros(self.dim)
+        self.w0 = self.w.clone()
+        self.H = self.w0.clone()  # H_0 = w_0 (a model-space memory; see the module docstring)
         self.w_hat = self.w.clone()  # the perturbed model clients at the current version hold
         self.snapshot_nbytes = 2 * len(self._snapshot([self.w])[0][0])
         self.log = BroadcastLog(self.snapshot_nbytes)
@@ -116,6 +123,7 @@ class PreservedServer(ServerHalf):
                 self.dim,
                 directory=(Path(store_dir) / "downlink") if store_dir else None,
                 expected_clients=expected_clients,
+                initial=self.w0,
             )
             if settings.model == "preserved-rand"
             else None
@@ -156,7 +164,7 @@ class PreservedServer(ServerHalf):
 
     def _reset_client(self, node: int) -> None:
         if self.H_store is not None:
-            self.H_store.set(node, torch.zeros(self.dim))
+            self.H_store.set(node, self.w0.clone())
 
     def client_down_memory(self, node: int) -> torch.Tensor:
         """H_i (Rand-MCM) or H (MCM) as the server holds it, for tests and diagnostics."""

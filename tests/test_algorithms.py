@@ -49,14 +49,16 @@ def reference_run(
     kind = s.preset.model
     zeros = torch.zeros(d)
     w = w0.clone()  # central model
-    H = zeros.clone()  # downlink memory (MCM; Artemis family when on)
+    # downlink memory: MCM's starts at the model (H_0 = w_0), the Artemis family's (gradient
+    # space, when on) at 0
+    H = w0.clone() if kind == "preserved" else zeros.clone()
     w_hat = w0.clone()  # MCM perturbed model
     e_server = zeros.clone()
     h_server = zeros.clone()  # PP2
     h_server_i = {i: zeros.clone() for i in range(n_clients)}  # PP1
     h = {i: zeros.clone() for i in range(n_clients)}  # clients' uplink memories
     e = {i: zeros.clone() for i in range(n_clients)}
-    H_i = {i: zeros.clone() for i in range(n_clients)}  # Rand-MCM
+    H_i = {i: w0.clone() for i in range(n_clients)}  # Rand-MCM: H_0^i = w_0
     rng = np.random.default_rng(seed)
     models = []
     for k in range(1, rounds + 1):
