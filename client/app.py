@@ -89,8 +89,14 @@ def _partition(context: Context, config: RunConfig) -> tuple[int, int]:
     return pid, n
 
 
+#: run-config keys a SuperNode's own node config overrides: they describe the device
+#: (`fedsqueeze client start --device ... --data ...`), not the run
+NODE_OVERRIDES = ("device", "data-dir")
+
+
 def _setup(msg_config: ConfigRecord, context: Context) -> _Setup:
-    config = load_config({k: v for k, v in msg_config.items() if k != "server-round"})
+    node = {k: context.node_config[k] for k in NODE_OVERRIDES if k in context.node_config}
+    config = load_config({k: v for k, v in msg_config.items() if k != "server-round"}, node)
     pid, n = _partition(context, config)
     key = (tuple(sorted(config.values.items())), pid, n)
     cached = _CACHE.get(key)
