@@ -15,11 +15,8 @@ one host its own).
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from client.enroll import Bundle
+from server.flower_env import flower_env, flower_executable
 
 DEFAULT_CLIENTAPPIO_PORT = 9094
 DEVICES = ("auto", "cpu", "cuda")
@@ -71,10 +69,7 @@ def supernode_command(
     """The ``flower-supernode`` command line for `bundle`."""
     if not 1 <= clientappio_port <= 65535:
         raise ValueError(f"clientappio port must be in 1..65535, got {clientappio_port}")
-    exe = Path(sys.executable).parent / "flower-supernode"
-    program = str(exe) if exe.is_file() else shutil.which("flower-supernode")
-    if program is None:
-        raise FileNotFoundError("flower-supernode not found: is flwr installed?")
+    program = flower_executable("flower-supernode")
     cmd = [
         program,
         "--root-certificates",
@@ -100,12 +95,8 @@ def supernode_command(
 
 
 def supernode_env(flwr_home: Path | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    env["PYTHONUNBUFFERED"] = "1"
-    if flwr_home is not None:
-        env["FLWR_HOME"] = str(flwr_home)
-    return env
+    """The SuperNode's environment: it starts `flwr-clientapp` by name (server.flower_env)."""
+    return flower_env(flwr_home)
 
 
 #: what flower-supernode prints when the SuperLink refuses to activate its key

@@ -36,7 +36,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -49,6 +48,8 @@ from pathlib import Path
 from typing import Any
 
 import typer
+
+from server.flower_env import flower_env, flower_executable
 
 ConfigValue = bool | int | float | str
 
@@ -244,13 +245,10 @@ def run_config_arg(overrides: dict[str, ConfigValue]) -> str:
 
 
 def _venv_bin(name: str) -> str:
-    beside = Path(sys.executable).with_name(name)
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        raise SimulationError(f"`{name}` not found: install flwr (pip install 'flwr[simulation]')")
-    return found
+    try:
+        return flower_executable(name)
+    except FileNotFoundError as exc:
+        raise SimulationError(str(exc)) from None
 
 
 def free_port() -> int:
@@ -317,17 +315,9 @@ class LocalSuperLink:
 
     def env(self) -> dict[str, str]:
         """Environment for the SuperLink and for the flwr CLI calls that talk to it."""
-        env = os.environ.copy()
-        env.update(self.extra_env)
-        # the SuperLink starts `flower-superexec` and `flwr-simulation` by name: make the
-        # ones beside this interpreter (the virtual environment) found even when it is not
-        # activated (`.venv/bin/fedsqueeze simulate`, `make demo`)
-        bin_dir = str(Path(sys.executable).parent)
-        path = env.get("PATH", "")
-        if bin_dir not in path.split(os.pathsep):
-            env["PATH"] = bin_dir + (os.pathsep + path if path else "")
-        env["FLWR_HOME"] = str(self.flwr_home)
-        env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+        # the SuperLink starts `flower-superexec` and `flwr-simulation` by name:
+        # flower_env puts the ones beside this interpreter first on PATH
+        env = flower_env(self.flwr_home, self.extra_env)
         env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
         env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
         return env

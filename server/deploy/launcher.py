@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
-import shutil
 import socket
 import ssl
 import sys
@@ -41,6 +39,7 @@ from server.deploy.certs import (
     write_private,
 )
 from server.deploy.processes import ProcessRecord, start_background, stop_pid_file, tail
+from server.flower_env import flower_env, flower_executable
 
 DEFAULT_SUPERLINK_HOST = "127.0.0.1"
 DEFAULT_SUPERLINK_PORT = 9092
@@ -189,30 +188,14 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-def _executable(name: str) -> str:
-    """A console script of this environment (next to the running Python), else on PATH."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.is_file():
-        return str(candidate)
-    found = shutil.which(name)
-    if found is None:
-        raise FileNotFoundError(f"{name} not found: is flwr installed in this environment?")
-    return found
-
-
 def base_env(paths: ServerPaths, config: ServerConfig) -> dict[str, str]:
-    env = dict(os.environ)
-    env["FLWR_HOME"] = str(paths.flwr_home)
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    env["DATABASE_URL"] = config.database_url
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return flower_env(paths.flwr_home, {"DATABASE_URL": config.database_url})
 
 
 def superlink_command(paths: ServerPaths, config: ServerConfig) -> list[str]:
     tls = paths.tls
     return [
-        _executable("flower-superlink"),
+        flower_executable("flower-superlink"),
         "--ssl-ca-certfile",
         str(tls.ca_cert),
         "--ssl-certfile",

@@ -15,7 +15,6 @@ then the ServerApp finds it in the SuperLink's environment (``DATABASE_URL``, se
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -25,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.deploy.launcher import CONNECTION_NAME, ServerConfig, ServerPaths, _executable
+from server.deploy.launcher import CONNECTION_NAME, ServerConfig, ServerPaths
+from server.flower_env import flower_env, flower_executable
 
 RUN_ID_PATTERN = re.compile(r"Successfully started run (\d+)")
 
@@ -121,11 +121,8 @@ def submit_run(
         )
     flwr_home = paths.flwr_home
     write_flower_config(flwr_home, config.superlink_address, paths.tls.ca_cert)
-    env = dict(os.environ)
-    env["FLWR_HOME"] = str(flwr_home)
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    env["PYTHONUNBUFFERED"] = "1"
-    cmd = [_executable("flwr"), "run", str(app), CONNECTION_NAME, "--stream"]
+    env = flower_env(flwr_home)
+    cmd = [flower_executable("flwr"), "run", str(app), CONNECTION_NAME, "--stream"]
     if values:
         cmd += ["--run-config", render_run_config(values)]
     lines: list[str] = []
