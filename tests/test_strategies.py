@@ -253,7 +253,14 @@ def test_presets_fill_defaults() -> None:
     mcm = _settings("mcm")
     assert mcm.down_memory_rate > 0
     ds = _settings("doublesqueeze")
-    assert ds.up_ef and ds.down_ef and ds.up_scale < 1
+    # 1-bit scaled sign both ways (biased: a contraction as it is, no scaling)
+    assert ds.up_ef and ds.down_ef and ds.uplink.startswith("scaled_sign")
+    assert ds.up_scale == 1 and ds.down_scale == 1
+    # with an unbiased compressor EF scales it by 1/(ω+1)
+    ds_q = _settings("doublesqueeze", uplink="qsgd:s=1", downlink="qsgd:s=1")
+    omega_q = parse_compressor("qsgd:s=1").omega(D)
+    assert ds_q.up_scale == pytest.approx(1 / (omega_q + 1)) and ds_q.up_scale < 1
+    assert ds_q.down_scale == pytest.approx(1 / (omega_q + 1))
     assert _settings("sgd").uplink == "identity"
 
 
