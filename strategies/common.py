@@ -31,7 +31,8 @@ lost reply (crash, timeout, dropped or invalid payload) rolls both sides back to
 state they share. The client reports a digest (sums and squared norms) of the memories and
 model it holds; the server compares it with its own view, and on a mismatch, or when a client
 says its state does not match (e.g. it lost its state), both sides reset that client's
-memories to zero and the server sends a full-precision snapshot. Every such event is logged
+memories to their initial values (h_i = e_i = 0; MCM's H and Rand-MCM's H_i = w_0) and the
+server sends a full-precision snapshot. Every such event is logged
 and counted.
 """
 
