@@ -71,6 +71,12 @@ def unpack_fixed(data: U8, n: int, width: int) -> npt.NDArray[np.unsignedinteger
         return data.astype(np.uint32)
     if width == 1:
         return np.unpackbits(data, count=n).astype(np.uint32)
+    if width < 8:
+        # pad each value's bits on the left to one byte and pack: one byte per value
+        bits = np.unpackbits(data, count=n * width).reshape(n, width)
+        full = np.zeros((n, 8), dtype=np.uint8)
+        full[:, 8 - width :] = bits
+        return np.packbits(full, axis=1).reshape(-1).astype(np.uint32)
     nb = 4 if width <= 32 else 8
     out: npt.NDArray[np.unsignedinteger] = np.empty(n, dtype=np.uint32 if nb == 4 else np.uint64)
     step = _CHUNK  # multiple of 8 values -> chunk starts on a byte boundary
@@ -161,9 +167,14 @@ def fixed_bits(values: npt.NDArray[np.integer], width: int) -> U8:
     """The ``width``-bit binary digits of each value, MSB first, as a flat 0/1 array."""
     if width == 0 or values.size == 0:
         return np.zeros(0, dtype=np.uint8)
-    shifts = np.arange(width - 1, -1, -1, dtype=np.uint64)
-    v = values.astype(np.uint64).reshape(-1, 1)
-    return ((v >> shifts) & np.uint64(1)).astype(np.uint8).reshape(-1)
+    if not 1 <= width <= 64:
+        raise ValueError(f"bit width must be in 1..64, got {width}")
+    # the value's low ``width`` bits: the tail of its big-endian bytes, unpacked eight at a
+    # time by table lookup
+    nb = 1 if width <= 8 else 2 if width <= 16 else 4 if width <= 32 else 8
+    big = values.reshape(-1).astype(np.uint8 if nb == 1 else f">u{nb}")
+    bits = np.unpackbits(big.view(np.uint8).reshape(-1, nb), axis=1)
+    return bits[:, 8 * nb - width :].reshape(-1)
 
 
 class RiceWriter:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from compression import Compressed, Compressor, parse_compressor
-from compression.operators import randk_indices
+from compression.operators import QSGD, randk_indices
 
 ALL_SPECS = [
     "identity",
@@ -195,7 +195,46 @@ def test_qsgd_is_unbiased_with_the_exact_variance(
     assert float(levels.abs().max()) <= s + 1e-4
 
 
-def test_qsgd_thinning_keeps_a_lone_coordinate_and_zero_buckets() -> None:
+@pytest.fixture(params=["kernel", "torch"])
+def thinning_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """QSGD s=1 thinning on the CPU by the compiled kernel or by the torch code that other
+    devices (CUDA) run."""
+    monkeypatch.setattr(QSGD, "_cpu_kernel", request.param == "kernel")
+    return str(request.param)
+
+
+@pytest.mark.parametrize("m", [4096, 1000])
+def test_qsgd_thinning_paths_are_unbiased_with_the_exact_variance(
+    thinning_path: str, m: int
+) -> None:
+    # m = 4096: envelopes per block of 256; m = 1000: one envelope for the bucket
+    x = torch.randn(m, generator=torch.Generator().manual_seed(2))
+    x[7] = 0.0
+    copies = 300
+    c = parse_compressor(f"qsgd:s=1,bucket={m}")
+    msg = c.compress(_tiled(x, copies), seed=5)
+    assert "index" in msg.fields
+    draws = msg.dense().double().view(copies, m)
+    var_j = _qsgd_exact_variance(x, 1, "l2")
+    _assert_unbiased(draws, x, var_j)
+    var_emp = float((draws - x.double()).pow(2).sum(1).mean())
+    assert var_emp == pytest.approx(float(var_j.sum()), rel=0.15)
+    assert bool((draws[:, 7] == 0).all())
+
+
+def test_qsgd_thinning_hits_every_offset_of_a_block(thinning_path: str) -> None:
+    # constant |x|: every coordinate has p = 1/sqrt(4096) = 1/64, so the kept coordinates'
+    # offsets within the 256-blocks of the envelopes are uniform, first and last included
+    x = torch.ones(4096 * 256)
+    x[1::2] = -1.0
+    m = parse_compressor("qsgd:s=1,bucket=4096").compress(x, seed=3)
+    counts = torch.bincount(m.fields["index"] % 256, minlength=256).double()
+    expected = x.numel() / 64 / 256  # 64 per offset
+    assert float(counts.min()) > 0
+    assert float(((counts - expected) ** 2 / expected).sum()) < 255 + 6 * math.sqrt(2 * 255)
+
+
+def test_qsgd_thinning_keeps_a_lone_coordinate_and_zero_buckets(thinning_path: str) -> None:
     x = torch.zeros(3 * 2048)
     x[100] = -3.0  # bucket 0 holds one non-zero: p = 1, it must always be kept
     x[2048:4096] = torch.linspace(-1, 1, 2048)
@@ -207,7 +246,7 @@ def test_qsgd_thinning_keeps_a_lone_coordinate_and_zero_buckets() -> None:
         assert torch.count_nonzero(y[4096:]) == 0  # bucket of zeros stays zero
 
 
-def test_qsgd_thinning_positions_cover_long_and_short_buckets() -> None:
+def test_qsgd_thinning_positions_cover_long_and_short_buckets(thinning_path: str) -> None:
     # per-tensor bucket longer than float32's 2^24 grid resolution would matter, and a
     # short last bucket: constant |x| makes every candidate a kept coordinate, so the kept
     # positions are the candidates themselves and must be uniform over each bucket
