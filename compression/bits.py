@@ -50,7 +50,7 @@ def pack_fixed(values: npt.NDArray[np.integer], width: int) -> U8:
     for start in range(0, n, _CHUNK):
         nb = 4 if width <= 32 else 8
         big = values[start : start + _CHUNK].astype(f">u{nb}")
-        bits = np.unpackbits(big.view(np.uint8).reshape(-1, nb), axis=1)[:, 8 * nb - width :]
+        bits = np.unpackbits(big.view(np.uint8)).reshape(-1, 8 * nb)[:, 8 * nb - width :]
         packed = np.packbits(bits.reshape(-1))
         out[pos : pos + packed.size] = packed
         pos += packed.size
@@ -76,7 +76,7 @@ def unpack_fixed(data: U8, n: int, width: int) -> npt.NDArray[np.unsignedinteger
         bits = np.unpackbits(data, count=n * width).reshape(n, width)
         full = np.zeros((n, 8), dtype=np.uint8)
         full[:, 8 - width :] = bits
-        return np.packbits(full, axis=1).reshape(-1).astype(np.uint32)
+        return np.packbits(full.reshape(-1)).astype(np.uint32)  # 8 bits per row: a byte
     nb = 4 if width <= 32 else 8
     out: npt.NDArray[np.unsignedinteger] = np.empty(n, dtype=np.uint32 if nb == 4 else np.uint64)
     step = _CHUNK  # multiple of 8 values -> chunk starts on a byte boundary
@@ -87,7 +87,8 @@ def unpack_fixed(data: U8, n: int, width: int) -> npt.NDArray[np.unsignedinteger
         bits = np.unpackbits(data[first : first + nbytes], count=m * width).reshape(m, width)
         full = np.zeros((m, 8 * nb), dtype=np.uint8)
         full[:, 8 * nb - width :] = bits
-        out[start : start + m] = np.packbits(full, axis=1).view(f">u{nb}").reshape(-1)
+        # rows of 8 nb bits: packing the flat array gives each row's nb bytes
+        out[start : start + m] = np.packbits(full.reshape(-1)).view(f">u{nb}")
     return out
 
 
@@ -173,7 +174,7 @@ def fixed_bits(values: npt.NDArray[np.integer], width: int) -> U8:
     # time by table lookup
     nb = 1 if width <= 8 else 2 if width <= 16 else 4 if width <= 32 else 8
     big = values.reshape(-1).astype(np.uint8 if nb == 1 else f">u{nb}")
-    bits = np.unpackbits(big.view(np.uint8).reshape(-1, nb), axis=1)
+    bits = np.unpackbits(big.view(np.uint8)).reshape(-1, 8 * nb)
     return bits[:, 8 * nb - width :].reshape(-1)
 
 

@@ -213,6 +213,16 @@ def test_pack_fixed_round_trip(width: int) -> None:
         assert np.array_equal(B.unpack_fixed(packed, n, width), v)
 
 
+@pytest.mark.parametrize("width", [1, 3, 6, 8, 9, 16, 17, 40, 64])
+def test_fixed_bits_are_the_binary_digits_msb_first(width: int) -> None:
+    rng = np.random.default_rng(100 + width)
+    v = rng.integers(0, 2**width - 1, size=257, dtype=np.uint64, endpoint=True)
+    expected = np.array([int(c) for x in v.tolist() for c in format(x, f"0{width}b")])
+    assert np.array_equal(B.fixed_bits(v, width), expected)
+    # stream of fixed_bits == pack_fixed
+    assert np.array_equal(np.packbits(B.fixed_bits(v, width)), B.pack_fixed(v, width))
+
+
 def test_base3_round_trip_and_rejects_bad_bytes() -> None:
     rng = np.random.default_rng(0)
     for n in (0, 1, 4, 5, 6, 12_345):
