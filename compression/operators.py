@@ -551,13 +551,17 @@ class _LevelQuantizer(Compressor):
                 )
             return out
         index: torch.Tensor = fields["index"]
-        vals = table[fields["nzlevels"].to(torch.int64) + self.s] * norms[index // b]
         if device.type == "cpu":
-            # calloc'd zeros: the OS hands out zeroed pages as they are first written, one
-            # pass over the output instead of a memset and then the page faults
+            # numpy, single-threaded (these small ops only lose time to thread hand-offs),
+            # into calloc'd zeros: the OS hands out zeroed pages as they are first written,
+            # one pass over the output instead of a memset and then the page faults
+            idx = index.numpy()
+            nz = fields["nzlevels"].numpy().astype(np.intp) + self.s
+            values = table.numpy()[nz] * norms.numpy()[idx // b]
             zeros = np.zeros(d, dtype=np.float32)
-            zeros[index.numpy()] = vals.numpy()
+            zeros[idx] = values
             return torch.from_numpy(zeros)
+        vals = table[fields["nzlevels"].to(torch.int64) + self.s] * norms[index // b]
         out = torch.zeros(d, dtype=torch.float32, device=device)
         out.index_put_((index,), vals)
         return out
