@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from client.enroll import Bundle
-from server.flower_env import flower_env, flower_executable
+from server.flower_env import flower_env, flower_executable, terminate_then_kill
 
 DEFAULT_CLIENTAPPIO_PORT = 9094
 DEVICES = ("auto", "cpu", "cuda")
@@ -135,14 +135,7 @@ def _wait_and_reap(proc: subprocess.Popen[str]) -> int:
             for child in psutil.Process(proc.pid).children(recursive=True):
                 family.setdefault(child.pid, child)
         time.sleep(0.5)
-    left = [p for p in family.values() if p.is_running()]
-    for p in left:
-        with contextlib.suppress(psutil.Error):
-            p.terminate()
-    _, still = psutil.wait_procs(left, timeout=10)
-    for p in still:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
+    terminate_then_kill([p for p in family.values() if p.is_running()], 10.0)
     return int(proc.returncode)
 
 

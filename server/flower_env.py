@@ -4,16 +4,20 @@ Flower's SuperLink and SuperNode start further console scripts by name
 (`flower-superexec`, `flwr-simulation`, `flwr-clientapp`), so they must be on the PATH
 of the child even when the virtual environment was never activated
 (`.venv/bin/fedsqueeze ...`, `make demo`, CI). Every launcher builds its child
-environment here, so the rule lives in one place.
+environment here, so the rule lives in one place, and stops what it started with
+`terminate_then_kill`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+import psutil
 
 
 def flower_executable(name: str) -> str:
@@ -46,3 +50,16 @@ def flower_env(
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env
+
+
+def terminate_then_kill(procs: Sequence[psutil.Process], timeout: float = 10.0) -> None:
+    """SIGTERM each of `procs` (processes we started, or theirs), wait up to `timeout`
+    seconds, then SIGKILL whatever is left and reap it. Vanished processes are skipped."""
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(list(procs), timeout=timeout)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)

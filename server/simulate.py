@@ -49,7 +49,7 @@ from typing import Any
 
 import typer
 
-from server.flower_env import flower_env, flower_executable
+from server.flower_env import flower_env, flower_executable, terminate_then_kill
 
 ConfigValue = bool | int | float | str
 
@@ -266,21 +266,10 @@ def _terminate_tree(pid: int, timeout: float = 10.0) -> None:
         descendants = root.children(recursive=True)
     except psutil.NoSuchProcess:
         return
-    with contextlib.suppress(psutil.NoSuchProcess):
-        root.terminate()
-    _, alive = psutil.wait_procs([root], timeout=timeout)
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
+    terminate_then_kill([root], timeout)
     # the SuperLink's SuperExec and simulation processes normally exit with it
     _, alive = psutil.wait_procs(descendants, timeout=timeout)
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.terminate()
-    _, alive = psutil.wait_procs(alive, timeout=3.0)
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
+    terminate_then_kill(alive, 3.0)
 
 
 class LocalSuperLink:

@@ -9,7 +9,6 @@ they outlive it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -19,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from server.flower_env import terminate_then_kill
 
 
 @dataclass(frozen=True)
@@ -113,15 +114,7 @@ def stop_process(record: ProcessRecord, timeout: float = 10.0) -> bool:
         children = proc.children(recursive=True)
     except psutil.NoSuchProcess:
         children = []
-    family = [proc, *children]
-    for p in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    _, alive = psutil.wait_procs(family, timeout=timeout)
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(alive, timeout=5)
+    terminate_then_kill([proc, *children], timeout)
     return True
 
 
