@@ -40,6 +40,7 @@ from strategies.common import (
     decode_wires,
     derive_seed,
     encode,
+    tensor_digest,
 )
 
 #: The presets' QSGD s = 1, on buckets of 64 coordinates: ω = min(d_B, √d_B) = 8 per bucket.
@@ -177,14 +178,7 @@ class BroadcastServer(ServerHalf):
         self, node: int, pending_commit: dict[str, torch.Tensor]
     ) -> tuple[float | None, float | None, float | None, float | None]:
         if self._digest_cache is None or self._digest_cache[0] != self.version:
-            out: list[float] = []
-            for t in (self.H, self.w):
-                if t is None:
-                    out += [0.0, 0.0]
-                else:
-                    t64 = t.to(torch.float64)
-                    out += [float(t64.sum()), float((t64 * t64).sum())]
-            self._digest_cache = (self.version, (out[0], out[1], out[2], out[3]))
+            self._digest_cache = (self.version, (*tensor_digest(self.H), *tensor_digest(self.w)))
         return self._digest_cache[1]
 
     def _advance(self, g_hat: torch.Tensor, k: int) -> None:

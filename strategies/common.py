@@ -346,18 +346,20 @@ class Uplink:
 DIGEST_LEN = 6
 
 
+def tensor_digest(t: torch.Tensor | None) -> tuple[float, float]:
+    """(Σt, ‖t‖²) in float64 on the CPU; (0, 0) for an absent tensor. Both sides of the
+    consistency check compute their digests with this one function."""
+    if t is None:
+        return 0.0, 0.0
+    t64 = t.detach().to("cpu", torch.float64)
+    return float(t64.sum()), float((t64 * t64).sum())
+
+
 def state_digest(
     up_memory: torch.Tensor | None, down_memory: torch.Tensor | None, model: torch.Tensor | None
 ) -> list[float]:
     """[Σh, ‖h‖², ΣH, ‖H‖², Σw, ‖w‖²] in float64 (0 for what is absent)."""
-    out: list[float] = []
-    for t in (up_memory, down_memory, model):
-        if t is None:
-            out += [0.0, 0.0]
-        else:
-            t64 = t.detach().to("cpu", torch.float64)
-            out += [float(t64.sum()), float((t64 * t64).sum())]
-    return out
+    return [x for t in (up_memory, down_memory, model) for x in tensor_digest(t)]
 
 
 def digests_match(reported: Sequence[float], expected: Sequence[float | None]) -> bool:
@@ -780,8 +782,7 @@ class ServerHalf:
         down = self._expected_digest_down(node, commit)
         expected: list[float | None]
         if h_i is not None:
-            h64 = h_i.to(torch.float64)
-            expected = [float(h64.sum()), float((h64 * h64).sum())]
+            expected = list(tensor_digest(h_i))
         elif self.settings.up_memory:  # PP2: the server does not keep h_i
             expected = [None, None]
         else:

@@ -49,6 +49,7 @@ from strategies.common import (
     decode_wires,
     derive_seed,
     encode,
+    tensor_digest,
 )
 
 PRESETS: dict[str, Preset] = {
@@ -91,11 +92,6 @@ def apply_downlink(
             state.down_memory, omega, settings.down_memory_rate
         )
     return state
-
-
-def _digest2(t: torch.Tensor) -> tuple[float, float]:
-    t64 = t.to(torch.float64)
-    return float(t64.sum()), float((t64 * t64).sum())
 
 
 # ----------------------------------------------------------------------------- server half
@@ -155,8 +151,8 @@ class PreservedServer(ServerHalf):
         self, node: int, pending_commit: dict[str, torch.Tensor]
     ) -> tuple[float | None, float | None, float | None, float | None]:
         if self.H_store is None:
-            return (*_digest2(self.H), *_digest2(self.w_hat))
-        return (*_digest2(pending_commit["H"]), *_digest2(pending_commit["w_hat"]))
+            return (*tensor_digest(self.H), *tensor_digest(self.w_hat))
+        return (*tensor_digest(pending_commit["H"]), *tensor_digest(pending_commit["w_hat"]))
 
     def _commit_client(self, node: int, commit: dict[str, torch.Tensor]) -> None:
         if self.H_store is not None:
