@@ -25,7 +25,7 @@ import struct
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -462,23 +462,27 @@ def _take(params: dict[str, str], allowed: dict[str, str | None], op: str) -> di
     return out
 
 
+class _Parameterless(Compressor):
+    """An operator without parameters: its spec is its name and it accepts none."""
+
+    @property
+    def spec(self) -> str:
+        return self.name
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> Self:
+        _take(params, {}, cls.name)
+        return cls()
+
+
 # --------------------------------------------------------------------------- identity
 
 
-class Identity(Compressor):
+class Identity(_Parameterless):
     """C(x) = x; omega = 0; the raw floats of the input dtype on the wire."""
 
     name = "identity"
     op_code = 0
-
-    @property
-    def spec(self) -> str:
-        return "identity"
-
-    @classmethod
-    def from_params(cls, params: dict[str, str]) -> Identity:
-        _take(params, {}, cls.name)
-        return cls()
 
     def omega(self, d: int) -> float:
         return 0.0
@@ -1065,7 +1069,7 @@ class NaturalDithering(_LevelQuantizer):
 # --------------------------------------------------------------------------- natural compression
 
 
-class NaturalCompression(Compressor):
+class NaturalCompression(_Parameterless):
     """Natural compression (Horváth et al.): each x_j with 2^e <= |x_j| < 2^(e+1) becomes
     sign(x_j) 2^(e+1) with probability (|x_j| - 2^e) / 2^e, else sign(x_j) 2^e.
     Unbiased, omega = 1/8 (for normal floats; values that would round to 2^128 are kept at
@@ -1076,15 +1080,6 @@ class NaturalCompression(Compressor):
 
     name = "natural"
     op_code = 2
-
-    @property
-    def spec(self) -> str:
-        return "natural"
-
-    @classmethod
-    def from_params(cls, params: dict[str, str]) -> NaturalCompression:
-        _take(params, {}, cls.name)
-        return cls()
 
     def omega(self, d: int) -> float:
         return 1 / 8
@@ -1498,7 +1493,7 @@ class ScaledSign(Compressor):
         return _entropy_bits(np.array([neg, d - neg])) + 32.0 * fields["scales"].numel()
 
 
-class Sign(Compressor):
+class Sign(_Parameterless):
     """Plain sign for majority vote (signSGD, Bernstein et al.): C(x)_j = sign(x_j) in
     {-1, +1}, sign(0) = +1; 1 bit per coordinate. Biased and not a contraction (no scale),
     so it has neither omega nor delta."""
@@ -1506,15 +1501,6 @@ class Sign(Compressor):
     name = "sign"
     op_code = 7
     unbiased = False
-
-    @property
-    def spec(self) -> str:
-        return "sign"
-
-    @classmethod
-    def from_params(cls, params: dict[str, str]) -> Sign:
-        _take(params, {}, cls.name)
-        return cls()
 
     def delta(self, d: int) -> float:
         raise ValueError("sign is not a contraction (no scale): it has no delta")
