@@ -35,7 +35,11 @@ def _base(db: str) -> dict[str, Any]:
         "database-url": db,
         "task": "synthetic-lsq",
         "task-options": "dim=24,samples_per_client=40",
-        "client-lr": 0.05,
+        # a small step, as the papers' bound γ ≤ 1/(L(1+ω)) asks of compressed methods
+        # (ω ≈ 4.9 here; L not computed): at 0.05 biqsgd/artemis sometimes rose for a round
+        # (11.42 -> 12.05) and one CI run ended 15% above round 1; at 0.02 every algorithm's
+        # loss fell round after round in the runs we made
+        "client-lr": 0.02,
         "participation": 0.6,
         "seed": 5,
         "device": "cpu",
