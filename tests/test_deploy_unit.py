@@ -259,7 +259,7 @@ def test_flower_config_and_run_config_rendering(tmp_path: Path) -> None:
             "strategy": "artemis",
             "num-server-rounds": 3,
             "client-lr": 0.1,
-            "database-url": "sqlite:////tmp/x.db",
+            "data-dir": "/tmp/x",
             "eval": True,
         }
     )
@@ -267,7 +267,7 @@ def test_flower_config_and_run_config_rendering(tmp_path: Path) -> None:
         "strategy": "artemis",
         "num-server-rounds": 3,
         "client-lr": 0.1,
-        "database-url": "sqlite:////tmp/x.db",
+        "data-dir": "/tmp/x",
         "eval": True,
     }
     with pytest.raises(ValueError, match="single quotes"):

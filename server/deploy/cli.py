@@ -29,9 +29,16 @@ def _data_dir(value: Path | None) -> Path:
     return (value or default_data_dir()).expanduser().resolve()
 
 
-def _fail(message: str) -> typer.Exit:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=1)
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    """Print one redacted error line; the Exit to raise (1 failure, 2 bad input)."""
+    from core.secrets import redact_text
+
+    typer.secho(f"error: {redact_text(message)}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=code)
+
+
+def _bad_input(message: str) -> typer.Exit:
+    return _fail(message, code=2)
 
 
 # ------------------------------------------------------------------------------- server
@@ -341,7 +348,7 @@ def client_remove(
 # ------------------------------------------------------------------------------- run
 def run_command(
     strategy: str = typer.Option(..., help="Algorithm name (artemis, mcm, sgd, ...)."),
-    rounds: int | None = typer.Option(None, help="Rounds (run config num-server-rounds)."),
+    rounds: int | None = typer.Option(None, min=1, help="Rounds (run config num-server-rounds)."),
     task: str | None = typer.Option(None, help="Task (run config task)."),
     num_partitions: int | None = typer.Option(
         None,
@@ -349,7 +356,9 @@ def run_command(
         "were enrolled with (default: the app's, -1 = each node's own).",
     ),
     min_nodes: int | None = typer.Option(
-        None, help="Connected SuperNodes to wait for before round 1 (run config min-nodes)."
+        None,
+        min=1,
+        help="Connected SuperNodes to wait for before round 1 (run config min-nodes).",
     ),
     run_config: list[str] = typer.Option(
         [],
@@ -365,14 +374,21 @@ def run_command(
 ) -> None:
     """Submit the Flower app to the running SuperLink and stream its progress.
 
-    The rounds are recorded in the server's store; at the end the run's rounds are printed.
+    The rounds are recorded in the server's store (the ServerApp finds its URL in the
+    SuperLink's environment; ``database-url`` is no run-config key). Bad input (unknown
+    keys, out-of-range values, a strategy or compressor spec the ServerApp would refuse,
+    missing task data) exits 2 before anything is submitted. At the end the run's rounds
+    are printed.
     """
     from server.deploy.launcher import require_config
     from server.deploy.runs import app_config_keys, default_app_dir, submit_run
-    from server.simulate import SimulationError, check_overrides, parse_raw_overrides
+    from server.simulate import (
+        SimulationError,
+        check_overrides,
+        check_run_config,
+        parse_raw_overrides,
+    )
 
-    if rounds is not None and rounds < 1:
-        raise _fail("--rounds must be >= 1")
     friendly: dict[str, Any] = {
         "strategy": strategy,
         "num-server-rounds": rounds,
@@ -385,8 +401,9 @@ def run_command(
         values = {k: v for k, v in friendly.items() if v is not None}
         values.update(parse_raw_overrides(run_config))
         values = check_overrides(defaults, values)
+        check_run_config({**defaults, **values}, 0)
     except (SimulationError, OSError, ValueError) as exc:
-        raise _fail(str(exc)) from None
+        raise _bad_input(str(exc)) from None
     try:
         paths, config = require_config(_data_dir(data_dir))
         outcome = submit_run(
