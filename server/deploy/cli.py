@@ -195,7 +195,9 @@ def client_enroll(
     token: str | None = typer.Option(
         None,
         envvar="FEDSQUEEZE_TOKEN",
-        help="Admin or enrolment token (env FEDSQUEEZE_TOKEN; default: the data dir's one).",
+        help="Admin token, or an enrolment-only token (scope 'enrol': it may only create "
+        "clients, so give --partition-id with it). Env FEDSQUEEZE_TOKEN; default: the "
+        "data dir's admin token.",
     ),
     superlink: str | None = typer.Option(
         None, help="SuperLink host:port for the bundle (default: the server's public address)."
@@ -205,10 +207,30 @@ def client_enroll(
     ),
     force: bool = typer.Option(False, help="Overwrite an existing bundle."),
 ) -> None:
-    """Make the device's key pair, register it, record the client, write its bundle."""
-    from client.enroll import EnrollError, RestClients, enroll
+    """Make the device's key pair, register it, record the client, write its bundle.
+
+    Run it on the device itself (with --api-url, --token, --superlink, --ca-cert and an
+    enrolment-only token) to keep the private key there, or on the server host and copy
+    the bundle. The bundle path is checked and the key written before the key is
+    registered; if the bundle cannot be completed, the registration is rolled back.
+    """
+    from client.enroll import EnrollError, RestClients, check_name, enroll, prepare_destination
     from server.deploy.launcher import ServerPaths, load_config
 
+    try:
+        check_name(name)
+    except ValueError as exc:
+        raise _bad_input(str(exc)) from None
+    if num_partitions < 1 or (partition_id is not None and not 0 <= partition_id < num_partitions):
+        raise _bad_input(
+            f"--partition-id must be in 0..{num_partitions - 1} and --num-partitions >= 1"
+        )
+    dest = (out or Path(f"{name}.bundle")).expanduser().resolve()
+    try:  # refuse an unusable --out before anything is asked of the server
+        probe = prepare_destination(dest, force=force)
+        probe.rmdir()
+    except (EnrollError, OSError) as exc:
+        raise _bad_input(str(exc)) from None
     url, tok = _rest(data_dir, api_url, token)
     paths = ServerPaths(_data_dir(data_dir))
     config = load_config(paths) if paths.config.is_file() else None
@@ -216,11 +238,18 @@ def client_enroll(
     ca_path = ca_cert or (paths.tls.ca_cert if config else None)
     if not address or ca_path is None or not ca_path.is_file():
         raise _fail("need the SuperLink address and CA certificate: pass --superlink and --ca-cert")
-    dest = (out or Path(f"{name}.bundle")).expanduser().resolve()
     try:
         if partition_id is None:
             with RestClients(url, tok) as api:
-                partition_id = len(api.list())
+                try:
+                    partition_id = len(api.list())
+                except EnrollError as exc:
+                    if exc.status_code not in (401, 403):
+                        raise
+                    raise EnrollError(
+                        "this token may not list the enrolled clients (an enrolment-only "
+                        "token?): pass --partition-id"
+                    ) from None
         bundle, info = enroll(
             name=name,
             api_url=url,
@@ -267,7 +296,9 @@ def client_start(
         "about 60 s); 0 = give up at once.",
     ),
     print_command: bool = typer.Option(
-        False, help="Print the flower-supernode command instead of running it."
+        False,
+        help="Print the flower-supernode command instead of running it (checks the bundle, "
+        "unpacks nothing).",
     ),
 ) -> None:
     """Start a Flower SuperNode with the bundle's key and CA (runs in the foreground)."""
@@ -277,7 +308,8 @@ def client_start(
     from client.supernode import run_supernode, supernode_command, supernode_env
 
     try:
-        opened = open_bundle(bundle.expanduser().resolve())
+        # --print-command only shows: it checks the bundle and writes nothing
+        opened = open_bundle(bundle.expanduser().resolve(), unpack=not print_command)
         cmd = supernode_command(
             opened,
             device=device,
@@ -287,10 +319,18 @@ def client_start(
             max_retries=max_retries,
             max_wait_time=max_wait_time,
         )
-    except (OSError, ValueError) as exc:
+    except (ValueError, FileNotFoundError, PermissionError) as exc:  # the bundle or an option
+        raise _bad_input(str(exc)) from None
+    except OSError as exc:
         raise _fail(str(exc)) from None
     if print_command:
         typer.echo(shlex.join(cmd))
+        if not opened.root.is_dir():
+            typer.echo(
+                f"(the tarball is unpacked to {opened.root} by `fedsqueeze client start`; "
+                "nothing was unpacked now)",
+                err=True,
+            )
         return
     typer.echo(
         f"starting SuperNode {opened.info.name} (node {opened.info.node_id}) -> "
