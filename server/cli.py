@@ -88,8 +88,24 @@ def main(argv: list[str] | None = None) -> None:
 
     Exit codes: 0 success, 1 a failure of the command, 2 bad input, 130 interrupted.
     """
+    import click
+
     try:
-        app(args=argv, prog_name="fedsqueeze")
+        code = app(args=argv, prog_name="fedsqueeze", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:  # a bare group: its help
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:  # bad input on the command line: one line, exit 2
+        where = exc.ctx.command_path if exc.ctx is not None else "fedsqueeze"
+        message = " ".join(redact_text(exc.format_message()).split())
+        print(f"error: {message} (see `{where} --help`)", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        print(f"error: {' '.join(redact_text(exc.format_message()).split())}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -99,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
             print(redact_text(trace), file=sys.stderr, end="")
         print(f"error: {error_line(exc)}", file=sys.stderr)
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

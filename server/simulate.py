@@ -1265,6 +1265,7 @@ def simulate(
     from rich.markup import escape
 
     console = Console()
+    errors = Console(stderr=True, soft_wrap=True)  # one line per error, on stderr
     friendly = {
         "uplink": uplink,
         "downlink": downlink,
@@ -1286,9 +1287,7 @@ def simulate(
         app = read_app(app_dir)
         specs = build_specs(app, strategy, friendly, run_config, clients, cpus_per_client, timeout)
     except SimulationError as exc:
-        console.print(
-            f"[red]error:[/] {escape(redact_text(str(exc)))}", highlight=False, soft_wrap=True
-        )
+        errors.print(f"[red]error:[/] {escape(redact_text(str(exc)))}", highlight=False)
         raise typer.Exit(2) from None
     try:
         results = run_simulations(
@@ -1303,9 +1302,7 @@ def simulate(
         console.print("[yellow]interrupted: run stopped, SuperLink stopped[/]")
         raise typer.Exit(130) from None
     except SimulationError as exc:
-        console.print(
-            f"[red]error:[/] {escape(redact_text(str(exc)))}", highlight=False, soft_wrap=True
-        )
+        errors.print(f"[red]error:[/] {escape(redact_text(str(exc)))}", highlight=False)
         raise typer.Exit(1) from None
     console.print(results_table(results))
     if json_out is not None:
