@@ -41,11 +41,13 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def _cli(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def _cli(
+    tmp_path: Path, *args: str, timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [FEDSQUEEZE, *args],
         cwd=ROOT,
-        env=_env(tmp_path),
+        env=_env(tmp_path) | env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -117,6 +119,22 @@ def test_failing_commands_show_one_line_and_no_password(tmp_path: Path) -> None:
     assert leaks == []
     if (server / "server.json").exists():
         assert (server / "server.json").stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.postgres
+def test_debug_traceback_is_redacted_and_has_no_locals(tmp_path: Path) -> None:
+    from conftest import postgres_reachable
+
+    if not postgres_reachable():
+        pytest.skip("PostgreSQL unreachable")
+    pw = _sentinel()
+    missing = f"postgresql://postgres:{pw}@127.0.0.1:5432/fsq_missing_{secrets.token_hex(4)}"
+    done = _cli(tmp_path, "db", "upgrade", "--database-url", missing, FEDSQUEEZE_DEBUG="1")
+    assert done.returncode == 1
+    assert "Traceback (most recent call last)" in done.stderr  # asked for, so shown ...
+    assert pw not in done.stdout + done.stderr  # ... redacted
+    assert "dialect = <" not in done.stderr and "│" not in done.stderr  # no locals, no boxes
+    assert done.stderr.strip().splitlines()[-1].startswith("error: OperationalError")
 
 
 @pytest.mark.slow
