@@ -9,6 +9,7 @@ the run config (Flower's `run_simulation` carries none).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from server.config import RunConfig, load_config
+from server.config import STORE_URL_ENV, RunConfig, load_config
 from server.recording import ClientRoundRecord, JsonlRecorder, Recorder, RoundRecord, RunInfo
 from strategies.flower import FedSqueezeStrategy, wait_for_nodes
 from strategies.registry import FLWR_FEDAVG, make_server, settings_from_config
@@ -40,8 +41,14 @@ class RunOutcome:
     server: Any = None  # the ServerHalf (None for flwr-fedavg)
 
 
-def open_recorder(database_url: str) -> Recorder:
-    """'' → the default SQL store; 'jsonl:PATH' → a JSON-lines file; else a database URL."""
+def open_recorder(database_url: str | None = None) -> Recorder:
+    """The round-history store: `database_url`, else ``$DATABASE_URL`` of the environment
+    (the URL never travels in the run config: it may hold a password).
+
+    '' → the default SQL store; 'jsonl:PATH' → a JSON-lines file; else a database URL.
+    """
+    if database_url is None:
+        database_url = os.environ.get(STORE_URL_ENV, "")
     if database_url.startswith("jsonl:"):
         return JsonlRecorder(database_url[len("jsonl:") :])
     from api.store import SqlRecorder
@@ -91,7 +98,7 @@ def run_server(
     task = build_task(config, num_partitions)
     w0 = _flat(task.make_model())
     evaluate = make_evaluate(task)
-    recorder = recorder if recorder is not None else open_recorder(str(config["database-url"]))
+    recorder = recorder if recorder is not None else open_recorder()
     strategy_name = config.strategy
     settings = (
         None if strategy_name == FLWR_FEDAVG else settings_from_config(config.values, w0.numel())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 #: every key, its default and what it means (the README's table is generated from this)
@@ -41,8 +42,6 @@ KEYS: dict[str, tuple[Any, str]] = {
     "data-dir": ("", "dataset directory ('' = the task's default)"),
     "seed": (0, "seed of everything (model init, sampling, compression)"),
     "device": ("auto", "client device: 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'"),
-    "database-url": ("", "round history: '' = default SQLite store, sqlite:///..., "
-                     "postgresql://..., or 'jsonl:PATH'"),
     "eval-every": (1, "central evaluation every this many rounds (and the last); 0 = never"),
     "round-timeout": (600.0, "seconds to wait for replies in a round"),
     "min-nodes": (-1, "wait for this many connected nodes before round 1; -1 = num-partitions"),
@@ -52,6 +51,25 @@ KEYS: dict[str, tuple[Any, str]] = {
 }  # fmt: skip
 
 DEFAULTS: dict[str, Any] = {k: v for k, (v, _) in KEYS.items()}
+
+#: the environment variable the ServerApp reads its round-history store URL from
+STORE_URL_ENV = "DATABASE_URL"
+
+#: keys that are refused on purpose, with the reason shown to whoever sets them
+REFUSED_KEYS: dict[str, str] = {
+    "database-url": (
+        "the store URL is not a run-config key: Flower keeps run configs in its state and "
+        "serves them, and the URL may hold a password. The ServerApp reads it from "
+        f"${STORE_URL_ENV} in its environment: pass --database-url to `fedsqueeze simulate` "
+        "or `fedsqueeze server start`"
+    ),
+}
+
+
+def refused_key_message(key: str) -> str | None:
+    """Why `key` may not appear in a run config, or None when it may."""
+    reason = REFUSED_KEYS.get(key)
+    return f"run-config key {key!r} is refused: {reason}" if reason else None
 
 
 @dataclass(frozen=True)
@@ -118,6 +136,8 @@ def load_config(user: Mapping[str, Any], overrides: Mapping[str, Any] | None = N
     values = dict(DEFAULTS)
     for source in (user, overrides or {}):
         for key, value in source.items():
+            if (refused := refused_key_message(key)) is not None:
+                raise ValueError(refused)
             if key not in KEYS:
                 known = ", ".join(sorted(KEYS))
                 raise ValueError(f"unknown run-config key {key!r}; known keys: {known}")
@@ -175,3 +195,41 @@ def load_config(user: Mapping[str, Any], overrides: Mapping[str, Any] | None = N
     parse_options(values["task-options"])
     parse_failure(values["test-fail"])
     return RunConfig(values)
+
+
+def check_run(values: Mapping[str, Any], num_partitions: int | None = None) -> RunConfig:
+    """Everything the ServerApp would refuse, refused before anything starts.
+
+    This builds what the ServerApp builds, with the same code, so that no second copy of
+    the rules can drift: `load_config` (keys, types, ranges, strategy name), the task
+    (`tasks.base.load_task` with the run's options: unknown task or option, missing data
+    files), and, for the algorithms of `strategies.registry`, the algorithm settings for
+    the task's model size d (`settings_from_config`: compressor specs such as
+    ``qsgd:s=0``, memory rates, flags). A ``data-dir`` that is not a directory is refused
+    for every task. `num_partitions` is the federation size when the caller knows it
+    (simulation); else the run config's (``-1``: ``min-nodes``, else 1).
+
+    Raises ValueError with one line naming the key and the value.
+    """
+    config = load_config(values)
+    data_dir = str(config["data-dir"])
+    if data_dir and not Path(data_dir).expanduser().is_dir():
+        raise ValueError(f"run config: data-dir {data_dir!r} is not a directory")
+    n = num_partitions or int(config["num-partitions"])
+    if n < 1:
+        n = max(int(config["min-nodes"]), 1)
+    from strategies.registry import FLWR_FEDAVG, settings_from_config
+    from tasks.base import load_task
+
+    try:
+        task = load_task(config["task"], **config.task_options(n))
+    except (OSError, TypeError, ValueError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"run config: task {config['task']!r}: {message}") from None
+    if config.strategy != FLWR_FEDAVG:
+        dim = sum(p.numel() for p in task.make_model().parameters())
+        try:
+            settings_from_config(config.values, dim)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"run config: {exc}") from None
+    return config

@@ -49,6 +49,8 @@ from typing import Any
 
 import typer
 
+from core.secrets import redact_text
+from server.config import STORE_URL_ENV, refused_key_message
 from server.flower_env import flower_env, flower_executable, terminate_then_kill
 
 ConfigValue = bool | int | float | str
@@ -73,7 +75,6 @@ FRIENDLY_KEYS: dict[str, str] = {
     "client_lr": "client-lr",
     "seed": "seed",
     "device": "device",
-    "database_url": "database-url",
 }
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -196,6 +197,8 @@ def check_overrides(
     """
     checked: dict[str, ConfigValue] = {}
     for key, value in overrides.items():
+        if (refused := refused_key_message(key)) is not None:
+            raise SimulationError(refused)
         if key not in defaults:
             known = ", ".join(sorted(defaults)) or "(none)"
             raise SimulationError(f"unknown run-config key {key!r}: this app's keys are {known}")
@@ -502,7 +505,7 @@ class LogFollower:
         assert self.process.stdout is not None
         with self.log_path.open("a", encoding="utf-8") as out:
             for raw in self.process.stdout:
-                line = _ANSI.sub("", raw.rstrip("\n"))
+                line = redact_text(_ANSI.sub("", raw.rstrip("\n")))
                 out.write(line + "\n")
                 out.flush()
                 with self._lock:
@@ -850,7 +853,9 @@ def run_one(
     """
     merged = {**app.run_config, **spec.overrides}
     num_rounds = int(merged.get("num-server-rounds", 0) or 0)
-    database_url = str(merged.get("database-url", "") or "") or None
+    # the store the ServerApp records into: the one its environment names (never the run
+    # config, see server.config.REFUSED_KEYS), else the default one
+    database_url = superlink.env().get(STORE_URL_ENV) or None
     federation: dict[str, int | float | bool | str] = {
         "num-supernodes": spec.num_supernodes,
         "client-resources-num-cpus": spec.cpus_per_client,
@@ -963,11 +968,15 @@ def run_simulations(
     console: Any = None,
     show_progress: bool = True,
     keep_flwr_home: bool = False,
+    database_url: str | None = None,
 ) -> list[SimulationResult]:
     """Run every spec, one after the other, on one SuperLink this call starts and stops.
 
     With `flwr_home` None a temporary FLWR_HOME is used; it is removed afterwards when
-    every run completed (kept, and its path printed, otherwise).
+    every run completed (kept, and its path printed, otherwise). `database_url` (else
+    ``$DATABASE_URL``, else the default SQLite store) reaches the ServerApp as
+    ``$DATABASE_URL`` of the SuperLink's environment, which its processes inherit: it is
+    never part of a run config, so Flower neither stores nor shows it.
     """
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -982,7 +991,9 @@ def run_simulations(
     home.mkdir(parents=True, exist_ok=True)
     log_dir = home / "logs"
     results: list[SimulationResult] = []
-    superlink = LocalSuperLink(home)
+    superlink = LocalSuperLink(
+        home, extra_env={STORE_URL_ENV: database_url} if database_url else None
+    )
     success = False
     try:
         with _sigterm_as_interrupt():
@@ -1027,7 +1038,9 @@ def run_simulations(
                     )
                     with contextlib.suppress(OSError):
                         tail = Path(result.log_path).read_text(encoding="utf-8").splitlines()
-                        console.print("\n".join(tail[-30:]), markup=False, highlight=False)
+                        console.print(
+                            redact_text("\n".join(tail[-30:])), markup=False, highlight=False
+                        )
         success = bool(results) and all(r.ok for r in results)
     finally:
         pid = superlink.pid
@@ -1076,20 +1089,44 @@ def results_table(results: Sequence[SimulationResult], title: str = "Simulations
 # ----------------------------------------------------------------------------- the command
 
 
-def check_task_data(config: dict[str, ConfigValue]) -> None:
-    """Fail before starting anything when the run's dataset files are missing.
+def check_run_config(config: dict[str, ConfigValue], num_partitions: int) -> None:
+    """Refuse, before anything starts, what the ServerApp would refuse (`server.config.
+    check_run`: keys, ranges, strategy, compressor specs, the task and its data files).
 
     The simulated ServerApp and ClientApps run on this machine with this environment, so
-    what is missing here would make every client fail later, with the reason buried in a log.
+    what is missing here would make the run fail later, with the reason buried in a log.
+    Apps other than fedsqueeze's (run-config keys this project does not know) are only
+    checked against their own keys and types (`check_overrides`).
     """
-    if config.get("task") != "fashion-mnist":
+    from server.config import KEYS, check_run
+
+    if not set(config) <= set(KEYS):
         return
-    from tasks.fashion_mnist import FashionMnistDataMissing, check_data_dir
+    try:
+        check_run(config, num_partitions)
+    except ValueError as exc:
+        raise SimulationError(str(exc)) from None
+
+
+def check_store_url(url: str | None) -> str | None:
+    """`url` checked as a round-history store (``jsonl:PATH`` or a database URL the store
+    accepts); None stays None (the ServerApp then uses ``$DATABASE_URL`` or the default)."""
+    if url is None:
+        return None
+    if url.startswith("jsonl:"):
+        if not url.removeprefix("jsonl:").strip():
+            raise SimulationError("--database-url jsonl:PATH needs a path")
+        return url
+    from api.settings import normalize_database_url
 
     try:
-        check_data_dir(str(config.get("data-dir", "") or "") or None)
-    except FashionMnistDataMissing as exc:
-        raise SimulationError(str(exc)) from None
+        normalize_database_url(url)
+    except ValueError:
+        raise SimulationError(
+            f"--database-url {redact_text(url)!r}: use sqlite:///PATH, "
+            "postgresql://USER@HOST/DB or jsonl:PATH"
+        ) from None
+    return url
 
 
 def build_specs(
@@ -1132,7 +1169,7 @@ def build_specs(
             raise SimulationError("--strategy: this app has no run-config key 'strategy'")
         per_run = [check_overrides(app.run_config, {**overrides, "strategy": s}) for s in labels]
     for o in per_run:
-        check_task_data({**app.run_config, **o})
+        check_run_config({**app.run_config, **o}, num_supernodes)
     return [
         RunSpec(
             label=label,
@@ -1192,8 +1229,10 @@ def simulate(
     device: str | None = typer.Option(None, help="Client device: auto, cpu, cuda, cuda:1 ..."),
     database_url: str | None = typer.Option(
         None,
-        help="Round-history store URL (run-config 'database-url'); default: $DATABASE_URL, "
-        "else the SQLite file under $FEDSQUEEZE_HOME (~/.fedsqueeze).",
+        help="Round-history store URL (sqlite:///..., postgresql://..., jsonl:PATH); "
+        "default: $DATABASE_URL, else the SQLite file under $FEDSQUEEZE_HOME (~/.fedsqueeze). "
+        "The ServerApp gets it as $DATABASE_URL of the SuperLink's environment, never in "
+        "the run config (which Flower stores and shows).",
     ),
     run_config: list[str] = typer.Option(
         [],
@@ -1223,8 +1262,10 @@ def simulate(
 ) -> None:
     """Run the federated app in Flower's simulation engine on a local SuperLink."""
     from rich.console import Console
+    from rich.markup import escape
 
     console = Console()
+    errors = Console(stderr=True, soft_wrap=True)  # one line per error, on stderr
     friendly = {
         "uplink": uplink,
         "downlink": downlink,
@@ -1240,13 +1281,13 @@ def simulate(
         "client_lr": client_lr,
         "seed": seed,
         "device": device,
-        "database_url": database_url,
     }
     try:
+        store_url = check_store_url(database_url)
         app = read_app(app_dir)
         specs = build_specs(app, strategy, friendly, run_config, clients, cpus_per_client, timeout)
     except SimulationError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        errors.print(f"[red]error:[/] {escape(redact_text(str(exc)))}", highlight=False)
         raise typer.Exit(2) from None
     try:
         results = run_simulations(
@@ -1255,12 +1296,13 @@ def simulate(
             flwr_home=flwr_home,
             console=console,
             show_progress=not no_progress,
+            database_url=store_url,
         )
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: run stopped, SuperLink stopped[/]")
         raise typer.Exit(130) from None
     except SimulationError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        errors.print(f"[red]error:[/] {escape(redact_text(str(exc)))}", highlight=False)
         raise typer.Exit(1) from None
     console.print(results_table(results))
     if json_out is not None:

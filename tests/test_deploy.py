@@ -288,6 +288,13 @@ def test_server_enrolment_and_refusals(deployment: Deployment) -> None:
                   "--data-dir", str(dep.data_dir), check=False)  # fmt: skip
     assert dup.returncode != 0 and "409" in dup.stderr
     assert len(dep.registrar().list_nodes()) == 2
+    # an unusable --out is refused before the server is asked: nothing registered, no key lost
+    (dep.root / "a-file").write_text("not a folder")
+    bad = dep.cli("client", "enroll", "--name", "gamma", "--out", str(dep.root / "a-file" / "g"),
+                  "--data-dir", str(dep.data_dir), check=False)  # fmt: skip
+    assert bad.returncode == 2 and "a-file" in bad.stderr and "Traceback" not in bad.stderr
+    assert len(dep.registrar().list_nodes()) == 2
+    assert "gamma" not in {c["name"] for c in dep.get("/clients")["items"]}
 
     # an enrolled key is accepted: the SuperLink reports the node online
     a = dep.start_node("alpha", dep.root / "alpha.bundle")
@@ -456,7 +463,9 @@ def test_deployment_records_to_postgresql(deployment: Deployment) -> None:
     """The server's store on PostgreSQL: the ServerApp (started by the SuperLink) records
     there and the REST service serves it. The URL carries a password (trust auth ignores
     it): it reaches the ServerApp through the SuperLink's environment, never through the
-    run config, and appears in no log and not in Flower's state."""
+    run config, and appears in no file but the server's own 0600 server.json (not in
+    Flower's state, logs, bundles), in no REST answer and in no command output, including
+    the output of commands that fail."""
     from conftest import throwaway_postgres
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
@@ -485,10 +494,36 @@ def test_deployment_records_to_postgresql(deployment: Deployment) -> None:
             engine.dispose()
         assert n_rounds == 2
         assert nodes == {i.node_id for i in infos}
+        answers = [
+            httpx.get(dep.api_url + path, timeout=30)
+            for path in ("/runs", f"/runs/{run['id']}", f"/runs/{run['id']}/rounds", "/health")
+        ]
+        assert all(a.status_code == 200 for a in answers)
+        # commands that fail: each one error line, no traceback, no password
+        missing = make_url(url).set(database=f"fsq_missing_{os.urandom(4).hex()}")
+        missing_url = missing.render_as_string(hide_password=False)
+        failing = [
+            dep.cli("run", "--strategy", "artemis", "-c", f"database-url='{url}'",
+                    "--data-dir", str(dep.data_dir), check=False),
+            dep.cli("db", "upgrade", "--database-url", missing_url, check=False),
+            dep.cli("server", "start", "--data-dir", str(dep.root / "second"),
+                    "--database-url", missing_url, "--superlink-port", str(free_port()),
+                    "--api-port", str(free_port()), check=False),
+        ]  # fmt: skip
+        assert [f.returncode for f in failing] == [2, 1, 1]
         dep.shutdown()  # before the database is dropped
-    assert password not in out.stdout + out.stderr
-    assert password not in json.dumps(run["config"])
-    logs = sorted((dep.data_dir / "logs").glob("*.log")) + sorted((dep.root / "logs").glob("*.log"))
-    _assert_no_secrets_in(logs, [password])
-    for state in dep.data_dir.glob("superlink.db*"):
-        assert password.encode() not in state.read_bytes(), state
+        if (dep.root / "second" / "server.json").exists():
+            dep.cli("server", "stop", "--data-dir", str(dep.root / "second"), check=False)
+    for done in [out, *failing]:
+        assert password not in done.stdout + done.stderr
+        assert "Traceback" not in done.stdout + done.stderr
+    for done in failing:
+        assert done.stderr.strip().splitlines()[-1].startswith("error: "), done.stderr
+    assert password not in json.dumps(run["config"]) and "database-url" not in run["config"]
+    assert not [a.request.url for a in answers if password in a.text]
+    # no file holds it but the servers' own 0600 configurations: not Flower's state (and
+    # WAL), not the logs of the SuperLink, the REST service, the SuperNodes, not FLWR_HOME
+    assert list(dep.data_dir.glob("superlink.db*"))
+    holding = [p for p in dep.root.rglob("*") if p.is_file() and not p.is_symlink()
+               and password.encode() in p.read_bytes()]  # fmt: skip
+    assert all(p.name == "server.json" and _mode(p) == 0o600 for p in holding), holding

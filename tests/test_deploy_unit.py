@@ -259,7 +259,7 @@ def test_flower_config_and_run_config_rendering(tmp_path: Path) -> None:
             "strategy": "artemis",
             "num-server-rounds": 3,
             "client-lr": 0.1,
-            "database-url": "sqlite:////tmp/x.db",
+            "data-dir": "/tmp/x",
             "eval": True,
         }
     )
@@ -267,7 +267,7 @@ def test_flower_config_and_run_config_rendering(tmp_path: Path) -> None:
         "strategy": "artemis",
         "num-server-rounds": 3,
         "client-lr": 0.1,
-        "database-url": "sqlite:////tmp/x.db",
+        "data-dir": "/tmp/x",
         "eval": True,
     }
     with pytest.raises(ValueError, match="single quotes"):
@@ -292,11 +292,13 @@ def _metadata(
 
 
 class _DelayedGrid(Grid):
-    """A real in-process grid: replies become available `delay` s after the push."""
+    """A real in-process grid whose replies become available on the `ready_at_pull`-th
+    pull after the push (None: never). Counting pulls, not seconds, keeps the tests of
+    `FastPollGrid` independent of how loaded the machine is."""
 
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
-        self.ready: dict[str, tuple[float, Message]] = {}
+    def __init__(self, ready_at_pull: int | None) -> None:
+        self.ready_at_pull = ready_at_pull
+        self.ready: dict[str, Message] = {}
         self.pulls = 0
         self.lock = threading.Lock()
 
@@ -329,17 +331,17 @@ class _DelayedGrid(Grid):
             mid = f"m{i}-{time.monotonic_ns()}"
             m.metadata.__dict__["_message_id"] = mid
             reply = make_message(
-                _metadata(0, m.metadata.message_type, "", mid, time.time() + self.delay),
-                RecordDict(),
+                _metadata(0, m.metadata.message_type, "", mid, time.time()), RecordDict()
             )
-            self.ready[mid] = (time.monotonic() + self.delay, reply)
+            self.ready[mid] = reply
             ids.append(mid)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         self.pulls += 1
-        now = time.monotonic()
-        return [self.ready[i][1] for i in message_ids if self.ready[i][0] <= now]
+        if self.ready_at_pull is None or self.pulls < self.ready_at_pull:
+            return []
+        return [self.ready[i] for i in message_ids]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -358,27 +360,28 @@ def test_poll_schedule_grows_geometrically_to_the_cap() -> None:
         next(iter(poll_intervals(0.0, 1.0, 2.0)))
 
 
-def test_fast_poll_grid_returns_soon_after_replies_are_ready() -> None:
-    inner = _DelayedGrid(delay=0.3)
-    grid = FastPollGrid(inner, initial_interval=0.01, max_interval=0.05)
-    t0 = time.monotonic()
-    replies = list(grid.send_and_receive(_msgs(grid, 2), timeout=10))
-    elapsed = time.monotonic() - t0
+def test_fast_poll_grid_returns_at_the_first_pull_that_finds_the_replies() -> None:
+    inner = _DelayedGrid(ready_at_pull=6)
+    grid = FastPollGrid(inner, initial_interval=0.01, max_interval=0.05, growth=2.0)
+    replies = list(grid.send_and_receive(_msgs(grid, 2), timeout=600))
     assert len(replies) == 2
-    # Flower's HttpGrid would return at 3 s; we return within one max interval of 0.3 s
-    assert 0.3 <= elapsed < 0.3 + 0.05 + 0.15
-    assert grid.stats.calls == 1 and grid.stats.pulls == inner.pulls >= 2
-    assert grid.stats.lags and grid.stats.lags[0] < 0.05 + 0.15
+    # it pulled exactly until the replies were there, sleeping the schedule in between
+    # (0.01, 0.02, 0.04, 0.05, 0.05: Flower's HttpGrid sleeps 3 s before every pull)
+    assert grid.stats.calls == 1 and grid.stats.pulls == inner.pulls == 6
+    assert grid.stats.sleep_s == pytest.approx(0.01 + 0.02 + 0.04 + 0.05 + 0.05)
+    assert grid.stats.lags and grid.stats.wall_s >= grid.stats.sleep_s
     assert grid.get_node_ids() == [1, 2]
 
 
 def test_fast_poll_grid_honours_the_timeout() -> None:
-    inner = _DelayedGrid(delay=5.0)
+    inner = _DelayedGrid(ready_at_pull=None)  # no reply ever
     grid = FastPollGrid(inner, initial_interval=0.01, max_interval=0.05)
     t0 = time.monotonic()
     replies = list(grid.send_and_receive(_msgs(grid, 1), timeout=0.2))
     assert replies == []
-    assert 0.2 <= time.monotonic() - t0 < 0.5
+    # it waits for the timeout, and sleeps no longer than the timeout in all
+    assert time.monotonic() - t0 >= 0.2
+    assert grid.stats.sleep_s <= 0.2 + 1e-9 and inner.pulls >= 2
 
 
 # ----------------------------------------------------------------------- benchmark parsing

@@ -29,9 +29,16 @@ def _data_dir(value: Path | None) -> Path:
     return (value or default_data_dir()).expanduser().resolve()
 
 
-def _fail(message: str) -> typer.Exit:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=1)
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    """Print one redacted error line; the Exit to raise (1 failure, 2 bad input)."""
+    from core.secrets import redact_text
+
+    typer.secho(f"error: {redact_text(message)}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=code)
+
+
+def _bad_input(message: str) -> typer.Exit:
+    return _fail(message, code=2)
 
 
 # ------------------------------------------------------------------------------- server
@@ -188,7 +195,9 @@ def client_enroll(
     token: str | None = typer.Option(
         None,
         envvar="FEDSQUEEZE_TOKEN",
-        help="Admin or enrolment token (env FEDSQUEEZE_TOKEN; default: the data dir's one).",
+        help="Admin token, or an enrolment-only token (scope 'enrol': it may only create "
+        "clients, so give --partition-id with it). Env FEDSQUEEZE_TOKEN; default: the "
+        "data dir's admin token.",
     ),
     superlink: str | None = typer.Option(
         None, help="SuperLink host:port for the bundle (default: the server's public address)."
@@ -198,10 +207,30 @@ def client_enroll(
     ),
     force: bool = typer.Option(False, help="Overwrite an existing bundle."),
 ) -> None:
-    """Make the device's key pair, register it, record the client, write its bundle."""
-    from client.enroll import EnrollError, RestClients, enroll
+    """Make the device's key pair, register it, record the client, write its bundle.
+
+    Run it on the device itself (with --api-url, --token, --superlink, --ca-cert and an
+    enrolment-only token) to keep the private key there, or on the server host and copy
+    the bundle. The bundle path is checked and the key written before the key is
+    registered; if the bundle cannot be completed, the registration is rolled back.
+    """
+    from client.enroll import EnrollError, RestClients, check_name, enroll, prepare_destination
     from server.deploy.launcher import ServerPaths, load_config
 
+    try:
+        check_name(name)
+    except ValueError as exc:
+        raise _bad_input(str(exc)) from None
+    if num_partitions < 1 or (partition_id is not None and not 0 <= partition_id < num_partitions):
+        raise _bad_input(
+            f"--partition-id must be in 0..{num_partitions - 1} and --num-partitions >= 1"
+        )
+    dest = (out or Path(f"{name}.bundle")).expanduser().resolve()
+    try:  # refuse an unusable --out before anything is asked of the server
+        probe = prepare_destination(dest, force=force)
+        probe.rmdir()
+    except (EnrollError, OSError) as exc:
+        raise _bad_input(str(exc)) from None
     url, tok = _rest(data_dir, api_url, token)
     paths = ServerPaths(_data_dir(data_dir))
     config = load_config(paths) if paths.config.is_file() else None
@@ -209,11 +238,18 @@ def client_enroll(
     ca_path = ca_cert or (paths.tls.ca_cert if config else None)
     if not address or ca_path is None or not ca_path.is_file():
         raise _fail("need the SuperLink address and CA certificate: pass --superlink and --ca-cert")
-    dest = (out or Path(f"{name}.bundle")).expanduser().resolve()
     try:
         if partition_id is None:
             with RestClients(url, tok) as api:
-                partition_id = len(api.list())
+                try:
+                    partition_id = len(api.list())
+                except EnrollError as exc:
+                    if exc.status_code not in (401, 403):
+                        raise
+                    raise EnrollError(
+                        "this token may not list the enrolled clients (an enrolment-only "
+                        "token?): pass --partition-id"
+                    ) from None
         bundle, info = enroll(
             name=name,
             api_url=url,
@@ -260,7 +296,9 @@ def client_start(
         "about 60 s); 0 = give up at once.",
     ),
     print_command: bool = typer.Option(
-        False, help="Print the flower-supernode command instead of running it."
+        False,
+        help="Print the flower-supernode command instead of running it (checks the bundle, "
+        "unpacks nothing).",
     ),
 ) -> None:
     """Start a Flower SuperNode with the bundle's key and CA (runs in the foreground)."""
@@ -270,7 +308,8 @@ def client_start(
     from client.supernode import run_supernode, supernode_command, supernode_env
 
     try:
-        opened = open_bundle(bundle.expanduser().resolve())
+        # --print-command only shows: it checks the bundle and writes nothing
+        opened = open_bundle(bundle.expanduser().resolve(), unpack=not print_command)
         cmd = supernode_command(
             opened,
             device=device,
@@ -280,10 +319,18 @@ def client_start(
             max_retries=max_retries,
             max_wait_time=max_wait_time,
         )
-    except (OSError, ValueError) as exc:
+    except (ValueError, FileNotFoundError, PermissionError) as exc:  # the bundle or an option
+        raise _bad_input(str(exc)) from None
+    except OSError as exc:
         raise _fail(str(exc)) from None
     if print_command:
         typer.echo(shlex.join(cmd))
+        if not opened.root.is_dir():
+            typer.echo(
+                f"(the tarball is unpacked to {opened.root} by `fedsqueeze client start`; "
+                "nothing was unpacked now)",
+                err=True,
+            )
         return
     typer.echo(
         f"starting SuperNode {opened.info.name} (node {opened.info.node_id}) -> "
@@ -341,7 +388,7 @@ def client_remove(
 # ------------------------------------------------------------------------------- run
 def run_command(
     strategy: str = typer.Option(..., help="Algorithm name (artemis, mcm, sgd, ...)."),
-    rounds: int | None = typer.Option(None, help="Rounds (run config num-server-rounds)."),
+    rounds: int | None = typer.Option(None, min=1, help="Rounds (run config num-server-rounds)."),
     task: str | None = typer.Option(None, help="Task (run config task)."),
     num_partitions: int | None = typer.Option(
         None,
@@ -349,7 +396,9 @@ def run_command(
         "were enrolled with (default: the app's, -1 = each node's own).",
     ),
     min_nodes: int | None = typer.Option(
-        None, help="Connected SuperNodes to wait for before round 1 (run config min-nodes)."
+        None,
+        min=1,
+        help="Connected SuperNodes to wait for before round 1 (run config min-nodes).",
     ),
     run_config: list[str] = typer.Option(
         [],
@@ -365,14 +414,21 @@ def run_command(
 ) -> None:
     """Submit the Flower app to the running SuperLink and stream its progress.
 
-    The rounds are recorded in the server's store; at the end the run's rounds are printed.
+    The rounds are recorded in the server's store (the ServerApp finds its URL in the
+    SuperLink's environment; ``database-url`` is no run-config key). Bad input (unknown
+    keys, out-of-range values, a strategy or compressor spec the ServerApp would refuse,
+    missing task data) exits 2 before anything is submitted. At the end the run's rounds
+    are printed.
     """
     from server.deploy.launcher import require_config
     from server.deploy.runs import app_config_keys, default_app_dir, submit_run
-    from server.simulate import SimulationError, check_overrides, parse_raw_overrides
+    from server.simulate import (
+        SimulationError,
+        check_overrides,
+        check_run_config,
+        parse_raw_overrides,
+    )
 
-    if rounds is not None and rounds < 1:
-        raise _fail("--rounds must be >= 1")
     friendly: dict[str, Any] = {
         "strategy": strategy,
         "num-server-rounds": rounds,
@@ -385,8 +441,9 @@ def run_command(
         values = {k: v for k, v in friendly.items() if v is not None}
         values.update(parse_raw_overrides(run_config))
         values = check_overrides(defaults, values)
+        check_run_config({**defaults, **values}, 0)
     except (SimulationError, OSError, ValueError) as exc:
-        raise _fail(str(exc)) from None
+        raise _bad_input(str(exc)) from None
     try:
         paths, config = require_config(_data_dir(data_dir))
         outcome = submit_run(

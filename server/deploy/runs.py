@@ -7,10 +7,10 @@ already installed beside the SuperLink, so runtime installation stays off
 (``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``).
 
 The ServerApp (which the SuperLink starts on the server host) records each round where the
-REST service reads it: the run config gets ``database-url`` set to the server's store,
-unless that URL holds a password (Flower keeps run configs in its state and shows them);
-then the ServerApp finds it in the SuperLink's environment (``DATABASE_URL``, set by
-`server start`), which its processes inherit.
+REST service reads it: it finds the store's URL in the SuperLink's environment
+(``DATABASE_URL``, set by `server start`), which its processes inherit. The URL is never
+part of a run config (Flower keeps run configs in its state and shows them, and the URL may
+hold a password): a ``database-url`` entry is refused (server.config.REFUSED_KEYS).
 """
 
 from __future__ import annotations
@@ -24,23 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.config import refused_key_message
 from server.deploy.launcher import CONNECTION_NAME, ServerConfig, ServerPaths
 from server.flower_env import flower_env, flower_executable
 
 RUN_ID_PATTERN = re.compile(r"Successfully started run (\d+)")
-
-
-def url_has_password(url: str) -> bool:
-    """True when a database URL carries a password (it must then not go into a run config,
-    which Flower stores and shows; the ServerApp finds the URL in the SuperLink's
-    environment, ``DATABASE_URL``, set by `server start`, instead)."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).password is not None
-    except ArgumentError:
-        return False
 
 
 def write_flower_config(flwr_home: Path, address: str, ca_cert: Path) -> Path:
@@ -111,8 +99,9 @@ def submit_run(
     app = (app_dir or default_app_dir()).resolve()
     known = app_config_keys(app)
     values = dict(run_config)
-    if "database-url" in known and not url_has_password(config.database_url):
-        values.setdefault("database-url", config.database_url)
+    for key in values:
+        if (refused := refused_key_message(key)) is not None:
+            raise ValueError(refused)
     unknown = sorted(k for k in values if k not in known)
     if unknown:
         raise ValueError(
