@@ -87,6 +87,31 @@ def test_fleet_paths_are_those_of_flowers_supernode() -> None:
     assert all(p.startswith("/v1/fleet/") for p in FLEET_PATHS)
 
 
+@needs_nginx
+def test_rendered_nginx_config_is_valid_and_forwards_only_fleet_paths(tmp_path: Path) -> None:
+    """The configuration nginx gets: accepted by `nginx -t`; one exact location per Fleet
+    path, each forwarding that literal path (so the SuperLink never sees another one)."""
+    from server.deploy.certs import ensure_tls
+    from server.deploy.proxy import ProxyFiles, ProxySettings, nginx_command, write_config
+
+    tls = ensure_tls(tmp_path / "tls")
+    files = ProxyFiles(tmp_path / "proxy", tmp_path / "access.log")
+    settings = ProxySettings("0.0.0.0", 9443, "[::1]:9092", tls.server_cert, tls.server_key,
+                             tls.ca_cert, "localhost", max_body_mb=7)  # fmt: skip
+    write_config(settings, files)
+    text = files.config.read_text()
+    assert _mode(files.config) == 0o600 and _mode(files.prefix) == 0o700
+    assert "/etc/nginx" not in text and "include" not in text
+    assert "client_max_body_size 7m;" in text and "server [::1]:9092;" in text
+    forwarded = re.findall(r"proxy_pass https://superlink(\S*);", text)
+    assert forwarded == list(FLEET_PATHS)
+    assert re.findall(r"location = (\S+) \{", text) == list(FLEET_PATHS)
+    nginx = shutil.which("nginx")
+    assert nginx is not None
+    check = subprocess.run([*nginx_command(nginx, files), "-t"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
 def test_device_facing_start_without_nginx_exits_2_and_writes_nothing(tmp_path: Path) -> None:
     env = _env(tmp_path)
     env["PATH"] = os.pathsep.join(

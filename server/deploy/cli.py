@@ -93,8 +93,9 @@ def server_start(
 ) -> None:
     """Start the SuperLink (loopback), the Fleet proxy and the REST service in the background.
 
-    The first start makes the CA, the server certificate and the admin API token. Every
-    argument is checked before anything is written; a bad one exits 2.
+    The first start makes the CA, the server certificate and the admin API token.
+
+    Every argument is checked before anything is written; a bad one exits 2.
     """
     from server.deploy.launcher import BadServerConfig, start_server
     from server.deploy.processes import ForeignProcessError

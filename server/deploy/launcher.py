@@ -167,7 +167,7 @@ class ServerConfig:
             raise BadServerConfig(
                 f"--superlink-host must be a loopback address, got {self.superlink_host!r}: "
                 "the SuperLink's Control API has no authentication, so devices reach it "
-                "through the Fleet proxy (--fleet-host 0.0.0.0 --fleet-port PORT)"
+                "through the Fleet proxy: pass --superlink-host 127.0.0.1 --fleet-host 0.0.0.0"
             )
         _check_bind_host("--api-host", self.api_host)
         if self.proxied:
@@ -232,7 +232,7 @@ class ServerPaths:
 
 
 def _local_address(host: str, port: int) -> str:
-    if host in ("0.0.0.0", "::", ""):
+    if host in ("0.0.0.0", "::", "", "localhost"):
         host = "127.0.0.1"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -566,7 +566,7 @@ def start_server(
         settings = ProxySettings(
             listen_host=config.fleet_host,
             listen_port=config.fleet_port,
-            superlink_port=config.superlink_port,
+            upstream=config.superlink_address,
             server_cert=paths.tls.server_cert,
             server_key=paths.tls.server_key,
             ca_cert=paths.tls.ca_cert,

@@ -125,7 +125,8 @@ class ProxySettings:
 
     listen_host: str
     listen_port: int
-    superlink_port: int  # on 127.0.0.1
+    #: the SuperLink's loopback address, host:port ("127.0.0.1:9092", "[::1]:9092")
+    upstream: str
     server_cert: Path
     server_key: Path
     ca_cert: Path
@@ -191,7 +192,7 @@ http {{
     limit_conn_status 429;
 
     upstream superlink {{
-        server 127.0.0.1:{s.superlink_port};
+        server {s.upstream};
         keepalive 16;
     }}
 
