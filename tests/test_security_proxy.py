@@ -29,14 +29,17 @@ import pytest
 from test_deploy import (
     APP_DIR,
     FEDSQUEEZE,
+    GIVE_UP_AT_ONCE,
     RUN_CONFIG,
     Deployment,
+    _rejected,
     _store_run,
     deployment,  # noqa: F401  (the fixture)
     free_port,
     wait_for,
 )
 
+from client.enroll import BundleInfo, write_bundle
 from server.deploy.certs import NodeKeyPair
 from server.deploy.launcher import ServerConfig, ServerPaths, save_config
 from server.deploy.processes import ProcessRecord
@@ -309,6 +312,25 @@ def test_only_the_fleet_api_faces_devices(deployment: Deployment) -> None:  # no
     out = dep.cli("run", "--strategy", "artemis", "--rounds", "2", "--app", str(APP_DIR),
                   "--data-dir", str(data), *RUN_CONFIG)  # fmt: skip
     assert "run finished" in out.stdout
+    # a key nobody enrolled cannot join through the proxy: Fleet's own registration is off
+    # (SuperNode authentication), and activation of an unknown key is refused
+    from flwr.proto.fleet_pb2 import RegisterNodeFleetRequest
+
+    rogue_key = NodeKeyPair.generate()
+    with httpx.Client(verify=ssl.create_default_context(cafile=dep.ca_cert), timeout=30) as web:
+        answer = web.post(
+            f"https://{fleet}/v1/fleet/register-node",
+            content=RegisterNodeFleetRequest(public_key=rogue_key.public_pem).SerializeToString(),
+            headers={"content-type": "application/protobuf"},
+        )
+    assert 400 <= answer.status_code < 500, answer.status_code
+    rogue = dep.root / "rogue.bundle"
+    info = BundleInfo(name="rogue", superlink=fleet, node_id=1, partition_id=0, num_partitions=2)
+    write_bundle(rogue, info, rogue_key, dep.ca_cert.read_bytes())
+    assert "Failed to activate SuperNode" in _rejected(
+        dep.start_node("rogue", rogue, *GIVE_UP_AT_ONCE)
+    )
+    assert {n.node_id for n in dep.registrar().list_nodes()} == {i.node_id for i in infos}
     run = _store_run(dep, "artemis")
     assert run["status"] == "finished" and run["summary"]["rounds_done"] == 2
     rounds = dep.get(f"/runs/{run['id']}/rounds")["items"]
