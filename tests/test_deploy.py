@@ -115,17 +115,17 @@ class Deployment:
             )
         return result
 
-    def start_server(self) -> subprocess.CompletedProcess[str]:
+    def start_server(self, *extra: str) -> subprocess.CompletedProcess[str]:
         out = self.cli(
             "server", "start", "--data-dir", str(self.data_dir),
             "--superlink-port", str(self.superlink_port), "--api-port", str(self.api_port),
-            "--database-url", self.database_url,
+            "--database-url", self.database_url, *extra,
         )  # fmt: skip
         self._remember_server_pids()
         return out
 
     def _remember_server_pids(self) -> None:
-        for name in ("superlink", "api"):
+        for name in ("superlink", "proxy", "api"):
             pid_file = self.data_dir / "run" / f"{name}.pid"
             if pid_file.exists():
                 self.seen_pids.add(int(json.loads(pid_file.read_text())["pid"]))

@@ -12,8 +12,8 @@ from typing import Any
 import typer
 
 server_app = typer.Typer(
-    help="Run the deployment server: Flower SuperLink (TLS, SuperNode authentication) "
-    "and the REST service.",
+    help="Run the deployment server: Flower SuperLink (TLS, SuperNode authentication, on "
+    "loopback), its Fleet proxy for devices (nginx) and the REST service.",
     no_args_is_help=True,
 )
 client_app = typer.Typer(
@@ -42,19 +42,48 @@ def _bad_input(message: str) -> typer.Exit:
 
 
 # ------------------------------------------------------------------------------- server
+def _bad_input(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=2)
+
+
 @server_app.command("start")
 def server_start(
     data_dir: Path | None = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     superlink_host: str | None = typer.Option(
-        None, help="Address the SuperLink binds to (default: 127.0.0.1; 0.0.0.0 for devices)."
+        None,
+        help="Loopback address the SuperLink binds to (default: 127.0.0.1). Devices on "
+        "other hosts reach it only through the Fleet proxy (--fleet-host).",
     ),
-    superlink_port: int | None = typer.Option(None, help="SuperLink HTTPS port (default: 9092)."),
+    superlink_port: int | None = typer.Option(
+        None, min=1, max=65535, help="SuperLink HTTPS port on loopback (default: 9092)."
+    ),
+    fleet_host: str | None = typer.Option(
+        None,
+        help="Address the Fleet proxy (nginx) listens on for devices, e.g. 0.0.0.0 "
+        "(default: none: no proxy, devices on this host dial the SuperLink directly). "
+        "Needs nginx (Debian package nginx).",
+    ),
+    fleet_port: int | None = typer.Option(
+        None, min=1, max=65535, help="Fleet proxy HTTPS port (default: 9443)."
+    ),
+    fleet_max_body_mb: int | None = typer.Option(
+        None,
+        min=1,
+        max=4096,
+        help="Largest request the proxy accepts, MiB (default: 64; one Flower object, e.g. "
+        "a round's payload of one client).",
+    ),
     api_host: str | None = typer.Option(
         None, help="REST service bind address (default: 127.0.0.1)."
     ),
-    api_port: int | None = typer.Option(None, help="REST service port (default: 8080)."),
+    api_port: int | None = typer.Option(
+        None, min=1, max=65535, help="REST service port (default: 8080)."
+    ),
     public_address: str | None = typer.Option(
-        None, help="host:port devices dial, written into bundles (default: the local address)."
+        None,
+        help="host:port devices dial, written into bundles (default: the proxy's address, "
+        "else the SuperLink's).",
     ),
     server_name: list[str] = typer.Option(
         [], "--server-name", help="Extra DNS name or IP for the server certificate (repeat)."
@@ -69,18 +98,25 @@ def server_start(
     server_key: Path | None = typer.Option(None, help="Your own server private key (PEM)."),
     timeout: float = typer.Option(60.0, help="Seconds to wait for each process to be ready."),
 ) -> None:
-    """Start the SuperLink and the REST service in the background.
+    """Start the SuperLink (loopback), the Fleet proxy and the REST service in the background.
 
     The first start makes the CA, the server certificate and the admin API token.
+
+    Every argument is checked before anything is written; a bad one exits 2.
     """
-    from server.deploy.launcher import start_server
+    from server.deploy.launcher import BadServerConfig, start_server
+    from server.deploy.processes import ForeignProcessError
+    from server.deploy.proxy import ProxyUnavailable
 
     own = [ca_cert, server_cert, server_key]
     if any(own) and not all(own):
-        raise _fail("--ca-cert, --server-cert and --server-key go together")
+        raise _bad_input("--ca-cert, --server-cert and --server-key go together")
     overrides: dict[str, object] = {
         "superlink_host": superlink_host,
         "superlink_port": superlink_port,
+        "fleet_host": fleet_host,
+        "fleet_port": fleet_port,
+        "fleet_max_body_mb": fleet_max_body_mb,
         "api_host": api_host,
         "api_port": api_port,
         "public_address": public_address,
@@ -96,17 +132,23 @@ def server_start(
             timeout=timeout,
             echo=typer.echo,
         )
-    except (OSError, ValueError, RuntimeError, TimeoutError) as exc:
+    except (BadServerConfig, ProxyUnavailable) as exc:
+        raise _bad_input(str(exc)) from None
+    except (OSError, ValueError, RuntimeError, TimeoutError, ForeignProcessError) as exc:
         raise _fail(str(exc)) from None
     for warning in result.warnings:
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     cfg = result.config
     if not result.started:
         typer.echo(f"already running (data dir {directory})")
-    typer.echo(
-        f"SuperLink      {cfg.superlink_host}:{cfg.superlink_port}"
-        f"  (devices dial {cfg.device_address})"
-    )
+    typer.echo(f"SuperLink      {cfg.superlink_address}  (loopback: Control API, runs, enrolment)")
+    if cfg.proxied:
+        typer.echo(
+            f"Fleet proxy    {cfg.fleet_host}:{cfg.fleet_port}  (nginx, Fleet API only; "
+            f"devices dial {cfg.device_address})"
+        )
+    else:
+        typer.echo(f"               devices on this host dial {cfg.device_address} (no proxy)")
     typer.echo(f"REST service   {cfg.api_url}")
     typer.echo(f"CA certificate {result.paths.tls.ca_cert}")
     if result.admin_token is not None:
@@ -122,10 +164,15 @@ def server_start(
 def server_stop(
     data_dir: Path | None = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
 ) -> None:
-    """Stop the REST service and the SuperLink started from this data directory."""
+    """Stop the REST service, the Fleet proxy and the SuperLink started from this data
+    directory (by PID, only when the PID still runs the command line we started)."""
     from server.deploy.launcher import stop_server
+    from server.deploy.processes import ForeignProcessError
 
-    stopped = stop_server(_data_dir(data_dir))
+    try:
+        stopped = stop_server(_data_dir(data_dir))
+    except ForeignProcessError as exc:
+        raise _fail(str(exc)) from None
     typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
 
 
@@ -134,7 +181,7 @@ def server_status_cmd(
     data_dir: Path | None = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Show whether the SuperLink and the REST service run and answer."""
+    """Show whether the SuperLink, the Fleet proxy and the REST service run and answer."""
     from dataclasses import asdict
 
     from rich.console import Console
@@ -155,7 +202,7 @@ def server_status_cmd(
         for r in rows:
             table.add_row(
                 r.name,
-                "yes" if r.running else "no",
+                "yes" if r.running else ("foreign PID" if r.note else "no"),
                 str(r.pid or "-"),
                 r.address,
                 "yes" if r.reachable else "no",
@@ -280,7 +327,10 @@ def client_start(
     ),
     data: Path | None = typer.Option(None, "--data", help="Local data directory for the task."),
     clientappio_port: int = typer.Option(
-        9094, help="Local port of the SuperNode's ClientApp API (one per SuperNode on a host)."
+        9094,
+        min=1,
+        max=65535,
+        help="Local port of the SuperNode's ClientApp API (one per SuperNode on a host).",
     ),
     superlink: str | None = typer.Option(None, help="Override the bundle's SuperLink host:port."),
     max_retries: int | None = typer.Option(
@@ -307,6 +357,12 @@ def client_start(
     from client.enroll import open_bundle
     from client.supernode import run_supernode, supernode_command, supernode_env
 
+    if superlink is not None:
+        _host, sep, port_text = superlink.rpartition(":")
+        if not sep or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise _bad_input(
+                f"--superlink must be HOST:PORT with a port in 1..65535, got {superlink!r}"
+            )
     try:
         # --print-command only shows: it checks the bundle and writes nothing
         opened = open_bundle(bundle.expanduser().resolve(), unpack=not print_command)
