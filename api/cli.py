@@ -31,6 +31,16 @@ ApiUrl = Annotated[
         show_default=False,
     ),
 ]
+ApiToken = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        envvar="FEDSQUEEZE_TOKEN",
+        help="reader (or writer/admin) token, needed when the service is not on loopback "
+        "and has no public reads (env FEDSQUEEZE_TOKEN)",
+        show_default=False,
+    ),
+]
 JsonOut = Annotated[bool, typer.Option("--json", help="print the raw JSON instead of a table")]
 
 db_app = typer.Typer(
@@ -326,14 +336,17 @@ def token_revoke(
 # ---------------------------------------------------------------- stats
 
 
-def _get(url: str | None, path: str, params: dict[str, Any] | None = None) -> Any:
+def _get(
+    url: str | None, path: str, params: dict[str, Any] | None = None, token: str | None = None
+) -> Any:
     import httpx
 
     from api.settings import default_api_url
 
     base = (url or default_api_url()).rstrip("/")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        response = httpx.get(base + path, params=params, timeout=30.0)
+        response = httpx.get(base + path, params=params, headers=headers, timeout=30.0)
     except httpx.HTTPError as exc:
         raise _fail(
             f"cannot reach the REST service at {base} ({exc}); start it with "
@@ -344,6 +357,8 @@ def _get(url: str | None, path: str, params: dict[str, Any] | None = None) -> An
             message = response.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = response.text[:500]
+        if response.status_code == 401 and not token:
+            message += " (pass --token or set FEDSQUEEZE_TOKEN)"
         raise _fail(f"{response.status_code} from {base}{path}: {message}")
     return response.json()
 
@@ -370,6 +385,7 @@ def _print_json(data: Any) -> None:
 @stats_app.command("runs")
 def stats_runs(
     url: ApiUrl = None,
+    token: ApiToken = None,
     as_json: JsonOut = False,
     status: Annotated[str | None, typer.Option(help="running|finished|failed|interrupted")] = None,
     strategy: Annotated[str | None, typer.Option(help="only this strategy")] = None,
@@ -381,7 +397,7 @@ def stats_runs(
         params["status"] = status
     if strategy:
         params["strategy"] = strategy
-    page = _get(url, "/runs", params)
+    page = _get(url, "/runs", params, token)
     if as_json:
         _print_json(page)
         return
@@ -407,6 +423,7 @@ def stats_runs(
 def stats_rounds(
     run_id: Annotated[int, typer.Argument(help="run id (see `fedsqueeze stats runs`)")],
     url: ApiUrl = None,
+    token: ApiToken = None,
     as_json: JsonOut = False,
     from_round: Annotated[int | None, typer.Option("--from", help="first round")] = None,
     to_round: Annotated[int | None, typer.Option("--to", help="last round")] = None,
@@ -418,8 +435,8 @@ def stats_rounds(
         params["from_round"] = from_round
     if to_round is not None:
         params["to_round"] = to_round
-    run = _get(url, f"/runs/{run_id}")
-    page = _get(url, f"/runs/{run_id}/rounds", params)
+    run = _get(url, f"/runs/{run_id}", token=token)
+    page = _get(url, f"/runs/{run_id}/rounds", params, token)
     if as_json:
         _print_json({"run": run, "rounds": page})
         return
@@ -450,6 +467,7 @@ def stats_rounds(
 @stats_app.command("clients")
 def stats_clients(
     url: ApiUrl = None,
+    token: ApiToken = None,
     as_json: JsonOut = False,
     status: Annotated[str | None, typer.Option(help="active|disabled")] = None,
     limit: Annotated[int, typer.Option(min=1, help="at most this many clients")] = 100,
@@ -458,7 +476,7 @@ def stats_clients(
     params: dict[str, Any] = {"limit": limit}
     if status:
         params["status"] = status
-    page = _get(url, "/clients", params)
+    page = _get(url, "/clients", params, token)
     if as_json:
         _print_json(page)
         return

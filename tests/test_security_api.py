@@ -384,6 +384,12 @@ def test_scoped_tokens_on_a_non_loopback_bind(
                 http.get("/runs", headers=r | {"Host": f"localhost:{service.port}"}).status_code
                 == 200
             )
+            # `fedsqueeze stats` with and without a reader token
+            stats = cli("stats", "runs", "--url", service.url, env={"FEDSQUEEZE_TOKEN": ""})
+            assert "401" in one_line_error(stats, 1)
+            stats = cli("stats", "rounds", str(live), "--url", service.url,
+                        "--token", tokens["reader"])  # fmt: skip
+            assert stats.returncode == 0, stats.stderr
             scopes = cli("api", "token", "list", "--database-url", db, env={"COLUMNS": "200"})
             assert "enrol" in scopes.stdout and f"writer (run {theirs})" in scopes.stdout
 
