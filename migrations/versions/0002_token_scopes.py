@@ -38,13 +38,14 @@ def upgrade() -> None:
             op.f('fk_api_tokens_run_id_runs'), 'runs', ['run_id'], ['id'], ondelete='CASCADE'
         )
         batch_op.drop_column('is_admin')
-    with op.batch_alter_table('runs', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('owner_token_id', sa.Integer(), nullable=True))
+    # ADD COLUMN in place; never a batch copy of `runs` (see downgrade)
+    op.add_column('runs', sa.Column('owner_token_id', sa.Integer(), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('runs', schema=None) as batch_op:
-        batch_op.drop_column('owner_token_id')
+    # a plain ALTER TABLE (SQLite >= 3.35 has DROP COLUMN): batch mode would copy `runs`
+    # and drop the old table, and with foreign keys on that cascades to rounds and tokens
+    op.execute('ALTER TABLE runs DROP COLUMN owner_token_id')
     with op.batch_alter_table('api_tokens', schema=None) as batch_op:
         batch_op.add_column(sa.Column('is_admin', sa.Boolean(), nullable=True))
     op.execute("UPDATE api_tokens SET is_admin = (scope = 'admin')")
