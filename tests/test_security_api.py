@@ -293,6 +293,11 @@ def test_scoped_tokens_on_a_non_loopback_bind(
             for scope in ("admin", "enrol", "writer", "reader")
         }
         _, other_writer = store.create_token("other", scope="writer")
+        # the store the service created: 0600 files (WAL ones too, open now) in a 0700 folder
+        folder = tmp_path / "store"
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        for name in ("f.db", "f.db-wal", "f.db-shm"):
+            assert stat.S_IMODE((folder / name).stat().st_mode) == 0o600, name
         a, e, w, r = (auth(tokens[s]) for s in ("admin", "enrol", "writer", "reader"))
         w2 = auth(other_writer)
         with httpx.Client(base_url=service.url, timeout=30) as http:
