@@ -1,12 +1,24 @@
-"""The REST service: round history (read, open) and runs / clients (write, token).
+"""The REST service: round history (reads) and runs / clients (writes, scoped tokens).
 
 `create_app(settings, registrar)` builds the FastAPI application; `fedsqueeze api serve`
-runs it under uvicorn. Errors always have the body ``{"error": {"code", "message",
-"details"}}``: 401 without or with a wrong token, 403 for a non-admin token on an admin
-endpoint, 404 for unknown ids, 409 for conflicts, 413 for too large bodies, 422 for bad
-parameters or bodies.
+runs it under uvicorn. Who may do what (`api.models.ApiToken`):
+
+- reads (GET): anyone when the service listens on loopback only or was started with
+  ``--public-reads``; otherwise a ``reader``, ``writer`` or ``admin`` token;
+- ``POST /runs``: an ``admin`` or unbound ``writer`` token, which becomes the run's owner;
+- ``POST /runs/{id}/rounds`` and ``/finish``: the run's owner token or a ``writer`` token
+  bound to that run; nothing else (runs the ServerApp records in-process have no owner);
+- ``POST /clients``: ``admin`` or ``enrol``; disabling, enabling, removing: ``admin``.
+
+Requests whose Host header is neither an allowed name (loopback names by default) nor
+an IP address are refused with 400 (DNS rebinding). Errors always have the body
+``{"error": {"code", "message", "details"}}``: 400 for a bad Host header or body, 401
+(with ``WWW-Authenticate: Bearer``) without or with an unknown token, 403 for a token
+whose scope does not allow the request, 404 for unknown ids, 409 for conflicts, 413 for
+too large bodies, 422 for bad parameters or bodies (`api.validation`).
 """
 
+import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
@@ -30,6 +42,7 @@ from api.errors import InvalidError, NotFoundError, StoreError
 from api.models import ApiToken, Client, Run
 from api.settings import Settings
 from api.store import MAX_COMPARE_RUNS, Page, Participation, Store
+from api.validation import check_text
 from server.recording import ClientRoundRecord, RoundRecord, RunInfo
 
 log = logging.getLogger("fedsqueeze.api")
@@ -53,9 +66,16 @@ class Registrar(Protocol):
 
 
 class ApiError(Exception):
-    def __init__(self, status_code: int, code: str, message: str) -> None:
+    def __init__(
+        self, status_code: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status_code, self.code, self.message = status_code, code, message
+        self.headers = headers
+
+
+#: sent with every 401 (RFC 6750)
+BEARER_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="fedsqueeze"'}
 
 
 _STATUS_CODES = {
@@ -74,14 +94,19 @@ _STATUS_CODES = {
 }
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": s.ErrorBody, "description": name.replace("_", " ")}
-    for code, name in _STATUS_CODES.items()
-    if code in (404, 422)
+    400: {"model": s.ErrorBody, "description": "Host header not allowed"},
+    401: {"model": s.ErrorBody, "description": "reads need a token here, none or unknown given"},
+    403: {"model": s.ErrorBody, "description": "the token's scope does not allow reading"},
+    **{
+        code: {"model": s.ErrorBody, "description": name.replace("_", " ")}
+        for code, name in _STATUS_CODES.items()
+        if code in (404, 422)
+    },
 }
 AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"model": s.ErrorBody, "description": "body is not decodable (e.g. not UTF-8)"},
+    400: {"model": s.ErrorBody, "description": "body not decodable, or Host not allowed"},
     401: {"model": s.ErrorBody, "description": "missing or unknown token"},
-    403: {"model": s.ErrorBody, "description": "the token is not an admin token"},
+    403: {"model": s.ErrorBody, "description": "the token's scope does not allow this"},
     409: {"model": s.ErrorBody, "description": "conflict with stored state"},
     413: {"model": s.ErrorBody, "description": "request body too large"},
     **ERROR_RESPONSES,
@@ -97,10 +122,24 @@ def error_response(
 ) -> JSONResponse:
     body = s.ErrorBody(
         error=s.ErrorInfo(
-            code=code or _STATUS_CODES.get(status_code, "error"), message=message, details=details
+            code=code or _STATUS_CODES.get(status_code, "error"),
+            message=_printable(message),
+            details=_printable(details),
         )
     )
     return JSONResponse(body.model_dump(mode="json"), status_code=status_code, headers=headers)
+
+
+def _printable(value: Any) -> Any:
+    """`value` with every text made encodable: an error may quote a refused input, which
+    can hold a lone surrogate (shown as ``\\ud800``)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, list | tuple):
+        return [_printable(v) for v in value]
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    return value
 
 
 class BodySizeLimit:
@@ -153,6 +192,52 @@ class BodySizeLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+def _host_name(host_header: str) -> str:
+    """The name of a Host header without its port (``[::1]:80`` -> ``::1``)."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def host_allowed(host_header: str, allowed: list[str]) -> bool:
+    """Whether a request's Host may be served: an IP address (a browser that sends one
+    dialled that address itself, so DNS rebinding cannot forge it), a name in `allowed`,
+    or a subdomain of a ``*.example.org`` entry."""
+    name = _host_name(host_header)
+    if not name:
+        return False
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    for pattern in allowed:
+        pattern = pattern.lower()
+        if name == pattern or (pattern.startswith("*.") and name.endswith(pattern[1:])):
+            return True
+    return False
+
+
+class HostCheck:
+    """Refuse requests whose Host header `host_allowed` rejects with 400 (no DNS rebinding:
+    a page of evil.example resolved to 127.0.0.1 cannot read or write this service)."""
+
+    def __init__(self, app: Any, allowed: list[str]) -> None:
+        self.app, self.allowed = app, list(allowed)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope.get("headers") or [])
+            host = headers.get(b"host", b"").decode("latin-1")
+            if not host_allowed(host, self.allowed):
+                await error_response(
+                    400, "Host header not allowed (see --allowed-host)", code="bad_host"
+                )(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _run_out(run: Run) -> s.RunOut:
@@ -307,13 +392,17 @@ def create_app(settings: Settings | None = None, registrar: Registrar | None = N
             log.warning("marked stale runs %s as interrupted", stale)
         yield
 
+    reads_need_token = settings.reads_need_token
     app = FastAPI(
         title="fedsqueeze round history",
         version=_package_version(),
         description=(
-            "Runs, rounds and clients of fedsqueeze federated runs. Reads are open; writes "
-            "need `Authorization: Bearer <token>` (tokens from `fedsqueeze api token "
-            "create`); enrolling, disabling and removing clients need an admin token."
+            "Runs, rounds and clients of fedsqueeze federated runs. Writes need "
+            "`Authorization: Bearer <token>` (tokens from `fedsqueeze api token create "
+            "--scope admin|enrol|writer|reader`); reads need a reader, writer or admin "
+            "token unless the service listens on loopback only or serves public reads. "
+            "A writer writes only to the runs it created or is bound to; enrol tokens "
+            "only enrol clients; disabling and removing clients needs an admin token."
         ),
         lifespan=lifespan,
     )
@@ -343,7 +432,7 @@ def create_app(settings: Settings | None = None, registrar: Registrar | None = N
 
     @app.exception_handler(ApiError)
     async def _api_error(_r: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status_code, exc.message, code=exc.code)
+        return error_response(exc.status_code, exc.message, code=exc.code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _internal_error(_r: Request, exc: Exception) -> JSONResponse:
@@ -353,23 +442,52 @@ def create_app(settings: Settings | None = None, registrar: Registrar | None = N
     # ------------------------------------------------------------ auth
     bearer = HTTPBearer(auto_error=False, description="token from `fedsqueeze api token create`")
 
-    def writer(
+    def _verified(credentials: HTTPAuthorizationCredentials) -> ApiToken:
+        token = store.verify_token(credentials.credentials)
+        if token is None:
+            raise ApiError(401, "unauthorized", "unknown or revoked token", BEARER_CHALLENGE)
+        return token
+
+    def any_token(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> ApiToken:
         if credentials is None:
-            raise ApiError(401, "unauthorized", "this endpoint needs a bearer token")
-        token = store.verify_token(credentials.credentials)
-        if token is None:
-            raise ApiError(401, "unauthorized", "unknown or revoked token")
-        return token
+            raise ApiError(
+                401, "unauthorized", "this endpoint needs a bearer token", BEARER_CHALLENGE
+            )
+        return _verified(credentials)
 
-    def admin(token: Annotated[ApiToken, Depends(writer)]) -> ApiToken:
-        if not token.is_admin:
-            raise ApiError(403, "forbidden", "this endpoint needs an admin token")
-        return token
+    def scoped(*scopes: str, unbound: bool = False) -> Any:
+        """A dependency: a token of one of `scopes` (and not bound to a run if `unbound`)."""
 
-    Writer = Annotated[ApiToken, Depends(writer)]
-    Admin = Annotated[ApiToken, Depends(admin)]
+        def check(token: Annotated[ApiToken, Depends(any_token)]) -> ApiToken:
+            if token.scope not in scopes or (unbound and token.run_id is not None):
+                need = " or ".join(scopes)
+                raise ApiError(403, "forbidden", f"this endpoint needs a {need} token")
+            return token
+
+        return Depends(check)
+
+    def reader(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> None:
+        """Reads: open on a loopback bind or with public reads, else reader/writer/admin.
+        A token that is given must be valid either way."""
+        if credentials is None:
+            if reads_need_token:
+                raise ApiError(
+                    401, "unauthorized", "reads need a reader token here", BEARER_CHALLENGE
+                )
+            return
+        token = _verified(credentials)
+        if reads_need_token and token.scope not in ("reader", "writer", "admin"):
+            raise ApiError(403, "forbidden", f"a {token.scope} token may not read")
+
+    Writer = Annotated[ApiToken, scoped("writer", "admin")]
+    RunCreator = Annotated[ApiToken, scoped("writer", "admin", unbound=True)]
+    Enroller = Annotated[ApiToken, scoped("enrol", "admin")]
+    Admin = Annotated[ApiToken, scoped("admin")]
+    Reads = [Depends(reader)]
     RunId = Annotated[int, Path(ge=1, le=s.INT32_MAX, description="run id in the store")]
     ClientId = Annotated[int, Path(ge=1, le=s.INT32_MAX)]
     Limit = Annotated[int, Query(ge=1, le=max_page, description=f"page size, at most {max_page}")]
@@ -408,7 +526,13 @@ def create_app(settings: Settings | None = None, registrar: Registrar | None = N
         )
 
     # ------------------------------------------------------------ runs: read
-    @app.get("/runs", response_model=s.Page[s.RunOut], tags=["runs"], responses=ERROR_RESPONSES)
+    @app.get(
+        "/runs",
+        response_model=s.Page[s.RunOut],
+        tags=["runs"],
+        responses=ERROR_RESPONSES,
+        dependencies=Reads,
+    )
     def list_runs(
         status: Annotated[s.RunStatus | None, Query()] = None,
         strategy: Annotated[str | None, Query(max_length=64)] = None,
@@ -418,12 +542,20 @@ def create_app(settings: Settings | None = None, registrar: Registrar | None = N
         offset: Offset = 0,
     ) -> Response:
         """Runs with their summaries, filtered by status and strategy, newest first."""
+        if strategy is not None:
+            check_text(strategy, "strategy")
         page = store.list_runs(
             status=status, strategy=strategy, sort=sort, order=order, limit=limit, offset=offset
         )
         return _json(s.Page[s.RunOut](items=[_run_out(r) for r in page.items], **_page_meta(page)))
 
-    @app.get("/runs/{run_id}", response_model=s.RunOut, tags=["runs"], responses=ERROR_RESPONSES)
+    @app.get(
+        "/runs/{run_id}",
+        response_model=s.RunOut,
+        tags=["runs"],
+        responses=ERROR_RESPONSES,
+        dependencies=Reads,
+    )
     def get_run(run_id: RunId) -> Response:
         """One run with its summary: rounds done, best accuracy, bytes, compression ratios."""
         return _json(_run_out(store.get_run(run_id)))
@@ -433,6 +565,7 @@ def create_app(settings: Settings | None = None, registrar: Registrar | None = N
         response_model=s.Page[s.RoundOut],
         tags=["rounds"],
         responses=ERROR_RESPONSES,
+        dependencies=Reads,
     )
     def list_rounds(
         run_id: RunId,
@@ -458,6 +591,7 @@ def create_app(settings: Settings | None = None, registrar: Registrar | None = N
         response_model=s.RoundDetail,
         tags=["rounds"],
         responses=ERROR_RESPONSES,
+        dependencies=Reads,
     )
     def get_round(
         run_id: RunId, round_number: Annotated[int, Path(ge=0, le=s.INT32_MAX)]
@@ -483,13 +617,23 @@ def create_app(settings: Settings | None = None, registrar: Registrar | None = N
         return _json(detail)
 
     @app.get(
-        "/runs/{run_id}/series", response_model=s.Series, tags=["runs"], responses=ERROR_RESPONSES
+        "/runs/{run_id}/series",
+        response_model=s.Series,
+        tags=["runs"],
+        responses=ERROR_RESPONSES,
+        dependencies=Reads,
     )
     def get_series(run_id: RunId) -> Response:
         """Curves for plotting: losses, accuracy and cumulative bytes per round."""
         return _json(_series(run_id, store.series([run_id])[run_id]))
 
-    @app.get("/compare", response_model=s.Comparison, tags=["runs"], responses=ERROR_RESPONSES)
+    @app.get(
+        "/compare",
+        response_model=s.Comparison,
+        tags=["runs"],
+        responses=ERROR_RESPONSES,
+        dependencies=Reads,
+    )
     def compare(
         run_id: Annotated[
             list[Annotated[int, Field(ge=1, le=s.INT32_MAX)]],
@@ -510,8 +654,10 @@ def create_app(settings: Settings | None = None, registrar: Registrar | None = N
     @app.post(
         "/runs", response_model=s.RunOut, status_code=201, tags=["runs"], responses=AUTH_RESPONSES
     )
-    def create_run(body: s.RunCreate, _token: Writer) -> s.RunOut:
-        """Start recording a run (for a ServerApp that records over HTTP)."""
+    def create_run(body: s.RunCreate, token: RunCreator) -> s.RunOut:
+        """Start recording a run (for a ServerApp that records over HTTP). The token becomes
+        the run's owner: it, and writer tokens bound to the run, may write to it. The
+        config is stored without `database-url` and with URL passwords redacted."""
         run_id = store.create_run(
             RunInfo(
                 strategy=body.strategy,
@@ -522,7 +668,8 @@ def create_app(settings: Settings | None = None, registrar: Registrar | None = N
                 flower_run_id=body.flower_run_id,
                 started_at=body.started_at,
                 num_parameters=body.num_parameters,
-            )
+            ),
+            owner_token_id=token.id,
         )
         return _run_out(store.get_run(run_id))
 
@@ -533,8 +680,10 @@ def create_app(settings: Settings | None = None, registrar: Registrar | None = N
         tags=["rounds"],
         responses=AUTH_RESPONSES,
     )
-    def append_round(run_id: RunId, body: s.RoundCreate, _token: Writer) -> Response:
-        """Append one finished round with its client-rounds (one transaction)."""
+    def append_round(run_id: RunId, body: s.RoundCreate, token: Writer) -> Response:
+        """Append one finished round with its client-rounds (one transaction); only the
+        run's owner token or a writer token bound to the run may."""
+        store.check_run_writer(token, run_id)
         fields = body.model_dump(exclude={"clients"})
         record = RoundRecord(
             **fields, clients=[ClientRoundRecord(**c.model_dump()) for c in body.clients]
@@ -546,14 +695,19 @@ def create_app(settings: Settings | None = None, registrar: Registrar | None = N
     @app.post(
         "/runs/{run_id}/finish", response_model=s.RunOut, tags=["runs"], responses=AUTH_RESPONSES
     )
-    def finish_run(run_id: RunId, body: s.RunFinish, _token: Writer) -> s.RunOut:
-        """Close a run as finished, failed or interrupted."""
+    def finish_run(run_id: RunId, body: s.RunFinish, token: Writer) -> s.RunOut:
+        """Close a run as finished, failed or interrupted (the run's writers only)."""
+        store.check_run_writer(token, run_id)
         store.finish_run(run_id, body.status)
         return _run_out(store.get_run(run_id))
 
     # ------------------------------------------------------------ clients
     @app.get(
-        "/clients", response_model=s.Page[s.ClientOut], tags=["clients"], responses=ERROR_RESPONSES
+        "/clients",
+        response_model=s.Page[s.ClientOut],
+        tags=["clients"],
+        responses=ERROR_RESPONSES,
+        dependencies=Reads,
     )
     def list_clients(
         status: Annotated[s.ClientStatus | None, Query()] = None,
@@ -580,6 +734,7 @@ def create_app(settings: Settings | None = None, registrar: Registrar | None = N
         response_model=s.ClientOut,
         tags=["clients"],
         responses=ERROR_RESPONSES,
+        dependencies=Reads,
     )
     def get_client(client_id: ClientId) -> s.ClientOut:
         return _client_with_participation(store.get_client(client_id))
@@ -609,8 +764,9 @@ def create_app(settings: Settings | None = None, registrar: Registrar | None = N
         tags=["clients"],
         responses={**AUTH_RESPONSES, 502: {"model": s.ErrorBody, "description": "SuperLink"}},
     )
-    def enroll_client(body: s.ClientCreate, _token: Admin) -> s.ClientOut:
-        """Enrol an edge client: register its public key with the SuperLink, store it."""
+    def enroll_client(body: s.ClientCreate, _token: Enroller) -> s.ClientOut:
+        """Enrol an edge client: register its public key with the SuperLink, store it
+        (an admin or enrol token)."""
         _validate_public_key(body.public_key_pem)
         node_id = body.node_id
         if registrar is not None:
@@ -690,6 +846,7 @@ def create_app(settings: Settings | None = None, registrar: Registrar | None = N
             allow_headers=["Authorization", "Content-Type"],
         )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(HostCheck, allowed=settings.allowed_hosts)
     return app
 
 

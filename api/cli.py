@@ -5,8 +5,10 @@ Heavy imports (SQLAlchemy, FastAPI, uvicorn, httpx) stay inside the commands.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import typer
@@ -29,6 +31,16 @@ ApiUrl = Annotated[
         show_default=False,
     ),
 ]
+ApiToken = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        envvar="FEDSQUEEZE_TOKEN",
+        help="reader (or writer/admin) token, needed when the service is not on loopback "
+        "and has no public reads (env FEDSQUEEZE_TOKEN)",
+        show_default=False,
+    ),
+]
 JsonOut = Annotated[bool, typer.Option("--json", help="print the raw JSON instead of a table")]
 
 db_app = typer.Typer(
@@ -40,32 +52,58 @@ stats_app = typer.Typer(help="Query the REST service and print tables.", no_args
 api_app.add_typer(token_app, name="token")
 
 
-def _fail(message: str) -> typer.Exit:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(1)
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    """Print ``error: MESSAGE`` as one line (passwords redacted); the Exit to raise."""
+    from core.secrets import redact_text
+
+    typer.secho(f"error: {' '.join(redact_text(message).split())}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def _bad(message: str) -> typer.Exit:
+    """Bad input: one line, exit code 2."""
+    return _fail(message, 2)
+
+
+@contextlib.contextmanager
+def _database_errors(database_url: str | None) -> Iterator[None]:
+    """Turn every failure of a database command into one redacted line (exit 1; exit 2
+    for an unknown revision): no traceback, whose locals would show the URL."""
+    from alembic.util.exc import CommandError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from api.db import SchemaError
+    from api.errors import StoreError
+    from core.secrets import redact_url
+
+    try:
+        yield
+    except (typer.Exit, StoreError):
+        raise
+    except CommandError as exc:
+        raise _bad(str(exc)) from None
+    except (ValueError, SchemaError) as exc:
+        raise _fail(str(exc)) from None
+    except SQLAlchemyError as exc:
+        where = redact_url(database_url or os.environ.get("DATABASE_URL") or "the database")
+        reason = getattr(exc, "orig", None) or exc
+        raise _fail(f"cannot use {where}: {reason}") from None
+    except Exception as exc:  # the last line of defence against a traceback with locals
+        raise _fail(f"{type(exc).__name__}: {exc}") from None
 
 
 def _engine(database_url: str | None) -> Any:
     from api.db import make_engine
 
-    try:
+    with _database_errors(database_url):
         return make_engine(database_url)
-    except ValueError as exc:
-        raise _fail(str(exc)) from exc
 
 
 def _store(database_url: str | None) -> Any:
-    from sqlalchemy.exc import OperationalError
-
-    from api.db import SchemaError
     from api.store import open_store
 
-    try:
+    with _database_errors(database_url):
         return open_store(database_url)
-    except (ValueError, SchemaError) as exc:
-        raise _fail(str(exc)) from exc
-    except OperationalError as exc:
-        raise _fail(f"cannot open the database: {exc.orig}") from exc
 
 
 # ---------------------------------------------------------------- db
@@ -80,9 +118,10 @@ def db_upgrade(
     from api.db import current_revision, upgrade
 
     engine = _engine(database_url)
-    before = current_revision(engine)
-    upgrade(engine, revision)
-    after = current_revision(engine)
+    with _database_errors(database_url):
+        before = current_revision(engine)
+        upgrade(engine, revision)
+        after = current_revision(engine)
     typer.echo(f"{engine.url.render_as_string(hide_password=True)}: {before or 'empty'} -> {after}")
 
 
@@ -100,9 +139,11 @@ def db_downgrade(
     if not yes:
         raise _fail("downgrading can drop tables and their data; repeat with --yes to confirm")
     engine = _engine(database_url)
-    before = current_revision(engine)
-    downgrade(engine, revision)
-    typer.echo(f"{before} -> {current_revision(engine) or 'base'}")
+    with _database_errors(database_url):
+        before = current_revision(engine)
+        downgrade(engine, revision)
+        after = current_revision(engine)
+    typer.echo(f"{before} -> {after or 'base'}")
 
 
 @db_app.command("current")
@@ -111,9 +152,11 @@ def db_current(database_url: DatabaseUrl = None) -> None:
     from api.db import current_revision, head_revision
 
     engine = _engine(database_url)
+    with _database_errors(database_url):
+        current = current_revision(engine)
     typer.echo(
         f"{engine.url.render_as_string(hide_password=True)}: revision "
-        f"{current_revision(engine) or 'none (empty)'}, expected {head_revision()}"
+        f"{current or 'none (empty)'}, expected {head_revision()}"
     )
 
 
@@ -126,7 +169,8 @@ def db_mark_stale(
 ) -> None:
     """Mark running runs whose recorder is gone (or silent too long) as interrupted."""
     store = _store(database_url)
-    stale = store.mark_stale_runs(stale_after)
+    with _database_errors(database_url):
+        stale = store.mark_stale_runs(stale_after)
     typer.echo(f"marked {len(stale)} run(s) interrupted: {stale}" if stale else "no stale runs")
 
 
@@ -135,8 +179,14 @@ def db_mark_stale(
 
 @api_app.command("serve")
 def api_serve(
-    host: Annotated[str, typer.Option(help="address to bind")] = DEFAULT_API_HOST,
-    port: Annotated[int, typer.Option(help="port to bind")] = DEFAULT_API_PORT,
+    host: Annotated[
+        str,
+        typer.Option(
+            help="address to bind; on a non-loopback address reads need a reader token "
+            "unless --public-reads"
+        ),
+    ] = DEFAULT_API_HOST,
+    port: Annotated[int, typer.Option(help="port to bind, 1-65535")] = DEFAULT_API_PORT,
     database_url: DatabaseUrl = None,
     workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes")] = 1,
     cors_origin: Annotated[
@@ -144,20 +194,54 @@ def api_serve(
         typer.Option(help="allow this origin by CORS (repeatable); CORS is off without it"),
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    public_reads: Annotated[
+        bool,
+        typer.Option(
+            "--public-reads",
+            help="serve reads without a token even on a non-loopback address "
+            "(env FEDSQUEEZE_PUBLIC_READS=1)",
+        ),
+    ] = False,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="also serve requests whose Host header is this name (repeatable; "
+            "'*.example.org' for subdomains; env FEDSQUEEZE_ALLOWED_HOSTS); loopback names "
+            "and IP addresses are always served, other names get 400",
+        ),
+    ] = None,
 ) -> None:
     """Run the REST service under uvicorn (migrates an empty database first)."""
     import uvicorn
 
     from api.settings import resolve_database_url
 
+    if not 1 <= port <= 65535:
+        raise _bad(f"--port must be in 1..65535, got {port}")
+    if not host.strip():
+        raise _bad("--host must not be empty")
     try:
         os.environ["DATABASE_URL"] = resolve_database_url(database_url)
     except ValueError as exc:
-        raise _fail(str(exc)) from exc
+        raise _bad(str(exc)) from None
+    os.environ["FEDSQUEEZE_API_HOST"] = host
+    if public_reads:
+        os.environ["FEDSQUEEZE_PUBLIC_READS"] = "1"
+    if allowed_host:
+        extra = [h.strip() for h in allowed_host if h.strip()]
+        os.environ["FEDSQUEEZE_ALLOWED_HOSTS"] = ",".join(
+            [*filter(None, os.environ.get("FEDSQUEEZE_ALLOWED_HOSTS", "").split(",")), *extra]
+        )
     if cors_origin:
         os.environ["FEDSQUEEZE_CORS_ORIGINS"] = ",".join(cors_origin)
     _store(None)  # migrate an empty database / report a bad one before binding the port
-    typer.echo(f"fedsqueeze REST service on http://{host}:{port} (docs at /docs)", err=True)
+    from api.settings import Settings
+
+    reads = "need a token" if Settings.from_env().reads_need_token else "are open"
+    typer.echo(
+        f"fedsqueeze REST service on http://{host}:{port} (docs at /docs); reads {reads}",
+        err=True,
+    )
     uvicorn.run(
         "api.app:create_app_from_env",
         factory=True,
@@ -172,35 +256,61 @@ def api_serve(
 @token_app.command("create")
 def token_create(
     name: Annotated[str, typer.Option(help="what the token is for")],
-    admin: Annotated[
-        bool, typer.Option("--admin", help="may enrol / disable / remove clients")
-    ] = False,
+    scope: Annotated[
+        str | None,
+        typer.Option(
+            help="admin: manage clients, create runs, read; enrol: only enrol clients; "
+            "writer (default): create runs and write to its own runs (or, with --run, to "
+            "that run only); reader: read only",
+            show_default=False,
+        ),
+    ] = None,
+    run: Annotated[
+        int | None,
+        typer.Option("--run", help="bind a writer token to this run id", show_default=False),
+    ] = None,
+    admin: Annotated[bool, typer.Option("--admin", help="same as --scope admin")] = False,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Create a token and print it once (it cannot be shown again)."""
-    from api.errors import InvalidError
+    from api.errors import InvalidError, NotFoundError
+    from api.models import TOKEN_SCOPES
 
+    chosen = scope or ("admin" if admin else "writer")
+    if chosen not in TOKEN_SCOPES:
+        raise _bad(f"--scope must be one of {', '.join(TOKEN_SCOPES)}, got {scope!r}")
+    if admin and chosen != "admin":
+        raise _bad(f"--admin contradicts --scope {scope}")
+    if run is not None and chosen != "writer":
+        raise _bad(f"--run binds writer tokens only, not {chosen} tokens")
+    if run is not None and not 1 <= run <= (1 << 31) - 1:
+        raise _bad(f"--run {run}: run not found")
     store = _store(database_url)
     try:
-        token_id, token = store.create_token(name, admin=admin)
+        with _database_errors(database_url):
+            token_id, token = store.create_token(name, scope=chosen, run_id=run)
+    except NotFoundError as exc:
+        raise _bad(f"--run {run}: {exc}") from None
     except InvalidError as exc:
-        raise _fail(str(exc)) from exc
-    typer.echo(
-        f"created {'admin ' if admin else ''}token {token_id} ({name}); keep it safe:", err=True
-    )
+        raise _bad(str(exc)) from None
+    what = f"{chosen} token" + (f" for run {run}" if run is not None else "")
+    typer.echo(f"created {what} {token_id} ({name}); keep it safe:", err=True)
     typer.echo(token)
 
 
 @token_app.command("list")
 def token_list(database_url: DatabaseUrl = None) -> None:
-    """List tokens (names and dates; the tokens themselves are not stored)."""
+    """List tokens (names, scopes and dates; the tokens themselves are not stored)."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("id", "name", "admin", "created", "revoked")
-    for t in _store(database_url).list_tokens():
+    store = _store(database_url)
+    with _database_errors(database_url):
+        tokens = store.list_tokens()
+    table = Table("id", "name", "scope", "created", "revoked")
+    for t in tokens:
         table.add_row(
-            str(t.id), t.name, "yes" if t.is_admin else "", f"{t.created_at:%Y-%m-%d %H:%M}",
+            str(t.id), t.name, t.label, f"{t.created_at:%Y-%m-%d %H:%M}",
             f"{t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else "",
         )  # fmt: skip
     Console().print(table)
@@ -214,24 +324,29 @@ def token_revoke(
     """Revoke a token: requests with it get 401 from now on."""
     from api.errors import NotFoundError
 
+    store = _store(database_url)
     try:
-        _store(database_url).revoke_token(token_id)
+        with _database_errors(database_url):
+            store.revoke_token(token_id)
     except NotFoundError as exc:
-        raise _fail(str(exc)) from exc
+        raise _fail(str(exc)) from None
     typer.echo(f"revoked token {token_id}")
 
 
 # ---------------------------------------------------------------- stats
 
 
-def _get(url: str | None, path: str, params: dict[str, Any] | None = None) -> Any:
+def _get(
+    url: str | None, path: str, params: dict[str, Any] | None = None, token: str | None = None
+) -> Any:
     import httpx
 
     from api.settings import default_api_url
 
     base = (url or default_api_url()).rstrip("/")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        response = httpx.get(base + path, params=params, timeout=30.0)
+        response = httpx.get(base + path, params=params, headers=headers, timeout=30.0)
     except httpx.HTTPError as exc:
         raise _fail(
             f"cannot reach the REST service at {base} ({exc}); start it with "
@@ -242,6 +357,8 @@ def _get(url: str | None, path: str, params: dict[str, Any] | None = None) -> An
             message = response.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = response.text[:500]
+        if response.status_code == 401 and not token:
+            message += " (pass --token or set FEDSQUEEZE_TOKEN)"
         raise _fail(f"{response.status_code} from {base}{path}: {message}")
     return response.json()
 
@@ -268,6 +385,7 @@ def _print_json(data: Any) -> None:
 @stats_app.command("runs")
 def stats_runs(
     url: ApiUrl = None,
+    token: ApiToken = None,
     as_json: JsonOut = False,
     status: Annotated[str | None, typer.Option(help="running|finished|failed|interrupted")] = None,
     strategy: Annotated[str | None, typer.Option(help="only this strategy")] = None,
@@ -279,7 +397,7 @@ def stats_runs(
         params["status"] = status
     if strategy:
         params["strategy"] = strategy
-    page = _get(url, "/runs", params)
+    page = _get(url, "/runs", params, token)
     if as_json:
         _print_json(page)
         return
@@ -305,6 +423,7 @@ def stats_runs(
 def stats_rounds(
     run_id: Annotated[int, typer.Argument(help="run id (see `fedsqueeze stats runs`)")],
     url: ApiUrl = None,
+    token: ApiToken = None,
     as_json: JsonOut = False,
     from_round: Annotated[int | None, typer.Option("--from", help="first round")] = None,
     to_round: Annotated[int | None, typer.Option("--to", help="last round")] = None,
@@ -316,8 +435,8 @@ def stats_rounds(
         params["from_round"] = from_round
     if to_round is not None:
         params["to_round"] = to_round
-    run = _get(url, f"/runs/{run_id}")
-    page = _get(url, f"/runs/{run_id}/rounds", params)
+    run = _get(url, f"/runs/{run_id}", token=token)
+    page = _get(url, f"/runs/{run_id}/rounds", params, token)
     if as_json:
         _print_json({"run": run, "rounds": page})
         return
@@ -348,6 +467,7 @@ def stats_rounds(
 @stats_app.command("clients")
 def stats_clients(
     url: ApiUrl = None,
+    token: ApiToken = None,
     as_json: JsonOut = False,
     status: Annotated[str | None, typer.Option(help="active|disabled")] = None,
     limit: Annotated[int, typer.Option(min=1, help="at most this many clients")] = 100,
@@ -356,7 +476,7 @@ def stats_clients(
     params: dict[str, Any] = {"limit": limit}
     if status:
         params["status"] = status
-    page = _get(url, "/clients", params)
+    page = _get(url, "/clients", params, token)
     if as_json:
         _print_json(page)
         return

@@ -3,6 +3,10 @@
 For a ServerApp on another host than the store: each call is one POST (``/runs``,
 ``/runs/{id}/rounds``, ``/runs/{id}/finish``) with a bearer token; each round is stored
 in one transaction on the service side. Transient connection errors are retried.
+
+The token is a ``writer`` (or ``admin``) token: it becomes the owner of the runs it
+starts, and only it (or a writer token bound to the run) may append to or finish them. A
+refused write (403, 409, 422) raises `RecorderHttpError`.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ psycopg 3. The schema is created and changed only by Alembic (`upgrade`), which
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -38,12 +39,25 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def create_private_file(path: Path) -> None:
+    """Create an empty `path` with mode 0600 (its folder 0700 if we create that too),
+    unless it exists. SQLite then opens it, and gives its ``-wal`` and ``-shm`` files
+    the same mode as the database file."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
 def make_engine(database_url: str | None = None, **kwargs: Any) -> Engine:
     """A new engine for the URL (see `api.settings.resolve_database_url`)."""
     url = make_url(resolve_database_url(database_url))
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
-            Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            create_private_file(Path(url.database).expanduser())
         kwargs.setdefault("connect_args", {"check_same_thread": False, "timeout": 30})
         engine = create_engine(url, **kwargs)
         event.listen(engine, "connect", _sqlite_on_connect)

@@ -23,3 +23,10 @@ class ConflictError(StoreError):
 class InvalidError(StoreError, ValueError):
     code = "invalid"
     status_code = 422
+
+
+class ForbiddenError(StoreError):
+    """The token is valid but its scope does not allow this (HTTP 403)."""
+
+    code = "forbidden"
+    status_code = 403

@@ -18,7 +18,6 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
-    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -36,6 +35,8 @@ from sqlalchemy.types import TypeDecorator
 RUN_STATUSES = ("running", "finished", "failed", "interrupted")
 CLIENT_STATUSES = ("active", "disabled")
 OUTCOMES = ("ok", "failed", "dropped", "timeout")
+#: what a REST token may do (see `ApiToken`)
+TOKEN_SCOPES = ("admin", "enrol", "writer", "reader")
 
 _U64 = 1 << 64
 _I64_MAX = (1 << 63) - 1
@@ -123,6 +124,9 @@ class Run(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     recorder_host: Mapped[str | None] = mapped_column(String(255))
     recorder_pid: Mapped[int | None] = mapped_column(Integer)
+    #: the writer/admin token that created the run over REST (None: recorded in-process
+    #: by the ServerApp's SqlRecorder, which no REST token may write to)
+    owner_token_id: Mapped[int | None] = mapped_column(Integer)
     # running totals over the run's rounds, kept by the store as rounds are appended
     rounds_done: Mapped[int] = mapped_column(Integer, default=0)
     last_round: Mapped[int | None] = mapped_column(Integer)
@@ -218,13 +222,29 @@ class Client(Base):
 
 
 class ApiToken(Base):
-    """A REST token: only its SHA-256 digest is stored."""
+    """A REST token: only its SHA-256 digest is stored.
+
+    Scopes: ``admin`` (manages clients, creates runs, reads), ``enrol`` (only creates
+    clients: ``POST /clients``), ``writer`` (creates runs and writes to the runs it
+    created; with `run_id` set, writes only to that run and creates none) and ``reader``
+    (reads only). No token writes to a run it neither created nor is bound to.
+    """
 
     __tablename__ = "api_tokens"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(128))
     token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
-    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    scope: Mapped[str] = mapped_column(String(16))
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    @property
+    def is_admin(self) -> bool:
+        return self.scope == "admin"
+
+    @property
+    def label(self) -> str:
+        """The scope as shown to people: ``writer (run 7)`` for a bound writer."""
+        return f"{self.scope} (run {self.run_id})" if self.run_id is not None else self.scope

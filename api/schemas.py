@@ -7,6 +7,8 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from api.validation import check_json
+
 INT32_MAX = (1 << 31) - 1
 INT63_MAX = (1 << 62) - 1  # byte and example counts: far beyond any real value, fits BIGINT sums
 UINT64_MAX = (1 << 64) - 1
@@ -20,9 +22,19 @@ SortOrder = Literal["asc", "desc"]
 
 
 def _no_nul(value: str) -> str:
+    """Text that every backend stores and reads back: no NUL, no lone surrogate."""
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("is not valid Unicode (lone surrogate)") from None
     return value
+
+
+def _json_object(value: dict[str, Any]) -> dict[str, Any]:
+    """A config or extra: storable JSON (depth, size, finite numbers, valid text)."""
+    return check_json(value, "value")
 
 
 def _utc(value: datetime) -> datetime:
@@ -39,6 +51,7 @@ Count = Annotated[int, Field(ge=0, le=INT32_MAX)]
 Bytes = Annotated[int, Field(ge=0, le=INT63_MAX)]
 NodeId = Annotated[int, Field(ge=0, le=UINT64_MAX)]
 Metric = Annotated[float, Field(allow_inf_nan=False)]
+JsonObject = Annotated[dict[str, Any], AfterValidator(_json_object)]
 
 
 def _utcnow() -> datetime:
@@ -99,7 +112,10 @@ class RunCreate(BaseModel):
     uplink_compressor: Name
     downlink_compressor: Name
     task: Name
-    config: dict[str, Any] = Field(default_factory=dict)
+    config: JsonObject = Field(
+        default_factory=dict,
+        description="stored without `database-url`, URL passwords redacted",
+    )
     num_parameters: Annotated[int, Field(ge=1, le=INT63_MAX)] | None = None
     flower_run_id: NodeId | None = None
     started_at: UtcDatetime = Field(default_factory=_utcnow)
@@ -219,11 +235,13 @@ class RoundCreate(BaseModel):
     train_loss: Metric | None = None
     eval_loss: Metric | None = None
     eval_accuracy: Metric | None = None
-    phase_seconds: dict[Annotated[str, Field(max_length=64)], Metric] = Field(default_factory=dict)
+    phase_seconds: dict[Annotated[str, Field(max_length=64), AfterValidator(_no_nul)], Metric] = (
+        Field(default_factory=dict)
+    )
     started_at: UtcDatetime = Field(default_factory=_utcnow)
     ended_at: UtcDatetime = Field(default_factory=_utcnow)
     clients: list[ClientRoundIn] = Field(default_factory=list, max_length=100_000)
-    extra: dict[str, Any] = Field(default_factory=dict)
+    extra: JsonObject = Field(default_factory=dict)
 
 
 class RoundOut(BaseModel):
@@ -288,7 +306,7 @@ class ClientCreate(BaseModel):
     )
 
     name: Name
-    public_key_pem: Annotated[str, Field(min_length=1, max_length=10_000)]
+    public_key_pem: Annotated[str, Field(min_length=1, max_length=10_000), AfterValidator(_no_nul)]
     location: Annotated[str, Field(max_length=255), AfterValidator(_no_nul)] | None = None
     node_id: NodeId | None = Field(
         default=None,

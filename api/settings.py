@@ -8,15 +8,20 @@ environment variable, else the embedded SQLite file
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from core.secrets import redact_url
 
 DEFAULT_API_HOST = "127.0.0.1"
 DEFAULT_API_PORT = 8080
 DEFAULT_MAX_PAGE_SIZE = 1000
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_STALE_AFTER_S = 24 * 3600.0
+#: Host header names served by default (IP addresses are always served, see api.app)
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 def fedsqueeze_home() -> Path:
@@ -35,7 +40,8 @@ def normalize_database_url(url: str) -> str:
             return "postgresql+psycopg://" + url[len(prefix) :]
     if not (url.startswith("sqlite") or url.startswith("postgresql+")):
         raise ValueError(
-            f"unsupported database URL {url!r}: use sqlite:///PATH or postgresql://USER@HOST/DB"
+            f"unsupported database URL {redact_url(url)!r}: use sqlite:///PATH or "
+            "postgresql://USER@HOST/DB"
         )
     return url
 
@@ -60,6 +66,23 @@ def _env_list(name: str) -> list[str]:
     return [item.strip() for item in raw.split(",") if item.strip()]
 
 
+def env_flag(name: str) -> bool:
+    """``1``/``true``/``yes``/``on`` (any case) is true, anything else false."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps the service on this machine (``localhost``, 127/8,
+    ``::1``); ``0.0.0.0``, ``::`` and every other address or name count as exposed."""
+    host = host.strip().strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def env_float(name: str, default: float) -> float:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -81,6 +104,13 @@ class Settings:
     - ``max_body_bytes``: larger request bodies are refused with 413.
     - ``stale_after_s``: a ``running`` run without activity for this long is marked
       ``interrupted`` by the start-up check (``FEDSQUEEZE_STALE_AFTER_S``).
+    - ``bind_host``: the address the service listens on (``FEDSQUEEZE_API_HOST``); on a
+      non-loopback address reads need a reader (or writer/admin) token ...
+    - ``public_reads``: ... unless this is set (``FEDSQUEEZE_PUBLIC_READS=1``, ``api serve
+      --public-reads``).
+    - ``allowed_hosts``: Host header names served besides the loopback names and IP
+      addresses (``FEDSQUEEZE_ALLOWED_HOSTS``, comma separated; ``*.example.org`` allows
+      its subdomains); other names get 400 (DNS rebinding).
     """
 
     database_url: str = field(default_factory=resolve_database_url)
@@ -88,13 +118,35 @@ class Settings:
     max_page_size: int = DEFAULT_MAX_PAGE_SIZE
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     stale_after_s: float = DEFAULT_STALE_AFTER_S
+    bind_host: str = DEFAULT_API_HOST
+    public_reads: bool = False
+    allowed_hosts: list[str] = field(default_factory=lambda: list(LOOPBACK_NAMES))
+
+    @property
+    def reads_need_token(self) -> bool:
+        return not self.public_reads and not is_loopback(self.bind_host)
 
     @classmethod
-    def from_env(cls, database_url: str | None = None) -> Settings:
+    def from_env(
+        cls,
+        database_url: str | None = None,
+        *,
+        bind_host: str | None = None,
+        allowed_hosts: list[str] | None = None,
+    ) -> Settings:
+        """Settings from the environment; `bind_host` and `allowed_hosts` (added to the
+        loopback names and ``FEDSQUEEZE_ALLOWED_HOSTS``) override it."""
         return cls(
             database_url=resolve_database_url(database_url),
             cors_origins=_env_list("FEDSQUEEZE_CORS_ORIGINS"),
             max_page_size=int(env_float("FEDSQUEEZE_MAX_PAGE_SIZE", DEFAULT_MAX_PAGE_SIZE)),
             max_body_bytes=int(env_float("FEDSQUEEZE_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES)),
             stale_after_s=env_float("FEDSQUEEZE_STALE_AFTER_S", DEFAULT_STALE_AFTER_S),
+            bind_host=bind_host or os.environ.get("FEDSQUEEZE_API_HOST") or DEFAULT_API_HOST,
+            public_reads=env_flag("FEDSQUEEZE_PUBLIC_READS"),
+            allowed_hosts=[
+                *LOOPBACK_NAMES,
+                *_env_list("FEDSQUEEZE_ALLOWED_HOSTS"),
+                *(allowed_hosts or []),
+            ],
         )

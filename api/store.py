@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import logging
 import math
 import os
 import secrets
@@ -26,7 +27,7 @@ import socket
 import threading
 import typing
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -51,11 +52,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.db import ensure_schema, get_engine, session_factory
-from api.errors import ConflictError, InvalidError, NotFoundError
+from api.errors import ConflictError, ForbiddenError, InvalidError, NotFoundError, StoreError
 from api.models import (
     CLIENT_STATUSES,
     OUTCOMES,
     RUN_STATUSES,
+    TOKEN_SCOPES,
     ApiToken,
     Client,
     ClientRound,
@@ -63,8 +65,15 @@ from api.models import (
     Run,
     UTCDateTime,
 )
+from api.validation import MAX_TOTAL, check_json, check_text
+from core.secrets import redact_mapping
 from server.recording import ClientRoundRecord, RoundRecord, RunInfo
 
+log = logging.getLogger("fedsqueeze.api.store")
+
+INT32_MAX = (1 << 31) - 1
+#: config keys never stored (at any depth): the store's own URL and its credentials
+DROPPED_CONFIG_KEYS = frozenset({"database-url", "database_url"})
 FINAL_STATUSES = ("finished", "failed", "interrupted")
 RUN_SORT_KEYS = ("id", "started_at", "strategy", "status", "rounds_done", "best_eval_accuracy")
 MAX_COMPARE_RUNS = 20
@@ -86,24 +95,42 @@ def _finite(value: float | None) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _check_nonneg(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise InvalidError(f"{name} must be a non-negative integer, got {value!r}")
+def _check_nonneg(name: str, value: int, top: int = MAX_TOTAL) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
+        raise InvalidError(f"{name} must be an integer in [0, {top}], got {value!r}")
+
+
+def scrub_config(value: Any, key: str = "") -> Any:
+    """A run config as it may be stored: keys in `DROPPED_CONFIG_KEYS` removed at every
+    depth, URL passwords and ``password=...`` values redacted (`core.secrets`)."""
+    if isinstance(value, Mapping):
+        return {
+            k: scrub_config(v, k)
+            for k, v in value.items()
+            if not (isinstance(k, str) and k.lower() in DROPPED_CONFIG_KEYS)
+        }
+    if isinstance(value, list | tuple):
+        return [scrub_config(v) for v in value]
+    if isinstance(value, str):
+        return redact_mapping({key: value})[key]
+    return value
 
 
 def validate_round(record: RoundRecord) -> None:
-    """Raise `InvalidError` naming the first bad field of a round record."""
+    """Raise `InvalidError` naming the first bad field of a round record: counts are
+    32-bit, byte counts at most 2^63 - 1, texts valid Unicode without NUL, `extra` and
+    `phase_seconds` storable JSON (`api.validation.check_json`)."""
+    for name in ("round", "sampled", "replied", "failed"):
+        _check_nonneg(name, getattr(record, name), INT32_MAX)
     for name in (
-        "round",
-        "sampled",
-        "replied",
-        "failed",
         "uplink_bytes",
         "downlink_bytes",
         "predicted_uplink_bytes",
         "predicted_downlink_bytes",
     ):
         _check_nonneg(name, getattr(record, name))
+    check_json(record.phase_seconds, "phase_seconds")
+    check_json(record.extra, "extra")
     if record.replied + record.failed > record.sampled:
         raise InvalidError(
             f"replied ({record.replied}) + failed ({record.failed}) exceed sampled "
@@ -114,11 +141,11 @@ def validate_round(record: RoundRecord) -> None:
     for i, c in enumerate(record.clients):
         if c.outcome not in OUTCOMES:
             raise InvalidError(f"clients[{i}].outcome {c.outcome!r} is not one of {OUTCOMES}")
-        _check_nonneg(f"clients[{i}].node_id", c.node_id)
-        if c.node_id >= 1 << 64:
-            raise InvalidError(f"clients[{i}].node_id does not fit in 64 bits")
+        _check_nonneg(f"clients[{i}].node_id", c.node_id, (1 << 64) - 1)
         for name in ("uplink_bytes", "downlink_bytes", "num_examples"):
             _check_nonneg(f"clients[{i}].{name}", getattr(c, name))
+        if c.error is not None:
+            check_text(c.error, f"clients[{i}].error")
 
 
 @dataclass
@@ -146,11 +173,20 @@ CLIENT_ROUNDS_TABLE = typing.cast(Table, ClientRound.__table__)
 CLIENTS_TABLE = typing.cast(Table, Client.__table__)
 
 
+_BYTES = (
+    "uplink_bytes",
+    "downlink_bytes",
+    "predicted_uplink_bytes",
+    "predicted_downlink_bytes",
+)
+
+
 def _build_append_statements() -> tuple[Any, Any, Any]:
     """The statements of `Store.append_round`, built once (compiled once per dialect).
 
     The run's totals are updated in SQL (x = x + :v) so concurrent appends cannot lose an
-    update; the best accuracy and its round change only when the new accuracy is higher.
+    update, and only while x <= 2^63 - 1 - v (no total overflows a BIGINT); the best
+    accuracy and its round change only when the new accuracy is higher.
     """
     runs = RUNS_TABLE.c
     acc = cast(bindparam("p_acc", type_=Float), Float)
@@ -160,7 +196,12 @@ def _build_append_statements() -> tuple[Any, Any, Any]:
     )
     update_totals = (
         update(RUNS_TABLE)
-        .where(runs.id == bindparam("p_run_id"), runs.status == "running")
+        .where(
+            runs.id == bindparam("p_run_id"),
+            runs.status == "running",
+            # no total may pass 2^63 - 1: the rooms are MAX_TOTAL minus this round's bytes
+            *(getattr(runs, f"{name}_total") <= bindparam(f"room_{name}") for name in _BYTES),
+        )
         .values(
             rounds_done=runs.rounds_done + 1,
             sampled_total=runs.sampled_total + bindparam("p_sampled"),
@@ -242,11 +283,20 @@ class Store:
 
     # ------------------------------------------------------------------ runs: write
     def create_run(
-        self, info: RunInfo, recorder_host: str | None = None, recorder_pid: int | None = None
+        self,
+        info: RunInfo,
+        recorder_host: str | None = None,
+        recorder_pid: int | None = None,
+        owner_token_id: int | None = None,
     ) -> int:
+        """Insert a running run; return its id. The config is checked (`check_json`) and
+        stored scrubbed of credentials (`scrub_config`); `owner_token_id` is the REST token
+        that may write to it (None: only this process, through `SqlRecorder`)."""
         for name in ("strategy", "uplink_compressor", "downlink_compressor", "task"):
             if not getattr(info, name):
                 raise InvalidError(f"{name} must not be empty")
+            check_text(getattr(info, name), name)
+        config = scrub_config(check_json(dict(info.config), "config"))
         num_parameters = info.num_parameters
         if num_parameters is None:
             for key in ("num-parameters", "num_parameters"):
@@ -262,13 +312,14 @@ class Store:
                 uplink_compressor=info.uplink_compressor,
                 downlink_compressor=info.downlink_compressor,
                 task=info.task,
-                config=dict(info.config),
+                config=config,
                 num_parameters=num_parameters,
                 status="running",
                 started_at=info.started_at,
                 updated_at=now,
                 recorder_host=recorder_host,
                 recorder_pid=recorder_pid,
+                owner_token_id=owner_token_id,
                 rounds_done=0,
                 sampled_total=0,
                 replied_total=0,
@@ -315,13 +366,24 @@ class Store:
                     "p_round": record.round,
                     "p_acc": accuracy,
                     "p_now": utcnow(),
+                    **{f"room_{n}": MAX_TOTAL - getattr(record, n) for n in _BYTES},
                 },
             )
             if result.rowcount == 0:
-                status = conn.execute(select(Run.status).where(Run.id == run_id)).scalar()
-                if status is None:
+                row = conn.execute(select(RUNS_TABLE).where(RUNS_TABLE.c.id == run_id)).first()
+                if row is None:
                     raise NotFoundError(f"run {run_id} not found")
-                raise ConflictError(f"run {run_id} is {status}; rounds can no longer be added")
+                if row.status != "running":
+                    raise ConflictError(
+                        f"run {run_id} is {row.status}; rounds can no longer be added"
+                    )
+                over = [
+                    n for n in _BYTES if getattr(row, f"{n}_total") > MAX_TOTAL - getattr(record, n)
+                ]
+                raise InvalidError(
+                    f"run {run_id}'s {over[0] if over else 'byte'} total would pass 2^63 - 1 "
+                    "with this round"
+                )
             try:  # on a duplicate the whole transaction (totals update too) rolls back
                 round_id = conn.execute(
                     _INSERT_ROUND,
@@ -435,7 +497,7 @@ class Store:
         if status is not None:
             conditions.append(Run.status == status)
         if strategy is not None:
-            conditions.append(Run.strategy == strategy)
+            conditions.append(Run.strategy == check_text(strategy, "strategy"))
         column = getattr(Run, sort)
         # NULLs (e.g. no accuracy yet) last in both orders, the same on every backend
         ordering = [(column.asc() if order == "asc" else column.desc()).nulls_last()]
@@ -530,6 +592,10 @@ class Store:
     ) -> Client:
         if not name.strip():
             raise InvalidError("name must not be empty")
+        check_text(name, "name")
+        check_text(public_key_pem, "public_key_pem")
+        if location is not None:
+            check_text(location, "location")
         with self._sessions() as session:
             clash = session.scalars(
                 select(Client).where(
@@ -597,15 +663,19 @@ class Store:
         ids = sorted(set(node_ids))
         if not ids:
             return {}
+        # SQLite's sum() of integers fails on overflow; total() is a float that cannot
+        # (PostgreSQL's sum() of BIGINT is an exact NUMERIC): per-node sums over many
+        # rounds may pass 2^63 even though each client-round is bounded
+        big_sum = func.total if self.engine.dialect.name == "sqlite" else func.sum
         with self._sessions() as session:
             rows = session.execute(
                 select(
                     ClientRound.node_id,
                     func.count(),
                     func.sum(case((ClientRound.outcome == "ok", 1), else_=0)),
-                    func.sum(ClientRound.uplink_bytes),
-                    func.sum(ClientRound.downlink_bytes),
-                    func.sum(ClientRound.num_examples),
+                    big_sum(ClientRound.uplink_bytes),
+                    big_sum(ClientRound.downlink_bytes),
+                    big_sum(ClientRound.num_examples),
                     func.max(Round.ended_at),
                 )
                 .join(Round, Round.id == ClientRound.round_id)
@@ -626,18 +696,57 @@ class Store:
         return out
 
     # ------------------------------------------------------------------ tokens
-    def create_token(self, name: str, *, admin: bool = False) -> tuple[int, str]:
-        """Create a token; return (id, token). Only its SHA-256 digest is stored."""
+    def create_token(
+        self,
+        name: str,
+        *,
+        scope: str | None = None,
+        run_id: int | None = None,
+        admin: bool = False,
+    ) -> tuple[int, str]:
+        """Create a token; return (id, token). Only its SHA-256 digest is stored.
+
+        `scope` is one of `TOKEN_SCOPES` (default ``writer``; ``admin=True`` is the older
+        spelling of ``scope="admin"``); `run_id` binds a writer token to that run.
+        """
+        scope = scope or ("admin" if admin else "writer")
+        if admin and scope != "admin":
+            raise InvalidError(f"admin=True contradicts scope {scope!r}")
+        if scope not in TOKEN_SCOPES:
+            raise InvalidError(f"scope must be one of {TOKEN_SCOPES}, got {scope!r}")
+        if run_id is not None and scope != "writer":
+            raise InvalidError(f"only writer tokens are bound to a run, not {scope} tokens")
         if not name.strip():
             raise InvalidError("token name must not be empty")
+        check_text(name, "token name")
         token = secrets.token_urlsafe(32)
         with self._sessions.begin() as session:
+            if run_id is not None and session.get(Run, run_id) is None:
+                raise NotFoundError(f"run {run_id} not found")
             row = ApiToken(
-                name=name, token_sha256=hash_token(token), is_admin=admin, created_at=utcnow()
+                name=name,
+                token_sha256=hash_token(token),
+                scope=scope,
+                run_id=run_id,
+                created_at=utcnow(),
             )
             session.add(row)
             session.flush()
             return row.id, token
+
+    def check_run_writer(self, token: ApiToken, run_id: int) -> None:
+        """Raise `ForbiddenError` unless `token` may append rounds to / finish run `run_id`:
+        a writer token bound to that run, or the writer/admin token that created it over
+        REST. Runs the ServerApp records in-process have no such token."""
+        if token.run_id is not None:
+            if token.scope == "writer" and token.run_id == run_id:
+                return
+        elif token.scope in ("writer", "admin"):
+            with self._sessions() as session:
+                owner = session.execute(select(Run.owner_token_id).where(Run.id == run_id)).scalar()
+            if owner is not None and owner == token.id:
+                return
+        raise ForbiddenError(f"this token may not write to run {run_id}")
 
     def verify_token(self, token: str) -> ApiToken | None:
         with self._sessions() as session:
@@ -652,6 +761,8 @@ class Store:
             return list(session.scalars(select(ApiToken).order_by(ApiToken.id)))
 
     def revoke_token(self, token_id: int) -> None:
+        if not 1 <= token_id <= INT32_MAX:
+            raise NotFoundError(f"no active token with id {token_id}")
         with self.engine.begin() as conn:
             result = conn.execute(
                 update(ApiToken)
@@ -671,7 +782,7 @@ def _client_row(round_id: int, c: ClientRoundRecord) -> dict[str, Any]:
         "downlink_bytes": c.downlink_bytes,
         "num_examples": c.num_examples,
         "local_loss": _finite(c.local_loss),
-        "duration_s": c.duration_s,
+        "duration_s": _finite(c.duration_s),
         "error": c.error,
     }
 
@@ -707,10 +818,17 @@ class SqlRecorder:
     Each round is one transaction. Runs this recorder started and did not finish are
     marked ``interrupted`` when the process exits normally; after a hard crash the
     stale-run check of the next start-up does it.
+
+    Its runs have no owner token, so no REST token writes to them unless an operator
+    binds one explicitly (``fedsqueeze api token create --scope writer --run ID``). A
+    round or finish the store refuses (`StoreError`: a conflicting round, a closed run,
+    an invalid record) does not stop the training: it is logged as an error and counted
+    in `refused_records`; database failures (the store unreachable) still raise.
     """
 
     def __init__(self, database_url: str | None = None) -> None:
         self.store = open_store(database_url)
+        self.refused_records = 0
         self._open_runs: set[int] = set()
         self._lock = threading.Lock()
         _open_recorders.add(self)
@@ -723,13 +841,26 @@ class SqlRecorder:
             self._open_runs.add(run_id)
         return run_id
 
+    def _refused(self, what: str, exc: StoreError) -> None:
+        with self._lock:
+            self.refused_records += 1
+            count = self.refused_records
+        log.error("%s refused by the store (%d refused so far; training goes on): %s",
+                  what, count, exc)  # fmt: skip
+
     def record_round(self, run_id: int, record: RoundRecord) -> None:
-        self.store.append_round(run_id, record)
+        try:
+            self.store.append_round(run_id, record)
+        except StoreError as exc:
+            self._refused(f"round {record.round} of run {run_id}", exc)
 
     def finish_run(self, run_id: int, status: str) -> None:
-        self.store.finish_run(run_id, status)
         with self._lock:
             self._open_runs.discard(run_id)
+        try:
+            self.store.finish_run(run_id, status)
+        except StoreError as exc:
+            self._refused(f"closing run {run_id} as {status}", exc)
 
     def close(self, status: str = "interrupted") -> None:
         """Mark the runs this recorder left open as `status`."""

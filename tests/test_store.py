@@ -106,6 +106,48 @@ def test_migrations_match_models_and_downgrade_works(database_url: str) -> None:
         engine.dispose()
 
 
+def test_token_scopes_migration_maps_and_revokes(database_url: str) -> None:
+    """0001 -> 0002: is_admin becomes scope admin, other tokens writer; back down, tokens
+    the old schema cannot restrict (reader, enrol, run-bound) are revoked."""
+    engine = make_engine(database_url)
+    now = datetime.now(UTC)
+    try:
+        upgrade(engine, "0001")
+        with engine.begin() as conn:
+            for name, admin in (("ops", True), ("serverapp", False)):
+                conn.execute(
+                    text(
+                        "INSERT INTO api_tokens (name, token_sha256, is_admin, created_at) "
+                        "VALUES (:n, :h, :a, :t)"
+                    ),
+                    {"n": name, "h": hash_token(name), "a": admin, "t": now},
+                )
+        upgrade(engine)
+        store = Store(engine)
+        ops, serverapp = store.verify_token("ops"), store.verify_token("serverapp")
+        assert ops is not None and (ops.scope, ops.run_id) == ("admin", None)
+        assert serverapp is not None and (serverapp.scope, serverapp.run_id) == ("writer", None)
+        run_id = store.create_run(RunInfo("a", "b", "c", "d", {}))
+        store.create_token("reader", scope="reader")
+        store.create_token("bound", scope="writer", run_id=run_id)
+        store.append_round(run_id, RoundRecord(1, 1, 1, 0, 1, 1, 1, 1))
+        downgrade(engine, "0001")
+        with engine.connect() as conn:  # the schema change kept every row
+            assert conn.execute(text("SELECT count(*) FROM rounds")).scalar() == 1
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT name, is_admin, revoked_at IS NOT NULL FROM api_tokens")
+            ).all()
+        assert {r[0]: (bool(r[1]), bool(r[2])) for r in rows} == {
+            "ops": (True, False),
+            "serverapp": (False, False),
+            "reader": (False, True),
+            "bound": (False, True),
+        }
+    finally:
+        engine.dispose()
+
+
 def test_ensure_schema_refuses_foreign_database(database_url: str) -> None:
     engine = make_engine(database_url)
     try:
@@ -265,7 +307,15 @@ def test_tokens_are_stored_hashed(store: Store) -> None:
         assert row is not None and row.token_sha256 == hash_token(token)
         assert token not in (row.token_sha256, row.name)
     found = store.verify_token(token)
-    assert found is not None and found.is_admin
+    assert found is not None and found.is_admin and found.scope == "admin"
+    with pytest.raises(InvalidError, match="only writer tokens"):
+        store.create_token("x", scope="reader", run_id=1)
+    with pytest.raises(NotFoundError, match="run 4242"):
+        store.create_token("x", scope="writer", run_id=4242)
+    with pytest.raises(InvalidError, match="scope must be one of"):
+        store.create_token("x", scope="root")
+    with pytest.raises(NotFoundError):
+        store.revoke_token(1 << 70)
     assert store.verify_token(token + "x") is None
     store.revoke_token(token_id)
     assert store.verify_token(token) is None

@@ -20,7 +20,11 @@ def build_app(data_dir: Path) -> tuple[Any, str, int]:
     from api.settings import Settings
 
     paths, config = require_config(data_dir)
-    settings = Settings.from_env(config.database_url)
+    # reads need a token when the API is bound off loopback; the certificate's names are
+    # the names devices use, so they are allowed Host headers too
+    settings = Settings.from_env(
+        config.database_url, bind_host=config.api_host, allowed_hosts=config.server_names
+    )
     registrar = SuperLinkRegistrar(config.superlink_address, paths.tls.ca_cert)
     return create_app(settings, registrar), config.api_host, config.api_port
 
