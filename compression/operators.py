@@ -63,6 +63,9 @@ _LEVEL_CODES = {"dense": 0, "base3": 0, "sparse": 1, "rice": 2}
 _FIXED_MAGS = 255
 #: Default bound on decoded coordinates per payload byte (see :func:`decode`).
 MAX_COORDS_PER_BYTE = 1 << 15
+#: The most coordinates any payload may declare, whatever the caller allows (so positions
+#: and run sums stay far from int64's limit).
+MAX_NUMEL = 1 << 48
 
 Fields = dict[str, Any]
 
@@ -176,9 +179,10 @@ def _runs_to_index(
 
     Valid iff every r_j >= 0 and sum_j r_j + n = d; then 0 <= index_0 < ... < index_{n-1} < d.
     The check cannot be fooled by int64 wrap-around (runs [2^63-1, 2^63-1, 100] sum to 98
-    modulo 2^64): every run is first bounded by d - n, so each step r_j + 1 <= d - n + 1
-    < 2^62; the partial sums then grow strictly, and when n (d - n + 1) < 2^63 they cannot
-    wrap at all; otherwise a wrap would turn one negative, which is checked.
+    modulo 2^64): every run is first bounded by d - n, so each step r_j + 1 <= d + 1
+    <= 2^48 + 1 (``MAX_NUMEL``); the partial sums then grow strictly, and when
+    n (d - n + 1) < 2^63 they cannot wrap at all; otherwise the first wrap would turn one
+    negative (and they stay negative for at least 2^14 steps), which is checked.
     """
     n = int(runs.size) - 1
     if n < 0:
@@ -1682,6 +1686,8 @@ def decode(
         d = math.prod(shape)
         if d == 0:
             raise CodecError("declared tensor is empty")
+        if d > MAX_NUMEL:
+            raise CodecError(f"declared {d} coordinates exceed the format's limit 2^48")
         if expected_numel is not None and d != expected_numel:
             raise CodecError(
                 f"payload declares {d} coordinates (shape {shape}), "

@@ -231,6 +231,9 @@ def test_a_declaration_of_2_pow_31_coordinates_is_refused_without_allocating() -
             decode(payload)  # no expected size: the per-byte cap
         with pytest.raises(CodecError, match="limit"):
             decode(payload, max_numel=1 << 30)
+        wide = Frame("sign", (1 << 30, 1 << 30)).section(bytes(8)).payload()
+        with pytest.raises(CodecError, match="format's limit 2\\^48"):
+            decode(wide, max_numel=1 << 70)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
