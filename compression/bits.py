@@ -241,9 +241,10 @@ def rice_decode(
     """Inverse of :func:`rice_encode`: ``n`` values, each at most ``limit`` (< 2^63).
 
     Rejects streams that do not hold exactly ``n`` codes, whose padding is not all
-    one-bits, or that hold a value above ``limit``. The bound is checked on the quotient
-    before the shift (q <= limit >> k, so ``q << k`` cannot wrap int64) and then, when the
-    remainders could push a value past it, on the values themselves."""
+    one-bits, or that hold a value above ``limit``. No value can wrap int64: a quotient is
+    below the number of unary bits, so when that number shifted by k fits in int64 the
+    values are computed and bounded in one pass; otherwise the quotients are bounded first
+    (q <= limit >> k, so ``q << k`` cannot wrap)."""
     if not 0 <= k <= 62:
         raise CodecError(f"Rice parameter {k} out of range 0..62")
     if not 0 <= limit <= INT64_MAX:
@@ -255,16 +256,16 @@ def rice_decode(
     if n and bits.size - int(ends[-1]) - 1 >= 8:
         raise CodecError("unary stream has a whole byte of padding")
     q = np.diff(ends, prepend=-1) - 1
-    q_max = int(q.max()) if n else 0
-    if q_max > limit >> k:
-        raise CodecError(f"Rice value above {limit} (quotient {q_max} with k = {k})")
-    if k == 0:
-        if rem.size:
-            raise CodecError("remainder stream must be empty when k = 0")
-        return q.astype(np.int64, copy=False)
-    r = unpack_fixed(rem, n, k).astype(np.int64)
-    out = (q.astype(np.int64, copy=False) << k) | r
-    if ((q_max + 1) << k) - 1 > limit and n:  # the remainders can pass the bound
+    if k == 0 and rem.size:
+        raise CodecError("remainder stream must be empty when k = 0")
+    if n and (bits.size + 1) << k > INT64_MAX:  # a quotient could overflow the shift
+        q_max = int(q.max())
+        if q_max > limit >> k:
+            raise CodecError(f"Rice value above {limit} (quotient {q_max} with k = {k})")
+    out = q.astype(np.int64, copy=False)
+    if k:
+        out = (out << k) | unpack_fixed(rem, n, k).astype(np.int64)
+    if n:
         top = int(out.max())
         if top > limit:
             raise CodecError(f"Rice value {top} above {limit}")

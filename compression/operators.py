@@ -840,7 +840,7 @@ class _LevelQuantizer(Compressor):
             try:
                 mags = bits.rice_decode(r.section(), r.section(), d, k, limit=s)
             except CodecError as exc:
-                raise CodecError(f"levels: {exc} (level above s = {s}?)") from None
+                raise CodecError(f"levels (at most s = {s}): {exc}") from None
             nonzero = mags != 0
             nnz = int(np.count_nonzero(nonzero))
             signs_raw = r.section()
@@ -877,7 +877,7 @@ class _LevelQuantizer(Compressor):
             try:
                 mags = bits.rice_decode(mags_unary, mags_rem, nnz, k_mags, limit=s - 1) + 1
             except CodecError as exc:
-                raise CodecError(f"magnitudes: {exc} (level above s = {s}?)") from None
+                raise CodecError(f"magnitudes - 1 (at most s - 1 = {s - 1}): {exc}") from None
         nzlevels = np.where(neg, -mags, mags).astype(np.int16)
         return comp, {
             "norms": norms,
