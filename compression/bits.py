@@ -61,6 +61,8 @@ def unpack_fixed(data: U8, n: int, width: int) -> npt.NDArray[np.unsignedinteger
     """Inverse of :func:`pack_fixed`: ``n`` values of ``width`` (<= 64) bits from ``data``
     (uint32 for widths up to 32, else uint64)."""
     if width == 0 or n == 0:
+        if data.size:
+            raise CodecError(f"fixed-width section has {data.size} bytes, expected 0")
         return np.zeros(n, dtype=np.uint32)
     if not 1 <= width <= 64:
         raise CodecError(f"bit width must be in 1..64, got {width}")
@@ -229,9 +231,24 @@ def best_rice_parameter_from_counts(counts: npt.NDArray[np.int64]) -> tuple[int,
     return best
 
 
-def rice_decode(unary: U8, rem: U8, n: int, k: int) -> npt.NDArray[np.int64]:
-    """Inverse of :func:`rice_encode`: ``n`` values. Rejects streams that do not hold exactly
-    ``n`` codes or whose padding is not all one-bits."""
+#: The largest value an int64 holds; the default bound of :func:`rice_decode`.
+INT64_MAX = (1 << 63) - 1
+
+
+def rice_decode(
+    unary: U8, rem: U8, n: int, k: int, *, limit: int = INT64_MAX
+) -> npt.NDArray[np.int64]:
+    """Inverse of :func:`rice_encode`: ``n`` values, each at most ``limit`` (< 2^63).
+
+    Rejects streams that do not hold exactly ``n`` codes, whose padding is not all
+    one-bits, or that hold a value above ``limit``. No value can wrap int64: a quotient is
+    below the number of unary bits, so when that number shifted by k fits in int64 the
+    values are computed and bounded in one pass; otherwise the quotients are bounded first
+    (q <= limit >> k, so ``q << k`` cannot wrap)."""
+    if not 0 <= k <= 62:
+        raise CodecError(f"Rice parameter {k} out of range 0..62")
+    if not 0 <= limit <= INT64_MAX:
+        raise ValueError(f"limit must be in 0..2^63-1, got {limit}")
     bits = np.unpackbits(unary)
     ends = np.flatnonzero(bits == 0)
     if ends.size != n:
@@ -239,12 +256,20 @@ def rice_decode(unary: U8, rem: U8, n: int, k: int) -> npt.NDArray[np.int64]:
     if n and bits.size - int(ends[-1]) - 1 >= 8:
         raise CodecError("unary stream has a whole byte of padding")
     q = np.diff(ends, prepend=-1) - 1
-    if k == 0:
-        if rem.size:
-            raise CodecError("remainder stream must be empty when k = 0")
-        return q.astype(np.int64)
-    r = unpack_fixed(rem, n, k).astype(np.int64)
-    return (q.astype(np.int64) << k) | r
+    if k == 0 and rem.size:
+        raise CodecError("remainder stream must be empty when k = 0")
+    if n and (bits.size + 1) << k > INT64_MAX:  # a quotient could overflow the shift
+        q_max = int(q.max())
+        if q_max > limit >> k:
+            raise CodecError(f"Rice value above {limit} (quotient {q_max} with k = {k})")
+    out = q.astype(np.int64, copy=False)
+    if k:
+        out = (out << k) | unpack_fixed(rem, n, k).astype(np.int64)
+    if n:
+        top = int(out.max())
+        if top > limit:
+            raise CodecError(f"Rice value {top} above {limit}")
+    return out
 
 
 def varint_encode(values: npt.NDArray[np.int64]) -> U8:

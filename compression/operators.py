@@ -63,6 +63,9 @@ _LEVEL_CODES = {"dense": 0, "base3": 0, "sparse": 1, "rice": 2}
 _FIXED_MAGS = 255
 #: Default bound on decoded coordinates per payload byte (see :func:`decode`).
 MAX_COORDS_PER_BYTE = 1 << 15
+#: The most coordinates any payload may declare, whatever the caller allows (so positions
+#: and run sums stay far from int64's limit).
+MAX_NUMEL = 1 << 48
 
 Fields = dict[str, Any]
 
@@ -145,19 +148,93 @@ def _tensor_bytes(t: torch.Tensor) -> npt.NDArray[np.uint8]:
 
 
 def _bytes_tensor(
-    data: npt.NDArray[np.uint8], dtype: torch.dtype, n: int, device: torch.device
+    data: npt.NDArray[np.uint8], dtype: torch.dtype, n: int, what: str = "value"
 ) -> torch.Tensor:
-    """Inverse of :func:`_tensor_bytes`: ``n`` values of ``dtype``."""
+    """Inverse of :func:`_tensor_bytes`: ``n`` values of ``dtype``, on the CPU (decoders
+    validate on the CPU and move to the target device only after)."""
     item = torch.empty((), dtype=dtype).element_size()
     if data.size != n * item:
-        raise CodecError(f"value section has {data.size} bytes, expected {n * item}")
-    raw = torch.from_numpy(data.copy()).view(_INT_VIEW[item]).view(dtype)
-    return raw.to(device)
+        raise CodecError(f"{what} section has {data.size} bytes, expected {n * item}")
+    return torch.from_numpy(data.copy()).view(_INT_VIEW[item]).view(dtype)
+
+
+def _float_array(t: torch.Tensor) -> npt.NDArray[np.floating]:
+    """A CPU tensor's values as numpy (bfloat16 widened exactly to float32): the decoders'
+    checks run in numpy, whose small ops cost a fraction of torch's."""
+    return (t.to(torch.float32) if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def _check_finite_decoded(t: torch.Tensor, what: str) -> None:
-    if t.numel() and not bool(torch.isfinite(t).all()):
-        raise CodecError(f"{what} contain NaN or inf")
+    """No payload legitimately carries NaN or inf (the encoders refuse such inputs and
+    their norms and scales are finite), so a non-finite float is a crafted or corrupt
+    payload. A float64 value must also be finite as float32 (the math runs in float32 and
+    the encoders refuse inputs whose float32 image overflows). One sum decides the common
+    case: it is finite only if every term is; the exact check runs when it is not."""
+    if not t.numel():
+        return
+    a = _float_array(t)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if not math.isfinite(float(a.sum())) and not bool(np.isfinite(a).all()):
+            raise CodecError(f"{what} contain NaN or inf")
+        if a.dtype == np.float64 and not bool(np.isfinite(a.astype(np.float32)).all()):
+            raise CodecError(f"{what} lie outside float32's range")
+
+
+def _runs_to_index(
+    runs: npt.NDArray[np.int64], d: int, what: str = "zero runs"
+) -> npt.NDArray[np.int64]:
+    """Positions of the n = len(runs) - 1 kept coordinates from the zero runs r_0..r_n
+    before each of them and after the last: index_i = sum_{j <= i} (r_j + 1) - 1.
+
+    Valid iff every r_j >= 0 and sum_j r_j + n = d; then 0 <= index_0 < ... < index_{n-1} < d.
+    The check cannot be fooled by int64 wrap-around (runs [2^63-1, 2^63-1, 100] sum to 98
+    modulo 2^64): every run is first bounded by d - n, so each step r_j + 1 <= d + 1
+    <= 2^48 + 1 (``MAX_NUMEL``); the partial sums then grow strictly, and when
+    n (d - n + 1) < 2^63 they cannot wrap at all; otherwise the first wrap would turn one
+    negative (and they stay negative for at least 2^14 steps), which is checked.
+    """
+    n = int(runs.size) - 1
+    if n < 0:
+        raise CodecError(f"{what}: none")
+    top = d - n
+    if top < 0:
+        raise CodecError(f"{what}: {n} kept coordinates exceed the declared size {d}")
+    low, high = int(runs.min()), int(runs.max())
+    if low < 0 or high > top:
+        raise CodecError(f"{what}: a run of {high if high > top else low} zeros, outside 0..{top}")
+    ends = np.cumsum(runs + 1)
+    if (n + 1) * (top + 1) >= 1 << 63 and int(ends.min()) <= 0:
+        raise CodecError(f"{what}: the positions overflow")
+    if int(ends[-1]) != d + 1:
+        raise CodecError(f"{what} do not add up to the declared size {d}")
+    return ends[:-1] - 1
+
+
+#: float32's largest finite value
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_scaled(values: torch.Tensor, scale: float) -> None:
+    """Rand-k's unbiased values (d/k) x_j (``values`` already finite), computed as
+    ``_dense`` computes them, must be finite: finite x_j near float32's maximum overflow
+    once scaled. max |x_j| (d/k) in float64 decides unless it lies within 2^-20 of
+    float32's maximum, where the exact float32 product is computed."""
+    if not values.numel():
+        return
+    peak = float(np.abs(_float_array(values)).max()) * scale
+    if peak <= _F32_MAX * (1 - 2**-20):
+        return
+    if peak >= _F32_MAX * (1 + 2**-20) or not bool(
+        torch.isfinite(values.to(torch.float32) * scale).all()
+    ):
+        raise CodecError(f"values times d/k = {scale:g} overflow float32")
+
+
+def _fields_to(fields: Fields, device: torch.device) -> Fields:
+    """The validated CPU fields of a decoded message, tensors moved to ``device``."""
+    if device.type == "cpu":
+        return fields
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in fields.items()}
 
 
 def _varint_len(n: int) -> int:
@@ -443,9 +520,9 @@ class Compressor(ABC):
 
     @classmethod
     @abstractmethod
-    def _read(
-        cls, r: Reader, d: int, dtype: torch.dtype, device: torch.device
-    ) -> tuple[Compressor, Fields]: ...
+    def _read(cls, r: Reader, d: int, dtype: torch.dtype) -> tuple[Compressor, Fields]:
+        """Parse and validate the operator's fields of a message of d coordinates, on the
+        CPU: every count, index and float checked, so that ``_dense`` cannot fail."""
 
     @abstractmethod
     def _info_bits(self, fields: Fields, d: int, dtype: torch.dtype) -> float: ...
@@ -502,10 +579,8 @@ class Identity(_Parameterless):
         w.section(_tensor_bytes(fields["values"]))
 
     @classmethod
-    def _read(
-        cls, r: Reader, d: int, dtype: torch.dtype, device: torch.device
-    ) -> tuple[Compressor, Fields]:
-        values = _bytes_tensor(r.section(), dtype, d, device)
+    def _read(cls, r: Reader, d: int, dtype: torch.dtype) -> tuple[Compressor, Fields]:
+        values = _bytes_tensor(r.section(), dtype, d)
         _check_finite_decoded(values, "values")
         return cls(), {"values": values}
 
@@ -736,17 +811,15 @@ class _LevelQuantizer(Compressor):
         raise NotImplementedError
 
     @classmethod
-    def _read(
-        cls, r: Reader, d: int, dtype: torch.dtype, device: torch.device
-    ) -> tuple[Compressor, Fields]:
+    def _read(cls, r: Reader, d: int, dtype: torch.dtype) -> tuple[Compressor, Fields]:
         comp = cls._read_params(r)
         s = comp.s
         code = r.u8()
         b = _bucket_size(comp.bucket, d)
         nb = -(-d // b)
-        norms = _bytes_tensor(r.section(), torch.float32, nb, device)
+        norms = _bytes_tensor(r.section(), torch.float32, nb, "norm")
         _check_finite_decoded(norms, "norms")
-        if bool((norms < 0).any()):
+        if bool((norms.numpy() < 0).any()):
             raise CodecError("negative norm")
         if code == 0:
             data = r.section()
@@ -757,37 +830,38 @@ class _LevelQuantizer(Compressor):
                 if sym32.size and int(sym32.max()) > 2 * s:
                     raise CodecError(f"level symbol above 2s = {2 * s}")
                 symbols = sym32.astype(np.int16)
-            levels = torch.from_numpy(symbols - np.int16(s)).to(device)
+            levels = torch.from_numpy(symbols - np.int16(s))
             code_name = "base3" if s == 1 else "dense"
             return comp, {"norms": norms, "levels": levels, "wire_code": code_name}
         if code == 2:
             k = r.u8()
             if k > 62:
                 raise CodecError(f"Rice parameter {k} out of range")
-            mags = bits.rice_decode(r.section(), r.section(), d, k)
-            if d and int(mags.max()) > s:
-                raise CodecError(f"level above s = {s}")
+            try:
+                mags = bits.rice_decode(r.section(), r.section(), d, k, limit=s)
+            except CodecError as exc:
+                raise CodecError(f"levels (at most s = {s}): {exc}") from None
             nonzero = mags != 0
-            nnz = int(nonzero.sum())
+            nnz = int(np.count_nonzero(nonzero))
             signs_raw = r.section()
             if signs_raw.size != (nnz + 7) // 8:
                 raise CodecError("sign section has the wrong length")
             levels16 = mags.astype(np.int16)
             neg = np.unpackbits(signs_raw, count=nnz).astype(bool)
             levels16[np.flatnonzero(nonzero)[neg]] *= -1
-            levels_t = torch.from_numpy(levels16).to(device)
-            return comp, {"norms": norms, "levels": levels_t, "wire_code": "rice"}
+            return comp, {"norms": norms, "levels": torch.from_numpy(levels16), "wire_code": "rice"}
         if code != 1:
             raise CodecError(f"unknown level code {code}")
         k = r.u8()
         k_mags = r.u8()
         if k > 62 or (k_mags > 62 and k_mags != _FIXED_MAGS):
             raise CodecError(f"Rice parameters {k}, {k_mags} out of range")
-        nnz = r.varint(limit=d)
-        gaps = bits.rice_decode(r.section(), r.section(), nnz + 1, k)
-        if int(gaps.sum()) + nnz != d or bool((gaps < 0).any()):
-            raise CodecError("zero runs do not add up to the declared size")
-        index = np.cumsum(gaps[:-1] + 1) - 1
+        nnz = r.varint(limit=d, name="nnz (non-zero levels)")
+        try:
+            runs = bits.rice_decode(r.section(), r.section(), nnz + 1, k, limit=d - nnz)
+        except CodecError as exc:
+            raise CodecError(f"zero runs: {exc}") from None
+        index = _runs_to_index(runs, d)
         signs_raw = r.section()
         if signs_raw.size != (nnz + 7) // 8:
             raise CodecError("sign section has the wrong length")
@@ -797,15 +871,18 @@ class _LevelQuantizer(Compressor):
             if mags_unary.size:
                 raise CodecError("fixed-width magnitudes with a unary stream")
             mags = bits.unpack_fixed(mags_rem, nnz, (s - 1).bit_length()).astype(np.int64) + 1
+            if nnz and int(mags.max()) > s:
+                raise CodecError(f"level above s = {s}")
         else:
-            mags = bits.rice_decode(mags_unary, mags_rem, nnz, k_mags) + 1
-        if nnz and int(mags.max()) > s:
-            raise CodecError(f"level above s = {s}")
+            try:
+                mags = bits.rice_decode(mags_unary, mags_rem, nnz, k_mags, limit=s - 1) + 1
+            except CodecError as exc:
+                raise CodecError(f"magnitudes - 1 (at most s - 1 = {s - 1}): {exc}") from None
         nzlevels = np.where(neg, -mags, mags).astype(np.int16)
         return comp, {
             "norms": norms,
-            "index": torch.from_numpy(index.astype(np.int64)).to(device),
-            "nzlevels": torch.from_numpy(nzlevels).to(device),
+            "index": torch.from_numpy(index),
+            "nzlevels": torch.from_numpy(nzlevels),
             "wire_code": "sparse",
         }
 
@@ -978,8 +1055,8 @@ class QSGD(_LevelQuantizer):
 
     @classmethod
     def _read_params(cls, r: Reader) -> QSGD:
-        s = r.varint(limit=32767)
-        bucket = r.varint()
+        s = r.varint(limit=32767, name="qsgd s")
+        bucket = r.varint(name="bucket")
         norm = r.u8()
         if s < 1 or norm > 1:
             raise CodecError(f"bad qsgd parameters s={s} norm code={norm}")
@@ -1059,8 +1136,8 @@ class NaturalDithering(_LevelQuantizer):
 
     @classmethod
     def _read_params(cls, r: Reader) -> NaturalDithering:
-        s = r.varint(limit=64)
-        bucket = r.varint()
+        s = r.varint(limit=64, name="dither s")
+        bucket = r.varint(name="bucket")
         if s < 1:
             raise CodecError("dither s must be >= 1")
         return cls(s, bucket)
@@ -1118,9 +1195,7 @@ class NaturalCompression(_Parameterless):
         w.section(fields["exps"].cpu().numpy())
 
     @classmethod
-    def _read(
-        cls, r: Reader, d: int, dtype: torch.dtype, device: torch.device
-    ) -> tuple[Compressor, Fields]:
+    def _read(cls, r: Reader, d: int, dtype: torch.dtype) -> tuple[Compressor, Fields]:
         signs = r.section()
         if signs.size != (d + 7) // 8:
             raise CodecError("sign section has the wrong length")
@@ -1129,7 +1204,7 @@ class NaturalCompression(_Parameterless):
             raise CodecError(f"exponent section has {exps.size} bytes, expected {d}")
         if d and int(exps.max()) == 0xFF:
             raise CodecError("exponent 255 (NaN or inf)")
-        return cls(), {"signs": signs.copy(), "exps": torch.from_numpy(exps.copy()).to(device)}
+        return cls(), {"signs": signs.copy(), "exps": torch.from_numpy(exps.copy())}
 
     def _info_bits(self, fields: Fields, d: int, dtype: torch.dtype) -> float:
         neg = np.unpackbits(fields["signs"], count=d).astype(np.int64)
@@ -1232,7 +1307,13 @@ class RandK(Compressor):
         d = f32.numel()
         k = self.k_for(d)
         index = randk_indices(d, k, seed).to(f32.device)
-        return {"values": flat[index], "index": index, "seed": seed, "k": k}
+        values = flat[index]
+        if self.unbiased:
+            try:
+                _check_scaled(values, d / k)
+            except CodecError as exc:
+                raise ValueError(f"{exc}; scale the input down") from None
+        return {"values": values, "index": index, "seed": seed, "k": k}
 
     def _dense(self, fields: Fields, d: int, device: torch.device) -> torch.Tensor:
         values: torch.Tensor = fields["values"]
@@ -1255,17 +1336,17 @@ class RandK(Compressor):
         w.section(_tensor_bytes(fields["values"]))
 
     @classmethod
-    def _read(
-        cls, r: Reader, d: int, dtype: torch.dtype, device: torch.device
-    ) -> tuple[Compressor, Fields]:
-        k = r.varint(limit=d)
+    def _read(cls, r: Reader, d: int, dtype: torch.dtype) -> tuple[Compressor, Fields]:
+        k = r.varint(limit=d, name="rand-k k")
         unbiased = r.u8()
-        seed = r.varint(limit=(1 << 64) - 1)
+        seed = r.varint(limit=(1 << 64) - 1, name="rand-k seed")
         if k < 1 or unbiased > 1:
             raise CodecError(f"bad rand-k parameters k={k}, unbiased code={unbiased}")
-        values = _bytes_tensor(r.section(), dtype, k, device)
+        values = _bytes_tensor(r.section(), dtype, k)
         _check_finite_decoded(values, "values")
-        index = randk_indices(d, k, seed).to(device)
+        if unbiased:
+            _check_scaled(values, d / k)
+        index = randk_indices(d, k, seed)
         comp = cls(k=k, unbiased=bool(unbiased))
         return comp, {"values": values, "index": index, "seed": seed, "k": k}
 
@@ -1379,21 +1460,20 @@ class TopK(Compressor):
             w.section(np.packbits(mask))
 
     @classmethod
-    def _read(
-        cls, r: Reader, d: int, dtype: torch.dtype, device: torch.device
-    ) -> tuple[Compressor, Fields]:
-        k = r.varint(limit=d)
+    def _read(cls, r: Reader, d: int, dtype: torch.dtype) -> tuple[Compressor, Fields]:
+        k = r.varint(limit=d, name="top-k k")
         if k < 1:
             raise CodecError("top-k with k = 0")
-        values = _bytes_tensor(r.section(), dtype, k, device)
+        values = _bytes_tensor(r.section(), dtype, k)
         _check_finite_decoded(values, "values")
         code = r.u8()
         data = r.section()
         if code == 0:
-            gaps = bits.varint_decode(data, k + 1)
-            if int(gaps.sum()) + k != d or bool((gaps < 0).any()):
-                raise CodecError("top-k zero runs do not add up to the declared size")
-            index = np.cumsum(gaps[:-1] + 1) - 1
+            try:
+                gaps = bits.varint_decode(data, k + 1)
+            except CodecError as exc:
+                raise CodecError(f"top-k zero runs: {exc}") from None
+            index = _runs_to_index(gaps, d, "top-k zero runs")
         elif code == 1:
             if data.size != (d + 7) // 8:
                 raise CodecError("top-k bitmap has the wrong length")
@@ -1404,7 +1484,7 @@ class TopK(Compressor):
             raise CodecError(f"unknown top-k index code {code}")
         return cls(k=k), {
             "values": values,
-            "index": torch.from_numpy(index.astype(np.int64)).to(device),
+            "index": torch.from_numpy(index.astype(np.int64)),
             "wire_code": "varint" if code == 0 else "bitmap",
         }
 
@@ -1473,15 +1553,13 @@ class ScaledSign(Compressor):
         w.section(fields["signs"])
 
     @classmethod
-    def _read(
-        cls, r: Reader, d: int, dtype: torch.dtype, device: torch.device
-    ) -> tuple[Compressor, Fields]:
-        bucket = r.varint()
+    def _read(cls, r: Reader, d: int, dtype: torch.dtype) -> tuple[Compressor, Fields]:
+        bucket = r.varint(name="bucket")
         comp = cls(bucket)
         nb = -(-d // _bucket_size(bucket, d))
-        scales = _bytes_tensor(r.section(), torch.float32, nb, device)
+        scales = _bytes_tensor(r.section(), torch.float32, nb, "scale")
         _check_finite_decoded(scales, "scales")
-        if bool((scales < 0).any()):
+        if bool((scales.numpy() < 0).any()):
             raise CodecError("negative scale")
         signs = r.section()
         if signs.size != (d + 7) // 8:
@@ -1519,9 +1597,7 @@ class Sign(_Parameterless):
         w.section(fields["signs"])
 
     @classmethod
-    def _read(
-        cls, r: Reader, d: int, dtype: torch.dtype, device: torch.device
-    ) -> tuple[Compressor, Fields]:
+    def _read(cls, r: Reader, d: int, dtype: torch.dtype) -> tuple[Compressor, Fields]:
         signs = r.section()
         if signs.size != (d + 7) // 8:
             raise CodecError("sign section has the wrong length")
@@ -1575,18 +1651,38 @@ def decode(
     payload: bytes | bytearray | memoryview,
     device: str | torch.device = "cpu",
     *,
+    expected_numel: int | None = None,
     max_numel: int | None = None,
 ) -> Compressed:
     """Parse a payload made by ``Compressed.to_bytes()``; ``decode(p).dense()`` is bit-exact
     the sender's ``dense()``.
 
-    Every malformed payload raises :class:`CodecError`. A payload may not declare more
-    coordinates than ``max_numel`` (default: 2^20 + 2^15 per payload byte) nor more than
-    half the memory available now, so a small payload cannot make the receiver allocate
-    unbounded memory.
+    Args:
+        payload: the bytes received.
+        device: where the decoded tensors go; every check runs on the CPU before that.
+        expected_numel: the number of coordinates the receiver expects (its model size d).
+            A payload declaring any other size is refused right after the header, before
+            anything of its size is allocated. Given, it replaces the default per-byte cap
+            and the free-memory check (the receiver vouches for that size).
+        max_numel: a cap on the declared coordinates (default, without ``expected_numel``:
+            2^20 + 2^15 per payload byte, and at most half the memory available now).
+
+    Raises:
+        CodecError: for every malformed payload, with a message naming what was wrong:
+            bad framing or checksum, unknown version/operator/dtype/code, a declared size
+            other than ``expected_numel`` or above the cap, counts, runs or indices that
+            do not add up to the declared size, levels above s, NaN/inf or negative norms
+            and scales, NaN/inf values. When it returns, ``dense()`` cannot fail and has
+            exactly the declared shape.
     """
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
+    if expected_numel is not None:
+        if isinstance(expected_numel, bool) or not isinstance(expected_numel, int | np.integer):
+            raise TypeError(f"expected_numel must be an integer, got {expected_numel!r}")
+        expected_numel = int(expected_numel)
+        if expected_numel < 1:
+            raise ValueError(f"expected_numel must be >= 1, got {expected_numel}")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"cannot decode to {dev}: CUDA is not available")
@@ -1608,22 +1704,32 @@ def decode(
         ndim = r.u8()
         if ndim > MAX_NDIM:
             raise CodecError(f"{ndim} dimensions, at most {MAX_NDIM}")
-        shape = tuple(r.varint(limit=1 << 48) for _ in range(ndim))
+        shape = tuple(r.varint(limit=1 << 48, name="shape dimension") for _ in range(ndim))
         d = math.prod(shape)
         if d == 0:
             raise CodecError("declared tensor is empty")
-        cap = max_numel if max_numel is not None else (1 << 20) + MAX_COORDS_PER_BYTE * len(data)
-        if d > cap:
+        if d > MAX_NUMEL:
+            raise CodecError(f"declared {d} coordinates exceed the format's limit 2^48")
+        if expected_numel is not None and d != expected_numel:
+            raise CodecError(
+                f"payload declares {d} coordinates (shape {shape}), "
+                f"the receiver expects {expected_numel}"
+            )
+        cap = max_numel
+        if cap is None and expected_numel is None:
+            cap = (1 << 20) + MAX_COORDS_PER_BYTE * len(data)
+        if cap is not None and d > cap:
             raise CodecError(f"declared {d} coordinates exceed the limit {cap} for this payload")
-        _check_memory(d)
-        comp, fields = _BY_CODE[op]._read(r, d, dtype, dev)
+        if expected_numel is None:
+            _check_memory(d)
+        comp, fields = _BY_CODE[op]._read(r, d, dtype)
         r.done()
     except CodecError:
         raise
     except (ValueError, IndexError, OverflowError, RuntimeError, struct.error, TypeError) as exc:
         raise CodecError(f"malformed payload: {exc}") from exc
     wire_code = fields.pop("wire_code", None)
-    out = Compressed(comp, shape, dtype, dev, fields, payload=data)
+    out = Compressed(comp, shape, dtype, dev, _fields_to(fields, dev), payload=data)
     out._wire_code = wire_code
     return out
 

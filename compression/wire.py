@@ -108,16 +108,17 @@ class Reader:
         self._pos += 1
         return int(value)
 
-    def varint(self, limit: int = 1 << 63) -> int:
+    def varint(self, limit: int = 1 << 63, name: str = "header field") -> int:
+        """A LEB128 value of at most 10 bytes and at most ``limit``; errors name ``name``."""
         value = 0
         for shift in range(0, 70, 7):
             byte = self.u8()
             value |= (byte & 0x7F) << shift
             if not byte & 0x80:
                 if value > limit:
-                    raise CodecError(f"header field {value} exceeds its limit {limit}")
+                    raise CodecError(f"{name} {value} exceeds its limit {limit}")
                 return value
-        raise CodecError("header varint longer than 10 bytes")
+        raise CodecError(f"{name}: varint longer than 10 bytes")
 
     def section(self) -> npt.NDArray[np.uint8]:
         length = self.varint()

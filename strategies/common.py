@@ -94,10 +94,14 @@ def get_compressor(spec: str) -> Compressor:
         raise ValueError(f"bad compressor spec {spec!r}: {exc}") from exc
 
 
-def decode_payload(payload: bytes, device: str | torch.device = "cpu") -> Encoded:
+def decode_payload(
+    payload: bytes, device: str | torch.device = "cpu", expected_numel: int | None = None
+) -> Encoded:
+    """`compression.decode`; a payload declaring other than `expected_numel` coordinates
+    (the model size d) is refused with CodecError before anything of its size exists."""
     from compression import decode
 
-    return decode(payload, device=str(device))
+    return decode(payload, device=str(device), expected_numel=expected_numel)
 
 
 def codec_error_types() -> tuple[type[BaseException], ...]:
@@ -509,8 +513,13 @@ def client_round(
     return ClientStep(uplink, committed, after)
 
 
-def decode_wires(payloads: Sequence[bytes], device: str) -> list[torch.Tensor]:
-    return [decode_payload(p, device).dense().reshape(-1).to(torch.float32) for p in payloads]
+def decode_wires(
+    payloads: Sequence[bytes], device: str, expected_numel: int | None = None
+) -> list[torch.Tensor]:
+    return [
+        decode_payload(p, device, expected_numel).dense().reshape(-1).to(torch.float32)
+        for p in payloads
+    ]
 
 
 # ----------------------------------------------------------------------------- server store
@@ -811,7 +820,8 @@ class ServerHalf:
         delta_hat: torch.Tensor | None = None
         if not reason:
             try:
-                delta_hat = decode_payload(uplink.payload).dense().reshape(-1).to(torch.float32)
+                decoded = decode_payload(uplink.payload, expected_numel=self.dim)
+                delta_hat = decoded.dense().reshape(-1).to(torch.float32)
             except codec_error_types() as exc:
                 reason = f"undecodable payload: {exc}"
         if not reason and delta_hat is not None:
