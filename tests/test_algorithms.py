@@ -221,7 +221,7 @@ def claims() -> dict[str, float]:
     w0 = torch.zeros(20)
     start = task.excess_loss(w0)
     out = {}
-    for name in ["diana", "artemis", "mcm", "qsgd", "biqsgd"]:
+    for name in ["diana", "artemis", "mcm", "dore", "qsgd", "biqsgd"]:
         s = resolve_settings(get_preset(name), 20, server_lr=0.2, participation=1.0, seed=0)
         assert s.uplink.startswith("qsgd:s=1")
         run = run_local(s, w0, grad, 20, 150)
@@ -230,7 +230,7 @@ def claims() -> dict[str, float]:
     return out
 
 
-@pytest.mark.parametrize("name", ["diana", "artemis", "mcm"])
+@pytest.mark.parametrize("name", ["diana", "artemis", "mcm", "dore"])
 def test_memory_methods_converge_linearly(claims: dict[str, float], name: str) -> None:
     assert claims[name] <= 1e-6, claims
 

@@ -255,7 +255,7 @@ def test_settings_refuse_what_the_algorithm_lacks() -> None:
 
 
 # ----------------------------------------------------------------------------- least squares
-ROUNDS = 250
+ROUNDS = 200
 
 
 def _geomean(curve: list[float], first: int, last: int) -> float:
