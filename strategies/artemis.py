@@ -31,7 +31,7 @@ Downlink, two model kinds:
       x̂_{k+1} = x̂_k + β q̂_k          (server and clients)
 
   Every client applies the same message, so client models equal the (degraded) central model.
-  A client that missed rounds receives the missed Ω in order, or a full-precision snapshot
+  A client that missed rounds receives the missed messages in order, or a full-precision snapshot
   of (w, H), whichever is smaller (`strategies.common.catch_up`).
 """
 
