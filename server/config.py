@@ -24,6 +24,13 @@ KEYS: dict[str, tuple[Any, str]] = {
     "down-memory-rate": (-1.0, "α_dwn; -1 = 1/(2(ω_dwn+1)) when the preset has downlink memory"),
     "up-ef": ("", "uplink error feedback: '' = preset's, 'on', 'off'"),
     "down-ef": ("", "server-side error feedback: '' = preset's, 'on', 'off'"),
+    "up-ef-rate": (-1.0, "λ_up in Δ_i = g_i − h_i + λ_up e_i; -1 = 1 for a biased C_up, "
+                   "min(1, 1/ω_up) for an unbiased one"),
+    "down-ef-rate": (-1.0, "λ_dwn in front of the server residual (dore: η in "
+                     "q = x_{k+1} − x̂_k + η e); -1 = 1 if C_dwn is biased, else min(1, 1/ω_dwn)"),
+    "model-step": (1.0, "β, dore's shared-model step x̂ ← x̂ + β q̂ (the paper's 1)"),
+    "ef-scale": ("", "'on': scale an unbiased C's output by 1/(ω+1) where EF is on (the old "
+                 "variant), and EF rates default to 1; '' or 'off': damp the residual instead"),
     "participation": (1.0, "participation probability p (or fraction in 'fraction' mode)"),
     "participation-mode": ("bernoulli", "'bernoulli' (papers: each client with prob. p) or "
                            "'fraction' (fixed-size sample)"),
@@ -177,6 +184,12 @@ def load_config(user: Mapping[str, Any], overrides: Mapping[str, Any] | None = N
         (values["participation-mode"] in ("bernoulli", "fraction"),
          "participation-mode must be 'bernoulli' or 'fraction'"),
         (values["pp-variant"] in ("pp1", "pp2"), "pp-variant must be 'pp1' or 'pp2'"),
+        (0 <= values["up-ef-rate"] <= 1 or values["up-ef-rate"] == -1,
+         "up-ef-rate must be in [0, 1] or -1"),
+        (0 <= values["down-ef-rate"] <= 1 or values["down-ef-rate"] == -1,
+         "down-ef-rate must be in [0, 1] or -1"),
+        (0 < values["model-step"] <= 1, "model-step must be in (0, 1]"),
+        (values["ef-scale"] in ("", "on", "off"), "ef-scale must be '', 'on' or 'off'"),
         (values["partitioning"] in ("dirichlet", "iid"),
          "partitioning must be 'dirichlet' or 'iid'"),
         (values["device"] == "auto" or values["device"] == "cpu"

@@ -10,15 +10,28 @@ Downlink, two model kinds:
 
       w ← w − γ ĝ ;  the next participants receive w (full precision).
 
-- "degraded" (compressed broadcast; biqsgd, artemis, dore, doublesqueeze)::
+- "degraded" (compressed broadcast; biqsgd, artemis, doublesqueeze)::
 
-      Ω = C_dwn(ĝ − H + e_s)
+      Ω = C_dwn(ĝ − H + λ_dwn e_s)
+      e_s ← (ĝ − H + λ_dwn e_s) − Ω   (server error feedback: doublesqueeze)
       w ← w − γ (Ω + H)
-      e_s ← (ĝ − H + e_s) − Ω     (server error feedback: dore, doublesqueeze)
-      H ← H + α_dwn Ω             (downlink memory: off in Artemis' experiments)
+      H ← H + α_dwn Ω                 (downlink memory: off in Artemis' experiments)
 
-  Every client applies the same Ω, so client models equal the (degraded) central model w.
-  A client that missed rounds receives the missed Ω in order, or a full-precision snapshot
+  DoubleSqueeze (Tang et al.) is this with H off and λ_dwn = 1 for its biased scaled sign:
+  v = ĝ + δ, broadcast C(v), δ ← v − C(v), w ← w − γ C(v); its clients' uplink is
+  v_i = g_i + λ_up δ_i, C(v_i), δ_i ← v_i − C(v_i) (`strategies.common.client_uplink`).
+
+- "degraded" with a model residual (dore; Liu et al., arXiv 1910.07561, Algorithm 1),
+  x̂ the model every side holds, e the server's residual (model space)::
+
+      x_{k+1} = x̂_k − γ ĝ_k
+      q_k = x_{k+1} − x̂_k + η e_k
+      q̂_k = C_dwn(q_k)                (broadcast)
+      e_{k+1} = q_k − q̂_k
+      x̂_{k+1} = x̂_k + β q̂_k          (server and clients)
+
+  Every client applies the same message, so client models equal the (degraded) central model.
+  A client that missed rounds receives the missed messages in order, or a full-precision snapshot
   of (w, H), whichever is smaller (`strategies.common.catch_up`).
 """
 
@@ -87,7 +100,8 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "dore", "artemis", "degraded", True, True, False, True, False, True,
             QSGD_S1, QSGD_S1,
-            "compression both ways, uplink memory, server error feedback (Dore)",
+            "DIANA uplink, compressed model residual with error feedback (Dore)",
+            model_residual=True,
         ),
         Preset(
             "doublesqueeze", "artemis", "degraded", True, False, True, True, False, True,
@@ -117,6 +131,11 @@ def degraded_step(
     return w - gamma * (omega + down_memory), down_memory + alpha * omega
 
 
+def shared_model_step(x_hat: torch.Tensor, q_hat: torch.Tensor, beta: float) -> torch.Tensor:
+    """Dore: x̂ ← x̂ + β q̂. The same code runs on server and clients."""
+    return x_hat + beta * q_hat
+
+
 # ----------------------------------------------------------------------------- client half
 def apply_downlink(
     settings: AlgorithmSettings, state: ClientState, message: Downlink, device: str
@@ -133,6 +152,9 @@ def apply_downlink(
     assert state.model is not None
     for decoded in decode_wires(message.payloads, device):
         omega = decoded * settings.down_scale
+        if settings.preset.model_residual:
+            state.model = shared_model_step(state.model, omega, settings.model_step)
+            continue
         state.model, state.down_memory = degraded_step(
             state.model, state.down_memory, omega, settings.server_lr, settings.down_memory_rate
         )
@@ -187,13 +209,31 @@ class BroadcastServer(ServerHalf):
             self.w = self.w - s.server_lr * g_hat
             self.version += 1
             return
+        if s.preset.model_residual:
+            self._advance_dore(g_hat, k)
+            return
         to_send = g_hat if self.H is None else g_hat - self.H
         if self.e_server is not None:
-            to_send = to_send + self.e_server
+            to_send = to_send + s.down_ef_rate * self.e_server
         wire, decoded = encode(self.down_compressor, to_send, derive_seed(s.seed, k, 0, 2))
         omega = decoded * s.down_scale
         if self.e_server is not None:
             self.e_server = to_send - omega
         self.w, self.H = degraded_step(self.w, self.H, omega, s.server_lr, s.down_memory_rate)
+        self.version += 1
+        self.log.append(self.version, wire)
+
+    def _advance_dore(self, g_hat: torch.Tensor, k: int) -> None:
+        """Dore's master step (Algorithm 1 of Liu et al.); self.w is x̂, self.e_server is e."""
+        s = self.settings
+        x_next = self.w - s.server_lr * g_hat  # x_{k+1} = x̂_k − γ ĝ_k
+        q = x_next - self.w  # the model residual
+        if self.e_server is not None:
+            q = q + s.down_ef_rate * self.e_server  # q_k = x_{k+1} − x̂_k + η e_k
+        wire, decoded = encode(self.down_compressor, q, derive_seed(s.seed, k, 0, 2))
+        q_hat = decoded * s.down_scale  # q̂_k = C_dwn(q_k)
+        if self.e_server is not None:
+            self.e_server = q - q_hat  # e_{k+1} = q_k − q̂_k
+        self.w = shared_model_step(self.w, q_hat, s.model_step)  # x̂_{k+1} = x̂_k + β q̂_k
         self.version += 1
         self.log.append(self.version, wire)

@@ -70,6 +70,10 @@ def settings_from_config(config: dict[str, Any], dim: int) -> AlgorithmSettings:
         participation_mode=str(config.get("participation-mode", "bernoulli")),
         pp_variant=str(config.get("pp-variant", "pp2")),
         seed=int(config.get("seed", 0)),
+        up_ef_rate=float(config.get("up-ef-rate", -1.0)),
+        down_ef_rate=float(config.get("down-ef-rate", -1.0)),
+        model_step=float(config.get("model-step", 1.0)),
+        ef_scaled=bool(parse_flag(config.get("ef-scale", ""), "ef-scale")),
     )
 
 

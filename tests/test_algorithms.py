@@ -80,7 +80,7 @@ def reference_run(
             else:
                 x = w
             g = grad(i, x)
-            delta = g - (h[i] if s.up_memory else 0) + (e[i] if s.up_ef else 0)
+            delta = g - (h[i] if s.up_memory else 0) + (s.up_ef_rate * e[i] if s.up_ef else 0)
             delta_hat = _q(s.uplink, delta, derive_seed(seed, k, i, 1)) * s.up_scale
             if s.up_ef:
                 e[i] = delta - delta_hat
@@ -111,8 +111,19 @@ def reference_run(
         elif kind == "sign-vote":
             vote = _q(s.downlink, g_hat, derive_seed(seed, k, 0, 2))
             w = w - lr * vote
+        elif s.preset.model_residual:  # Dore: w is x̂, e_server is e (model space)
+            x_next = w - lr * g_hat
+            q = x_next - w + (s.down_ef_rate * e_server if s.down_ef else 0)
+            q_hat = _q(s.downlink, q, derive_seed(seed, k, 0, 2)) * s.down_scale
+            if s.down_ef:
+                e_server = q - q_hat
+            w = w + s.model_step * q_hat
         else:  # degraded
-            to_send = g_hat - (H if s.down_memory else 0) + (e_server if s.down_ef else 0)
+            to_send = (
+                g_hat
+                - (H if s.down_memory else 0)
+                + (s.down_ef_rate * e_server if s.down_ef else 0)
+            )
             omega = _q(s.downlink, to_send, derive_seed(seed, k, 0, 2)) * s.down_scale
             if s.down_ef:
                 e_server = to_send - omega
@@ -210,7 +221,7 @@ def claims() -> dict[str, float]:
     w0 = torch.zeros(20)
     start = task.excess_loss(w0)
     out = {}
-    for name in ["diana", "artemis", "mcm", "qsgd", "biqsgd"]:
+    for name in ["diana", "artemis", "mcm", "dore", "qsgd", "biqsgd"]:
         s = resolve_settings(get_preset(name), 20, server_lr=0.2, participation=1.0, seed=0)
         assert s.uplink.startswith("qsgd:s=1")
         run = run_local(s, w0, grad, 20, 150)
@@ -219,7 +230,7 @@ def claims() -> dict[str, float]:
     return out
 
 
-@pytest.mark.parametrize("name", ["diana", "artemis", "mcm"])
+@pytest.mark.parametrize("name", ["diana", "artemis", "mcm", "dore"])
 def test_memory_methods_converge_linearly(claims: dict[str, float], name: str) -> None:
     assert claims[name] <= 1e-6, claims
 

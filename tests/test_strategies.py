@@ -256,11 +256,16 @@ def test_presets_fill_defaults() -> None:
     # 1-bit scaled sign both ways (biased: a contraction as it is, no scaling)
     assert ds.up_ef and ds.down_ef and ds.uplink.startswith("scaled_sign")
     assert ds.up_scale == 1 and ds.down_scale == 1
-    # with an unbiased compressor EF scales it by 1/(ω+1)
+    assert ds.up_ef_rate == 1 and ds.down_ef_rate == 1
+    # with an unbiased compressor EF damps the residual by min(1, 1/ω) ...
     ds_q = _settings("doublesqueeze", uplink="qsgd:s=1", downlink="qsgd:s=1")
     omega_q = parse_compressor("qsgd:s=1").omega(D)
-    assert ds_q.up_scale == pytest.approx(1 / (omega_q + 1)) and ds_q.up_scale < 1
-    assert ds_q.down_scale == pytest.approx(1 / (omega_q + 1))
+    assert ds_q.up_scale == 1 and ds_q.down_scale == 1
+    assert ds_q.up_ef_rate == pytest.approx(min(1, 1 / omega_q))
+    # ... or, as an option, scales its output by 1/(ω+1)
+    ds_s = _settings("doublesqueeze", uplink="qsgd:s=1", downlink="qsgd:s=1", ef_scaled=True)
+    assert ds_s.up_scale == pytest.approx(1 / (omega_q + 1)) and ds_s.up_scale < 1
+    assert ds_s.down_scale == pytest.approx(1 / (omega_q + 1)) and ds_s.down_ef_rate == 1
     assert _settings("sgd").uplink == "identity"
 
 
