@@ -34,7 +34,7 @@ KEYS: dict[str, tuple[Any, str]] = {
     "participation": (1.0, "participation probability p (or fraction in 'fraction' mode)"),
     "participation-mode": ("bernoulli", "'bernoulli' (papers: each client with prob. p) or "
                            "'fraction' (fixed-size sample)"),
-    "pp-variant": ("pp2", "'pp1' (one uplink memory per client on the server) or 'pp2' (one)"),
+    "pp-variant": ("pp2", "'pp1' (a memory per client in ĝ) or 'pp2' (one server memory h)"),
     "num-server-rounds": (3, "number of rounds"),
     "server-lr": (-1.0, "server step size γ; -1 = client-lr"),
     "client-lr": (0.05, "client learning rate η"),
@@ -52,7 +52,7 @@ KEYS: dict[str, tuple[Any, str]] = {
     "eval-every": (1, "central evaluation every this many rounds (and the last); 0 = never"),
     "round-timeout": (600.0, "seconds to wait for replies in a round"),
     "min-nodes": (-1, "wait for this many connected nodes before round 1; -1 = num-partitions"),
-    "store-dir": ("", "directory for per-client memories (PP1, Rand-MCM) when spilled to disk"),
+    "store-dir": ("", "directory for per-client memories (h_i, Rand-MCM H_i) when spilled to disk"),
     "run-name": ("", "free-form label stored with the run"),
     "test-fail": ("", "TEST ONLY: 'partition:round' makes that client raise after training"),
 }  # fmt: skip

@@ -182,7 +182,7 @@ class BroadcastServer(ServerHalf):
         self.snapshot_nbytes = n_snapshot * len(self._snapshot([self.w])[0][0])
         self.log = BroadcastLog(self.snapshot_nbytes if settings.model == "degraded" else 0)
         self._snapshot_cache: tuple[int, list[bytes], int] | None = None
-        self._digest_cache: tuple[int, tuple[float, float, float, float]] | None = None
+        self._digest_cache: tuple[int, tuple[bytes, bytes]] | None = None
 
     def _snapshot_now(self) -> tuple[list[bytes], int]:
         if self._snapshot_cache is None or self._snapshot_cache[0] != self.version:
@@ -198,9 +198,9 @@ class BroadcastServer(ServerHalf):
 
     def _expected_digest_down(
         self, node: int, pending_commit: dict[str, torch.Tensor]
-    ) -> tuple[float | None, float | None, float | None, float | None]:
+    ) -> tuple[bytes, bytes]:
         if self._digest_cache is None or self._digest_cache[0] != self.version:
-            self._digest_cache = (self.version, (*tensor_digest(self.H), *tensor_digest(self.w)))
+            self._digest_cache = (self.version, (tensor_digest(self.H), tensor_digest(self.w)))
         return self._digest_cache[1]
 
     def _advance(self, g_hat: torch.Tensor, k: int) -> None:

@@ -28,22 +28,42 @@ holds (``base_version``). The client keeps two states: *committed* (as of its la
 reply) and *pending* (after its latest round). On the next message it promotes pending to
 committed if the server acknowledged that round, and otherwise throws pending away, so that a
 lost reply (crash, timeout, dropped or invalid payload) rolls both sides back to the last
-state they share. The client reports a digest (sums and squared norms) of the memories and
-model it holds; the server compares it with its own view, and on a mismatch, or when a client
-says its state does not match (e.g. it lost its state), both sides reset that client's
-memories to their initial values (h_i = e_i = 0; MCM's H and Rand-MCM's H_i = w_0) and the
-server sends a full-precision snapshot. Every such event is logged
-and counted.
+state they share. The client reports an exact digest (a hash of the bytes) of the memories
+and model it holds; the server compares it with its own view, and on a mismatch, or when a
+client says its state does not match (e.g. it lost its state), both sides reset that
+client's memories to their initial values (h_i = e_i = 0; MCM's H and Rand-MCM's H_i = w_0)
+and the server sends a full-precision snapshot. Every such event is logged and counted.
+
+Memory invariant. The server keeps every client's h_i (PP1 and PP2 alike, in a
+`TensorStore`) and counts a set C of clients, N = |C| (`ServerHalf.set_members`: the clients
+it samples from; pN the expected number of participants). PP2's update adds
+α (1/(pN)) Σ_{i∈S_k} Δ̂_i to h while the h_i add up to α Σ_{i∈S_k} Δ̂_i, and all start at 0,
+so at every round::
+
+    h = (1/(pN)) Σ_{i∈C} h_i            (h = (1/N) Σ_{i∈C} h_i at p = 1)
+
+When a client's h_i or C changes outside that update, the server restores the invariant
+from the h_i it keeps (with Σ = pN·h before the change)::
+
+    reset of client j (h_j ← 0):        h ← h − h_j / (pN)
+    client j leaves C (N ← N − 1):      h ← (pN·h − h_j) / (pN)'   (h ← 0 when C is empty)
+    client j joins C (N ← N + 1):       h ← (pN·h + h_j) / (pN)'   (h_j = 0 if new)
+
+where (pN)' is the expected number of participants after the change. A run then goes on
+exactly as a fault-free PP2 run of the clients in C with those memories, whose fixed point
+(h_i = ∇f_i(w*), h = 0) is unbiased. PP1 needs no correction: its ĝ sums Δ̂_i + h_i, unbiased
+whatever the h_i.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 import tempfile
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -393,7 +413,7 @@ class Uplink:
     status: Literal["ok", "resync"]
     payload: bytes
     predicted_nbytes: int
-    digest: list[float]
+    digest: bytes  # `state_digest` of the state the client computed its update at
     loss: float
     num_examples: int
     detail: str = ""
@@ -403,35 +423,41 @@ class Uplink:
         return len(self.payload)
 
 
-DIGEST_LEN = 6
+#: bytes of one part of the state digest (BLAKE2b-128), and of the whole digest (3 parts)
+DIGEST_PART_BYTES = 16
+DIGEST_BYTES = 3 * DIGEST_PART_BYTES
+DIGEST_PARTS = ("uplink memory h_i", "downlink memory H", "model")
 
 
-def tensor_digest(t: torch.Tensor | None) -> tuple[float, float]:
-    """(Σt, ‖t‖²) in float64 on the CPU; (0, 0) for an absent tensor. Both sides of the
-    consistency check compute their digests with this one function."""
+def tensor_digest(t: torch.Tensor | None) -> bytes:
+    """BLAKE2b-128 of a tensor's dtype, shape and contiguous CPU bytes; an absent tensor has
+    its own digest. Both sides hold bit-identical float32 state, so equal digests mean equal
+    tensors (no tolerance); both sides compute their digests with this one function."""
+    h = hashlib.blake2b(digest_size=DIGEST_PART_BYTES, person=b"fedsqueeze-state")
     if t is None:
-        return 0.0, 0.0
-    t64 = t.detach().to("cpu", torch.float64)
-    return float(t64.sum()), float((t64 * t64).sum())
+        h.update(b"absent")
+        return h.digest()
+    c = t.detach().to("cpu").contiguous()
+    h.update(f"{c.dtype}{tuple(c.shape)}".encode())
+    h.update(c.reshape(-1).view(torch.uint8).numpy().data)
+    return h.digest()
 
 
 def state_digest(
     up_memory: torch.Tensor | None, down_memory: torch.Tensor | None, model: torch.Tensor | None
-) -> list[float]:
-    """[Σh, ‖h‖², ΣH, ‖H‖², Σw, ‖w‖²] in float64 (0 for what is absent)."""
-    return [x for t in (up_memory, down_memory, model) for x in tensor_digest(t)]
+) -> bytes:
+    """digest(h_i) ‖ digest(H) ‖ digest(w): `DIGEST_BYTES` bytes (absent parts included)."""
+    return tensor_digest(up_memory) + tensor_digest(down_memory) + tensor_digest(model)
 
 
-def digests_match(reported: Sequence[float], expected: Sequence[float | None]) -> bool:
-    """Compare digests component-wise; None in `expected` means 'not known to the server'."""
-    if len(reported) != DIGEST_LEN:
-        return False
-    for r, e in zip(reported, expected, strict=True):
-        if e is None:
-            continue
-        if not math.isclose(r, e, rel_tol=1e-4, abs_tol=1e-6 * max(1.0, abs(e))):
-            return False
-    return True
+def digest_difference(reported: bytes, expected: bytes) -> str:
+    """The parts (`DIGEST_PARTS`) in which two state digests differ, for the log."""
+    n = DIGEST_PART_BYTES
+    return ", ".join(
+        name
+        for j, name in enumerate(DIGEST_PARTS)
+        if reported[j * n : (j + 1) * n] != expected[j * n : (j + 1) * n]
+    )
 
 
 # ----------------------------------------------------------------------------- client half
@@ -557,7 +583,7 @@ def client_round(
             f"match the server's (round {downlink.ack_round}, version {downlink.base_version})"
         )
         return ClientStep(
-            Uplink(downlink.round, "resync", b"", 0, [0.0] * DIGEST_LEN, math.nan, 0, detail),
+            Uplink(downlink.round, "resync", b"", 0, b"", math.nan, 0, detail),
             committed,
             None,
         )
@@ -722,6 +748,8 @@ class ClientBook:
     acked_round: int = 0
     version: int = 0
     needs_reset: bool = False
+    #: in the set C the server counts (N = |C|); see `ServerHalf.set_members`
+    counted: bool = False
 
 
 @dataclass
@@ -729,7 +757,7 @@ class PendingReply:
     """What the server expects from client i this round and what to commit if it arrives."""
 
     target_version: int
-    expected_digest: list[float | None]
+    expected_digest: bytes
     commit: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -739,6 +767,8 @@ class RoundStats:
 
     accepted: int = 0
     dropped: int = 0
+    #: replies that arrived and were refused (bad payload, stale round, digest mismatch)
+    rejected: int = 0
     resyncs: int = 0
     digest_checks: int = 0
     digest_mismatches: int = 0
@@ -749,6 +779,9 @@ class RoundStats:
     expected_participants: float = 0.0
     downlink_payloads: int = 0  # codec payloads sent (each carries a < 64-byte header)
     uplink_payloads: int = 0
+    joined: int = 0  # clients added to the counted set C this round
+    left: int = 0  # clients removed from C this round
+    members: int = 0  # N = |C| after this round's changes
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -757,9 +790,15 @@ class RoundStats:
 class ServerHalf:
     """The server side of one algorithm, independent of Flower.
 
-    Per round k: `downlink_for(k, i)` for every sampled client (before training), then
+    Per round k: `begin_round(k)`, `set_members(nodes)` with the clients the round samples
+    from, `downlink_for(k, i)` for every sampled client (before training), then
     `receive(k, i, uplink)` for every reply, then `finish_round(k, pN)` which forms ĝ and
     moves the central model (family-specific `_advance`).
+
+    Uplink memories: the server keeps every client's h_i in `h_store` (PP1 and PP2) and,
+    under PP2, the single memory h in `h_global`, corrected by a client's share whenever
+    that share changes outside the aggregation update (reset, leave, join; see the module
+    docstring's memory invariant).
     """
 
     #: family subclasses set this to the model kinds they implement
@@ -791,15 +830,16 @@ class ServerHalf:
         self.h_global = (
             torch.zeros(self.dim) if settings.up_memory and settings.pp_variant == "pp2" else None
         )  # PP2: one memory h
-        self.h_store = (
+        self.h_store = (  # h_i of every client it has seen (PP1 and PP2)
             TensorStore(self.dim, directory=store_dir, expected_clients=expected_clients)
-            if settings.up_memory and settings.pp_variant == "pp1"
+            if settings.up_memory
             else None
         )
         self.stats = RoundStats()
         self._received: list[tuple[int, torch.Tensor]] = []
         self._store_dir = store_dir
         self._expected_clients = expected_clients
+        self._round = 0
 
     # ---- hooks for the families
     def _downlink_payload(
@@ -810,7 +850,8 @@ class ServerHalf:
 
     def _expected_digest_down(
         self, node: int, pending_commit: dict[str, torch.Tensor]
-    ) -> tuple[float | None, float | None, float | None, float | None]:
+    ) -> tuple[bytes, bytes]:
+        """`tensor_digest` of the downlink memory and of the model the client will hold."""
         raise NotImplementedError
 
     def _advance(self, g_hat: torch.Tensor, k: int) -> None:
@@ -826,17 +867,77 @@ class ServerHalf:
         """The model to evaluate centrally (w; MCM: the preserved exact model)."""
         return self.w
 
+    # ---- the clients the server counts
+    def members(self) -> list[int]:
+        """The clients C the server counts, N = |C| (those it samples from)."""
+        return sorted(node for node, book in self.books.items() if book.counted)
+
+    def set_members(self, nodes: Iterable[int]) -> None:
+        """Count exactly `nodes` from now on: the clients this round samples from (call after
+        `begin_round`). A node not counted before joins, with the h_i the server holds for it
+        (0 for a new client, its last h_i for one that comes back); a counted node absent
+        from `nodes` leaves, and its h_i is kept for its return. Under PP2, h moves by the
+        change in (1/N) Σ_{i∈C} h_i (module docstring)."""
+        now = {int(node) for node in nodes}
+        for node in [n for n, book in self.books.items() if book.counted and n not in now]:
+            self._leave(node)
+        for node in sorted(now):
+            if not self.books.setdefault(node, ClientBook()).counted:
+                self._join(node)
+        self.stats.members = sum(book.counted for book in self.books.values())
+
+    def expected_participants(self, n: int | None = None) -> float:
+        """pN for n counted clients (default: the current N), as `sample_clients` draws them."""
+        if n is None:
+            n = sum(book.counted for book in self.books.values())
+        s = self.settings
+        return expected_participants(n, s.participation, s.participation_mode)
+
+    def _join(self, node: int) -> None:
+        book = self.books.setdefault(node, ClientBook())
+        n = sum(b.counted for b in self.books.values())
+        if self.h_global is not None and self.h_store is not None:  # Σ h_i += h_j
+            total = self.h_global * self.expected_participants(n) if n else torch.zeros(self.dim)
+            self.h_global = (total + self.h_store.get(node)) / self.expected_participants(n + 1)
+        book.counted = True
+        self.stats.joined += 1
+        if self._round > 1:
+            log.info("round %d: node %d joins (N = %d)", self._round, node, n + 1)
+
+    def _leave(self, node: int) -> None:
+        n = sum(b.counted for b in self.books.values())
+        if self.h_global is not None and self.h_store is not None:  # Σ h_i −= h_j
+            if n == 1:
+                self.h_global = torch.zeros(self.dim)
+            else:
+                total = self.h_global * self.expected_participants(n) - self.h_store.get(node)
+                self.h_global = total / self.expected_participants(n - 1)
+        self.books[node].counted = False
+        self.stats.left += 1
+        log.info("round %d: node %d leaves (N = %d)", self._round, node, n - 1)
+
+    def _reset_uplink_memory(self, node: int) -> None:
+        """h_i ← 0 on the server; under PP2 h loses the client's share h_i / (pN)."""
+        if self.h_store is None:
+            return
+        h_i = self.h_store.get(node)
+        if self.h_global is not None and self.books[node].counted:
+            self.h_global = self.h_global - h_i / self.expected_participants()
+        self.h_store.set(node, torch.zeros(self.dim))
+
     # ---- the round
     def begin_round(self, k: int) -> None:
         self.stats = RoundStats()
         self.pending.clear()
         self._received = []
+        self._round = k
 
     def downlink_for(self, k: int, node: int) -> Downlink:
         book = self.books.setdefault(node, ClientBook())
+        if not book.counted:  # sampled without `set_members` saying so: it joins
+            self._join(node)
         if book.needs_reset:
-            if self.h_store is not None:
-                self.h_store.set(node, torch.zeros(self.dim))
+            self._reset_uplink_memory(node)
             self._reset_client(node)
         message, commit = self._downlink_payload(node, book, k)
         message.ack_round = book.acked_round
@@ -844,23 +945,23 @@ class ServerHalf:
         message.uplink_seed = derive_seed(self.settings.seed, k, node, 1)
         if message.reset:
             self.stats.resets_sent += 1
-        h_i: torch.Tensor | None = None
-        if self.h_store is not None:
-            h_i = self.h_store.get(node)
-        down = self._expected_digest_down(node, commit)
-        expected: list[float | None]
-        if h_i is not None:
-            expected = list(tensor_digest(h_i))
-        elif self.settings.up_memory:  # PP2: the server does not keep h_i
-            expected = [None, None]
-        else:
-            expected = [0.0, 0.0]
-        expected += list(down)
+        h_i = None if self.h_store is None else self.h_store.get(node)
+        expected = tensor_digest(h_i) + b"".join(self._expected_digest_down(node, commit))
         self.pending[node] = PendingReply(message.target_version, expected, commit)
         return message
 
     def receive(self, k: int, node: int, uplink: Uplink | None, error: str = "") -> str:
-        """Validate and take in one reply; return its outcome ('ok', 'failed', 'dropped')."""
+        """Validate and take in one reply; return its outcome ('ok', 'failed', 'dropped').
+
+        Never raises because of what a reply holds: any failure of a client's payload
+        (stale round, size, undecodable bytes, wrong length, non-finite values, malformed
+        or mismatching digest, or any other exception while decoding) makes the reply
+        rejected, logged and counted (`RoundStats.rejected`), and the round goes on. A reply
+        for another round leaves the client's pending reply of this round in place.
+        """
+        if uplink is not None and getattr(uplink, "round", None) != k:
+            stamp = getattr(uplink, "round", None)
+            return self.reject(k, node, f"reply for round {stamp!r}, expected {k}", pop=False)
         pending = self.pending.pop(node, None)
         if pending is None:
             log.warning("round %d: reply from node %d that was not sampled: dropped", k, node)
@@ -870,11 +971,52 @@ class ServerHalf:
             log.warning("round %d: node %d failed (%s); its state stays as before", k, node, error)
             return "failed"
         book = self.books[node]
-        if uplink.status == "resync":
-            log.warning("round %d: node %d asks for a resync: %s", k, node, uplink.detail)
+        try:
+            if uplink.status == "resync":
+                log.warning("round %d: node %d asks for a resync: %s", k, node, uplink.detail)
+                self.stats.resyncs += 1
+                book.needs_reset = True
+                return "dropped"
+            delta_hat, reason = self._decode_reply(k, uplink)
+        except Exception as exc:  # whatever the client's bytes make the decoder do
+            delta_hat, reason = None, f"payload failed to decode: {type(exc).__name__}: {exc}"
+        if reason or delta_hat is None:
+            return self.reject(k, node, reason, pop=False)
+        self.stats.digest_checks += 1
+        if uplink.digest != pending.expected_digest:
+            log.warning(
+                "round %d: node %d state digest differs from the server's in %s: resync",
+                k,
+                node,
+                digest_difference(uplink.digest, pending.expected_digest),
+            )
+            self.stats.digest_mismatches += 1
             self.stats.resyncs += 1
+            self.stats.rejected += 1
             book.needs_reset = True
             return "dropped"
+        delta_hat = delta_hat * self.settings.up_scale
+        book.acked_round = k
+        book.version = pending.target_version
+        book.needs_reset = False
+        self._commit_client(node, pending.commit)
+        self._received.append((node, delta_hat))
+        self.stats.accepted += 1
+        return "ok"
+
+    def reject(self, k: int, node: int, reason: str, pop: bool = True) -> str:
+        """Refuse a reply that arrived (its content failed a check): log and count it, and
+        with `pop` forget what the server expected from `node` this round. Returns 'dropped'
+        (the outcome recorded for the client)."""
+        if pop:
+            self.pending.pop(node, None)
+        log.warning("round %d: node %d reply rejected: %s", k, node, reason)
+        self.stats.dropped += 1
+        self.stats.rejected += 1
+        return "dropped"
+
+    def _decode_reply(self, k: int, uplink: Uplink) -> tuple[torch.Tensor | None, str]:
+        """(Δ̂_i, '') for a valid reply, else (None, the reason)."""
         reason = self._validate(k, uplink)
         delta_hat: torch.Tensor | None = None
         if not reason:
@@ -888,32 +1030,7 @@ class ServerHalf:
                 reason = f"payload has {delta_hat.numel()} values, the model has {self.dim}"
             elif not bool(torch.isfinite(delta_hat).all()):
                 reason = "payload holds non-finite values"
-        if reason:
-            log.warning("round %d: node %d reply dropped: %s", k, node, reason)
-            self.stats.dropped += 1
-            return "dropped"
-        self.stats.digest_checks += 1
-        if not digests_match(uplink.digest, pending.expected_digest):
-            log.warning(
-                "round %d: node %d state digest %s differs from the server's %s: resync",
-                k,
-                node,
-                uplink.digest,
-                pending.expected_digest,
-            )
-            self.stats.digest_mismatches += 1
-            self.stats.resyncs += 1
-            book.needs_reset = True
-            return "dropped"
-        assert delta_hat is not None
-        delta_hat = delta_hat * self.settings.up_scale
-        book.acked_round = k
-        book.version = pending.target_version
-        book.needs_reset = False
-        self._commit_client(node, pending.commit)
-        self._received.append((node, delta_hat))
-        self.stats.accepted += 1
-        return "ok"
+        return delta_hat, reason
 
     def _validate(self, k: int, uplink: Uplink) -> str:
         if uplink.round != k:
@@ -922,7 +1039,7 @@ class ServerHalf:
             return "empty payload"
         if len(uplink.payload) > self.max_uplink_bytes:
             return f"payload of {len(uplink.payload)} bytes exceeds {self.max_uplink_bytes}"
-        if len(uplink.digest) != DIGEST_LEN or not all(math.isfinite(x) for x in uplink.digest):
+        if not isinstance(uplink.digest, bytes) or len(uplink.digest) != DIGEST_BYTES:
             return "bad state digest"
         return ""
 
@@ -931,12 +1048,12 @@ class ServerHalf:
         total = torch.zeros(self.dim)
         alpha = self.settings.up_memory_rate
         for node, delta_hat in self._received:
-            if self.h_store is not None:
+            if self.h_store is not None:  # h_i ← h_i + α Δ̂_i (PP1 and PP2)
                 h_i = self.h_store.get(node)
-                total += delta_hat + h_i
                 self.h_store.set(node, h_i + alpha * delta_hat)
-            else:
-                total += delta_hat
+                if self.h_global is None:  # PP1: ĝ sums Δ̂_i + h_i
+                    delta_hat = delta_hat + h_i
+            total += delta_hat
         mean = total / expected
         if self.h_global is not None:  # PP2: ĝ = mean + h, h ← h + α mean
             g_hat = mean + self.h_global
@@ -958,7 +1075,7 @@ class ServerHalf:
         return self.stats
 
     def client_memory(self, node: int) -> torch.Tensor | None:
-        """h_i as the server holds it (PP1), for tests and diagnostics."""
+        """h_i as the server holds it (PP1 and PP2), for tests and diagnostics."""
         return None if self.h_store is None else self.h_store.get(node)
 
     def close(self) -> None:
@@ -1059,13 +1176,20 @@ def sample_clients(
     n = len(nodes)
     if n == 0:
         raise ValueError("no clients to sample from")
+    expected = expected_participants(n, participation, mode)
     if mode == "fraction":
-        m = max(1, round(participation * n))
-        picked = rng.choice(n, size=m, replace=False)
-        return [nodes[i] for i in sorted(picked.tolist())], float(m)
-    if mode != "bernoulli":
-        raise ValueError(f"participation-mode must be 'bernoulli' or 'fraction', got {mode!r}")
+        picked = rng.choice(n, size=int(expected), replace=False)
+        return [nodes[i] for i in sorted(picked.tolist())], expected
     while True:
         mask = rng.random(n) < participation
         if mask.any():
-            return [nodes[i] for i in np.flatnonzero(mask).tolist()], participation * n
+            return [nodes[i] for i in np.flatnonzero(mask).tolist()], expected
+
+
+def expected_participants(n: int, participation: float, mode: str) -> float:
+    """pN of `sample_clients`: p·N ("bernoulli") or max(1, round(p·N)) ("fraction")."""
+    if mode == "fraction":
+        return float(max(1, round(participation * n)))
+    if mode != "bernoulli":
+        raise ValueError(f"participation-mode must be 'bernoulli' or 'fraction', got {mode!r}")
+    return participation * n

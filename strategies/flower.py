@@ -10,7 +10,8 @@ Downlink content (RecordDict): ``"fedsqueeze.down"`` (ConfigRecord: round, kind,
 ack round, reset flag, uplink seed, ``payloads``: list of codec bytes) and
 ``"fedsqueeze.config"`` (the run config, so that clients need no other source).
 Uplink content: ``"fedsqueeze.up"`` (ConfigRecord: round, status, ``payload`` bytes, state
-digest, loss, examples, predicted bytes, duration). Measured bytes are the lengths of the
+``digest`` bytes (`strategies.common.state_digest`), loss, examples, predicted bytes,
+duration). Measured bytes are the lengths of the
 codec payloads put into these records.
 """
 
@@ -95,7 +96,7 @@ def uplink_to_record(uplink: Uplink, duration_s: float) -> ConfigRecord:
             "status": uplink.status,
             "payload": uplink.payload,
             "predicted-nbytes": uplink.predicted_nbytes,
-            "digest": [float(x) for x in uplink.digest],
+            "digest": bytes(uplink.digest),
             "loss": float(uplink.loss),
             "num-examples": uplink.num_examples,
             "detail": uplink.detail,
@@ -113,15 +114,15 @@ def uplink_from_record(record: ConfigRecord) -> tuple[Uplink, float]:
         if not isinstance(payload, bytes):
             raise ValueError("payload is not bytes")
         digest = record["digest"]
-        if not isinstance(digest, list):
-            raise ValueError("digest is not a list")
+        if not isinstance(digest, bytes):
+            raise ValueError("digest is not bytes")
         return (
             Uplink(
                 round=int(record["round"]),  # type: ignore[arg-type]
                 status=status,  # type: ignore[arg-type]
                 payload=payload,
                 predicted_nbytes=int(record["predicted-nbytes"]),  # type: ignore[arg-type]
-                digest=[float(x) for x in digest],
+                digest=digest,
                 loss=float(record["loss"]),  # type: ignore[arg-type]
                 num_examples=int(record["num-examples"]),  # type: ignore[arg-type]
                 detail=str(record.get("detail", "")),
@@ -234,6 +235,7 @@ class FedSqueezeStrategy(Strategy):
         book = _RoundBook(sampled=sampled, expected=expected)
         self._round = book
         self.server.begin_round(server_round)
+        self.server.set_members(nodes)  # the clients counted in h = (1/N) Σ h_i (PP2)
         messages = []
         for node in sampled:
             down = self.server.downlink_for(server_round, node)
@@ -276,12 +278,8 @@ class FedSqueezeStrategy(Strategy):
                     raise ValueError(f"reply has no {UP_KEY!r} record")
                 uplink, duration = uplink_from_record(content.config_records[UP_KEY])
             except (ValueError, TypeError) as exc:
-                log.warning(
-                    "round %d: node %d malformed reply dropped: %s", server_round, node, exc
-                )
-                self.server.pending.pop(node, None)
-                self.server.stats.dropped += 1
-                record.outcome, record.error = "dropped", str(exc)
+                record.outcome = self.server.reject(server_round, node, f"malformed reply: {exc}")
+                record.error = str(exc)
                 book.clients.append(record)
                 continue
             record.outcome = self.server.receive(server_round, node, uplink)

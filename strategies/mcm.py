@@ -125,6 +125,7 @@ class PreservedServer(ServerHalf):
             else None
         )
         self._snapshot_cache: tuple[int, list[bytes], int] | None = None
+        self._digest_cache: tuple[int, tuple[bytes, bytes]] | None = None
 
     def _snapshot_now(self) -> tuple[list[bytes], int]:
         if self._snapshot_cache is None or self._snapshot_cache[0] != self.version:
@@ -149,10 +150,13 @@ class PreservedServer(ServerHalf):
 
     def _expected_digest_down(
         self, node: int, pending_commit: dict[str, torch.Tensor]
-    ) -> tuple[float | None, float | None, float | None, float | None]:
+    ) -> tuple[bytes, bytes]:
         if self.H_store is None:
-            return (*tensor_digest(self.H), *tensor_digest(self.w_hat))
-        return (*tensor_digest(pending_commit["H"]), *tensor_digest(pending_commit["w_hat"]))
+            if self._digest_cache is None or self._digest_cache[0] != self.version:
+                digests = (tensor_digest(self.H), tensor_digest(self.w_hat))
+                self._digest_cache = (self.version, digests)
+            return self._digest_cache[1]
+        return tensor_digest(pending_commit["H"]), tensor_digest(pending_commit["w_hat"])
 
     def _commit_client(self, node: int, commit: dict[str, torch.Tensor]) -> None:
         if self.H_store is not None:

@@ -33,6 +33,7 @@ from strategies.common import (
     decode_wires,
     derive_seed,
     encode,
+    tensor_digest,
 )
 
 PRESETS: dict[str, Preset] = {
@@ -95,9 +96,8 @@ class MajorityVoteServer(ServerHalf):
 
     def _expected_digest_down(
         self, node: int, pending_commit: dict[str, torch.Tensor]
-    ) -> tuple[float | None, float | None, float | None, float | None]:
-        w64 = self.w.to(torch.float64)
-        return 0.0, 0.0, float(w64.sum()), float((w64 * w64).sum())
+    ) -> tuple[bytes, bytes]:
+        return tensor_digest(None), tensor_digest(self.w)
 
     def aggregate(self, expected: float) -> torch.Tensor:
         """The vote replaces the averaging (pN plays no role in a majority vote)."""

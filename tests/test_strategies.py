@@ -14,11 +14,13 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from compression import parse_compressor
 from server.config import DEFAULTS, load_config, parse_failure, parse_options
 from strategies.common import (
+    DIGEST_BYTES,
     TensorStore,
     Uplink,
     initial_client_state,
     resolve_settings,
     sample_clients,
+    state_digest,
 )
 from strategies.flower import (
     downlink_from_record,
@@ -134,12 +136,14 @@ def _one_round_server():
 def _good_uplink(settings, k: int = 1) -> Uplink:
     c = parse_compressor(settings.uplink)
     payload = c.compress(torch.ones(D), seed=1).to_bytes()
-    return Uplink(k, "ok", payload, 0, [0.0, 0.0, 0.0, 0.0, 0.0, 0.0], 1.0, 10)
+    # the digest of a fresh client's state: h_i = 0, no downlink memory, w = w_0 = 0
+    digest = state_digest(torch.zeros(D), None, torch.zeros(D))
+    return Uplink(k, "ok", payload, 0, digest, 1.0, 10)
 
 
 @pytest.mark.parametrize(
     "corrupt",
-    ["garbage", "wrong-size", "nan-digest", "wrong-round", "too-large", "non-finite", "empty"],
+    ["garbage", "wrong-size", "bad-digest", "wrong-round", "too-large", "non-finite", "empty"],
 )
 def test_bad_uplinks_are_dropped_and_the_round_goes_on(corrupt: str) -> None:
     settings, server, _ = _one_round_server()
@@ -148,8 +152,8 @@ def test_bad_uplinks_are_dropped_and_the_round_goes_on(corrupt: str) -> None:
         bad.payload = b"\x00\x01garbage-bytes"
     elif corrupt == "wrong-size":
         bad.payload = parse_compressor("identity").compress(torch.ones(D + 1), seed=0).to_bytes()
-    elif corrupt == "nan-digest":
-        bad.digest = [math.nan] * 6
+    elif corrupt == "bad-digest":
+        bad.digest = bad.digest[:-1]
     elif corrupt == "wrong-round":
         bad.round = 7
     elif corrupt == "too-large":
@@ -164,7 +168,7 @@ def test_bad_uplinks_are_dropped_and_the_round_goes_on(corrupt: str) -> None:
     assert server.receive(1, 1, _good_uplink(settings)) == "ok"
     assert server.receive(1, 2, None, "crashed") == "failed"
     stats = server.finish_round(1, 3.0)
-    assert stats.dropped == 1 and stats.accepted == 1
+    assert stats.dropped == 1 and stats.rejected == 1 and stats.accepted == 1
     assert server.books[0].acked_round == 0 and server.books[1].acked_round == 1
     assert torch.isfinite(server.w).all() and not torch.equal(server.w, torch.zeros(D))
 
@@ -186,8 +190,8 @@ def test_idle_client_gets_missed_messages_or_a_snapshot_whichever_is_smaller() -
 
         wire, _ = client_uplink(settings, initial_client_state(torch.zeros(D), settings),
                                 grad(0, server.w)[0], 1)  # fmt: skip
-        server.pending[0].expected_digest = [None] * 6
-        server.receive(k, 0, Uplink(k, "ok", wire.payload, 0, [0.0] * 6, 0.0, 1))
+        server.pending[0].expected_digest = b"x" * DIGEST_BYTES  # the digest is not tested here
+        server.receive(k, 0, Uplink(k, "ok", wire.payload, 0, b"x" * DIGEST_BYTES, 0.0, 1))
         server.finish_round(k, 1.0)
     server.begin_round(9)
     stale = server.downlink_for(9, 1)  # missed 8 broadcasts
@@ -219,12 +223,14 @@ def test_tensor_store_spills_to_disk_and_keeps_values(tmp_path) -> None:
     store.close()
 
 
-def test_pp1_server_memories_use_the_store() -> None:
+def test_server_memories_use_the_store() -> None:
     settings = _settings("artemis", participation=1.0)
     server = make_server(settings, torch.zeros(D))
     assert isinstance(server.h_store, TensorStore) and server.h_global is None
+    # PP2 keeps the h_i too, to correct h by a client's share (reset, leave, join)
     pp2 = make_server(_settings("artemis", pp_variant="pp2"), torch.zeros(D))
-    assert pp2.h_store is None and pp2.h_global is not None
+    assert isinstance(pp2.h_store, TensorStore) and pp2.h_global is not None
+    assert make_server(_settings("biqsgd"), torch.zeros(D)).h_store is None
     server.close()
 
 
