@@ -218,11 +218,15 @@ def _page(
 
 
 def _process_alive(pid: int, not_after: datetime) -> bool:
-    """Whether process `pid` exists and was created no later than `not_after`."""
+    """Whether process `pid` exists, was created no later than `not_after` and has not
+    ended (a zombie, e.g. a crashed ServerApp its parent has not reaped yet, has ended)."""
     import psutil
 
     try:
-        created = psutil.Process(pid).create_time()
+        process = psutil.Process(pid)
+        created = process.create_time()
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
     except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
         return False
     return created <= not_after.timestamp() + 1.0

@@ -187,8 +187,8 @@ def _checkpointing(
 ) -> None:
     """Restore the strategy from run `resume_id`'s checkpoint (if resuming) and make it
     write a checkpoint after every round (unless checkpoint-dir is 'off')."""
-    root = checkpoint_root(str(config["checkpoint-dir"]))
     store_key = recorder.store_key if isinstance(recorder, ResumableRecorder) else None
+    root = checkpoint_root(str(config["checkpoint-dir"]), store_key or "")
     if resume_id:
         assert store_key is not None  # reopen_run checked the recorder
         path = find_checkpoint(str(config["checkpoint-dir"]), store_key, resume_id)

@@ -4,11 +4,13 @@ After every committed round k the ServerApp writes one file::
 
     <checkpoint-dir>/<store>/run-<RUN>/server.ckpt
 
-with ``checkpoint-dir`` from the run config ('' = ``$FEDSQUEEZE_HOME/checkpoints``, beside
-the default SQLite store; 'off' = none), ``<store>`` the first 12 hex digits of the SHA-256
-of the store's URL (password hidden), so that run 7 of one store never overwrites run 7 of
-another, and ``RUN`` the run's id in that store. The file holds the server half's whole
-state (`strategies.checkpoint`), the sampler's random generator, k and round k's record.
+with ``checkpoint-dir`` from the run config ('' = ``checkpoints/`` beside the SQLite store's
+file, e.g. ``$FEDSQUEEZE_HOME/checkpoints`` for the default store, and
+``$FEDSQUEEZE_HOME/checkpoints`` for PostgreSQL; 'off' = none), ``<store>`` the first 12
+hex digits of the SHA-256 of the store's URL (password hidden), so that run 7 of one store
+never overwrites run 7 of another, and ``RUN`` the run's id in that store. The file holds
+the server half's whole state (`strategies.checkpoint`), the sampler's random generator, k
+and round k's record.
 It is replaced atomically each round (0600 in 0700 folders).
 
 Order within a round: the checkpoint is written *before* round k goes to the store. A crash
@@ -25,6 +27,7 @@ on first contact by the existing resync path (reset flag + full-precision snapsh
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -56,14 +59,23 @@ class ResumeError(ValueError):
     """A run that cannot be resumed (no checkpoint, store and checkpoint disagree, ...)."""
 
 
-def checkpoint_root(value: str) -> Path | None:
-    """The run config's ``checkpoint-dir``: '' → $FEDSQUEEZE_HOME/checkpoints, 'off' → None."""
+def checkpoint_root(value: str, store_key: str) -> Path | None:
+    """The run config's ``checkpoint-dir``: 'off' → None; '' → ``checkpoints/`` beside a
+    SQLite store's file (``$FEDSQUEEZE_HOME/checkpoints`` for the default store), else
+    ``$FEDSQUEEZE_HOME/checkpoints``; anything else is the directory."""
     if value.strip().lower() == OFF:
         return None
     if value.strip():
         return Path(value).expanduser()
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
     from api.settings import fedsqueeze_home
 
+    with contextlib.suppress(ArgumentError):
+        url = make_url(store_key)
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            return Path(str(url.database)).expanduser().resolve().parent / "checkpoints"
     return fedsqueeze_home() / "checkpoints"
 
 
@@ -77,7 +89,7 @@ def checkpoint_path(root: Path, store_key: str, run_id: int) -> Path:
 
 def find_checkpoint(config_value: str, store_key: str, run_id: int) -> Path:
     """The checkpoint file of run `run_id`, or `ResumeError` saying why there is none."""
-    root = checkpoint_root(config_value)
+    root = checkpoint_root(config_value, store_key)
     if root is None:
         raise ResumeError(f"run {run_id} was started with checkpoint-dir='off': no checkpoint")
     path = checkpoint_path(root, store_key, run_id)

@@ -48,8 +48,8 @@ KEYS: dict[str, tuple[Any, str]] = {
     "min-nodes": (-1, "wait for this many connected nodes before round 1; -1 = num-partitions"),
     "store-dir": ("", "directory for per-client memories (PP1, Rand-MCM) when spilled to disk"),
     "run-name": ("", "free-form label stored with the run"),
-    "checkpoint-dir": ("", "server checkpoints after each round: '' = $FEDSQUEEZE_HOME/"
-                       "checkpoints, a directory, or 'off'"),
+    "checkpoint-dir": ("", "server checkpoints after each round: '' = checkpoints/ beside a "
+                       "SQLite store (else $FEDSQUEEZE_HOME/checkpoints), a directory, or 'off'"),
     "resume-run": (0, "store run id to resume from its checkpoint (set by --resume); 0 = new run"),
     "test-fail": ("", "TEST ONLY: 'partition:round' makes that client raise after training"),
     "test-server-exit": (0, "TEST ONLY: the ServerApp process exits hard after this round is "

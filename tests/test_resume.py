@@ -165,12 +165,12 @@ CONFIG = {
     "num-partitions": 3,
     "device": "cpu",
 }
-ROUNDS, CRASH = 5, 2
+ROUNDS, CRASH = 4, 2
 #: eval losses of the in-process reference and Flower differ only in the order in which
 #: floats are summed (replies arrive in any order)
 EXACT = 1e-3
 #: a resumed run restarts the clients' memories (h_i = 0, as a resync does), which moves its
-#: loss by 4.5% against the uninterrupted run here (1.824 vs 1.746 after round 5)
+#: loss by 1.5% against the uninterrupted run here (2.100 vs 2.069 after round 4)
 NOISE = 0.10
 
 
@@ -224,9 +224,9 @@ def reference_losses(resume_after: int = 0) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_a_crashed_serverapp_is_resumed_to_the_end(tmp_path: Path) -> None:
-    """The ServerApp process exits hard after round 2 of 5 (test-server-exit): the run
+    """The ServerApp process exits hard after round 2 of 4 (test-server-exit): the run
     cannot go on by itself; `simulate --resume` continues it on the same store run, which
-    ends with rounds 1..5 once each and the loss an uninterrupted run reaches."""
+    ends with rounds 1..4 once each and the loss an uninterrupted run reaches."""
     db = tmp_path / "runs.db"
     url = f"sqlite:///{db}"
     env = {**os.environ, "FEDSQUEEZE_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
@@ -246,7 +246,8 @@ def test_a_crashed_serverapp_is_resumed_to_the_end(tmp_path: Path) -> None:
     runs, rounds = _store(db)
     assert [r[:1] for r in runs] == [(1,)] and runs[0][1] in ("running", "interrupted")
     assert [r[1] for r in rounds] == [1, 2]
-    checkpoints = list((tmp_path / "home" / "checkpoints").glob("*/run-1/server.ckpt"))
+    # beside the SQLite store's file
+    checkpoints = list((tmp_path / "checkpoints").glob("*/run-1/server.ckpt"))
     assert len(checkpoints) == 1
     folder = checkpoints[0].parent
     assert oct(folder.stat().st_mode & 0o777) == "0o700"
