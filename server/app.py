@@ -190,7 +190,8 @@ def _checkpointing(
     store_key = recorder.store_key if isinstance(recorder, ResumableRecorder) else None
     root = checkpoint_root(str(config["checkpoint-dir"]), store_key or "")
     if resume_id:
-        assert store_key is not None  # reopen_run checked the recorder
+        if store_key is None:
+            raise ResumeError(f"the store {type(recorder).__name__} cannot resume runs")
         path = find_checkpoint(str(config["checkpoint-dir"]), store_key, resume_id)
         resumed = resume_server(strategy.server, path, recorder, run_id, stored_rounds)
         strategy.rng = resumed.sampler
