@@ -15,9 +15,10 @@ change adds), `capture` walks the object's attributes and encodes every value it
 
 Anything else raises `CheckpointError` naming the attribute, so new state of an unknown
 kind is noticed by the round-trip tests instead of being silently lost. Not saved, because
-the run config rebuilds them (`REBUILT`): the settings and the compressors; nor the per-round
-scratch that `begin_round` clears (`SCRATCH`), nor caches (attributes ending in ``_cache``)
-which are recomputed on demand. A family may add names to exclude in a class attribute
+the run config rebuilds them (`REBUILT`, and any attribute holding a compressor of the
+`compression` package): the settings and the compressors; nor the per-round scratch that
+`begin_round` clears (`SCRATCH`), nor caches (attributes ending in ``_cache``) which are
+recomputed on demand. A family may add names to exclude in a class attribute
 ``checkpoint_exclude``.
 
 `restore` writes the decoded values back onto a server half freshly built from the same run
@@ -66,7 +67,11 @@ def excluded(server: ServerHalf) -> frozenset[str]:
 
 
 def _keep(server: ServerHalf, name: str) -> bool:
-    return name not in excluded(server) and not name.endswith("_cache")
+    if name in excluded(server) or name.endswith("_cache"):
+        return False
+    # compressors are built from their specs (`get_compressor` shares one instance per
+    # spec, so they hold no state of a run): any attribute holding one is rebuilt too
+    return not type(getattr(server, name, None)).__module__.startswith("compression.")
 
 
 def settings_fingerprint(settings: AlgorithmSettings) -> dict[str, Any]:

@@ -205,3 +205,13 @@ def test_spilled_tensor_store_round_trips(tmp_path) -> None:
     assert 2 not in other
     store.close()
     other.close()
+
+
+def test_compressors_are_rebuilt_not_saved(tmp_path) -> None:
+    from strategies.common import get_compressor
+
+    server = make_server(settings_from_config({"strategy": "dore"}, D), torch.zeros(D))
+    server.ef_compressor = get_compressor("topk:k=3")  # type: ignore[attr-defined]
+    state = checkpoint.capture(server)
+    assert "ef_compressor" not in state["attributes"]
+    assert "up_compressor" not in state["attributes"] and "w" in state["attributes"]
