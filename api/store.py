@@ -259,11 +259,15 @@ def _page(
 
 
 def _process_alive(pid: int, not_after: datetime) -> bool:
-    """Whether process `pid` exists and was created no later than `not_after`."""
+    """Whether process `pid` exists, was created no later than `not_after` and has not
+    ended (a zombie, e.g. a crashed ServerApp its parent has not reaped yet, has ended)."""
     import psutil
 
     try:
-        created = psutil.Process(pid).create_time()
+        process = psutil.Process(pid)
+        created = process.create_time()
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
     except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
         return False
     return created <= not_after.timestamp() + 1.0
@@ -438,6 +442,53 @@ class Store:
                     raise NotFoundError(f"run {run_id} not found")
                 if current != status:
                     raise ConflictError(f"run {run_id} is already {current}")
+
+    def check_resumable(self, run_id: int) -> Run:
+        """The run, if it can be resumed: it exists, is not finished and no live process
+        records it (`NotFoundError` / `ConflictError` naming why not, otherwise)."""
+        run = self.get_run(run_id)
+        if run.status == "finished":
+            raise ConflictError(f"run {run_id} is finished; there is nothing to resume")
+        if (
+            run.status == "running"
+            and run.recorder_host == socket.gethostname()
+            and run.recorder_pid is not None
+            and _process_alive(run.recorder_pid, run.updated_at)
+        ):
+            raise ConflictError(
+                f"run {run_id} is still running (recorded by process {run.recorder_pid})"
+            )
+        return run
+
+    def resume_run(
+        self,
+        run_id: int,
+        flower_run_id: int | None = None,
+        recorder_host: str | None = None,
+        recorder_pid: int | None = None,
+    ) -> int:
+        """Reopen an interrupted or failed run (status back to ``running``, new recorder
+        and Flower run id) and return its last stored round (0 if none)."""
+        run = self.check_resumable(run_id)
+        now = utcnow()
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(Run)
+                .where(Run.id == run_id, Run.status == run.status)
+                .values(
+                    status="running",
+                    ended_at=None,
+                    updated_at=now,
+                    flower_run_id=flower_run_id if flower_run_id is not None else run.flower_run_id,
+                    recorder_host=recorder_host,
+                    recorder_pid=recorder_pid,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount == 0:
+                raise ConflictError(f"run {run_id} changed while being resumed")
+            last = conn.execute(select(func.max(Round.round)).where(Round.run_id == run_id))
+            return int(last.scalar() or 0)
 
     def mark_stale_runs(self, stale_after_s: float, now: datetime | None = None) -> list[int]:
         """Mark ``running`` runs whose recorder is gone as ``interrupted``; return their ids.
@@ -847,6 +898,21 @@ class SqlRecorder:
             count = self.refused_records
         log.error("%s refused by the store (%d refused so far; training goes on): %s",
                   what, count, exc)  # fmt: skip
+
+    def resume_run(self, run_id: int, flower_run_id: int | None = None) -> int:
+        """Reopen run `run_id` for this process (see `Store.resume_run`); return its last
+        stored round."""
+        last = self.store.resume_run(
+            run_id, flower_run_id, recorder_host=socket.gethostname(), recorder_pid=os.getpid()
+        )
+        with self._lock:
+            self._open_runs.add(run_id)
+        return last
+
+    @property
+    def store_key(self) -> str:
+        """Names this store (its URL without password) for the checkpoint folders."""
+        return self.store.engine.url.render_as_string(hide_password=True)
 
     def record_round(self, run_id: int, record: RoundRecord) -> None:
         try:

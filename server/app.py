@@ -19,8 +19,25 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from server.checkpoints import (
+    Checkpointer,
+    ResumeError,
+    checkpoint_path,
+    checkpoint_root,
+    find_checkpoint,
+    remove_stale,
+    reopen_run,
+    resume_server,
+)
 from server.config import STORE_URL_ENV, RunConfig, load_config
-from server.recording import ClientRoundRecord, JsonlRecorder, Recorder, RoundRecord, RunInfo
+from server.recording import (
+    ClientRoundRecord,
+    JsonlRecorder,
+    Recorder,
+    ResumableRecorder,
+    RoundRecord,
+    RunInfo,
+)
 from strategies.flower import FedSqueezeStrategy, wait_for_nodes
 from strategies.registry import FLWR_FEDAVG, make_server, settings_from_config
 from tasks.base import Task, load_task
@@ -100,6 +117,7 @@ def run_server(
     evaluate = make_evaluate(task)
     recorder = recorder if recorder is not None else open_recorder()
     strategy_name = config.strategy
+    flower_run_id = int(context.run_id) if context.run_id else None
     settings = (
         None if strategy_name == FLWR_FEDAVG else settings_from_config(config.values, w0.numel())
     )
@@ -109,10 +127,18 @@ def run_server(
         downlink_compressor=settings.downlink if settings else "float32",
         task=str(config["task"]),
         config=config.as_flat(),
-        flower_run_id=int(context.run_id) if context.run_id else None,
+        flower_run_id=flower_run_id,
         num_parameters=int(w0.numel()),
     )
-    run_id = recorder.start_run(info)
+    resume_id = int(config["resume-run"])
+    if resume_id and settings is None:
+        raise ResumeError(f"{FLWR_FEDAVG} runs keep no checkpoint and cannot be resumed")
+    stored_rounds = 0
+    if resume_id:
+        stored_rounds = reopen_run(recorder, resume_id, flower_run_id)
+        run_id = resume_id
+    else:
+        run_id = recorder.start_run(info)
     outcome.run_id = run_id
     log.info("run %s: %s on %s, d = %d, %d nodes", run_id, strategy_name, task.name,
              w0.numel(), len(nodes))  # fmt: skip
@@ -133,10 +159,11 @@ def run_server(
                 recorder=recorder,
                 run_id=run_id,
                 min_nodes=min_nodes,
-                progress=progress,
+                progress=_exit_after(int(config["test-server-exit"]), progress),
             )
             outcome.records = strategy.records
             try:
+                _checkpointing(strategy, config, recorder, run_id, resume_id, stored_rounds)
                 strategy.start(
                     grid,
                     ArrayRecord(),
@@ -154,6 +181,50 @@ def run_server(
         outcome.status = status
         recorder.finish_run(run_id, status)
     return outcome
+
+
+def _checkpointing(
+    strategy: FedSqueezeStrategy,
+    config: RunConfig,
+    recorder: Recorder,
+    run_id: int,
+    resume_id: int,
+    stored_rounds: int,
+) -> None:
+    """Restore the strategy from run `resume_id`'s checkpoint (if resuming) and make it
+    write a checkpoint after every round (unless checkpoint-dir is 'off')."""
+    store_key = recorder.store_key if isinstance(recorder, ResumableRecorder) else None
+    root = checkpoint_root(str(config["checkpoint-dir"]), store_key or "")
+    if resume_id:
+        if store_key is None:
+            raise ResumeError(f"the store {type(recorder).__name__} cannot resume runs")
+        path = find_checkpoint(str(config["checkpoint-dir"]), store_key, resume_id)
+        resumed = resume_server(strategy.server, path, recorder, run_id, stored_rounds)
+        strategy.rng = resumed.sampler
+        strategy.first_round = resumed.last_round + 1
+    if root is None or store_key is None:
+        return  # no checkpoints: off, or a store that cannot resume runs
+    path = checkpoint_path(root, store_key, run_id)
+    if not resume_id:
+        remove_stale(path)
+    strategy.checkpoint = Checkpointer(path, strategy.server, strategy.rng).save
+
+
+def _exit_after(round_: int, progress: ProgressFn | None) -> ProgressFn | None:
+    """TEST ONLY (run-config test-server-exit): end the process hard, as a crash would,
+    right after round `round_` is checkpointed and stored."""
+    if not round_:
+        return progress
+
+    def hook(record: RoundRecord) -> None:
+        if progress is not None:
+            progress(record)
+        if record.round == round_:
+            log.warning("test-server-exit: the ServerApp process exits after round %d", round_)
+            logging.shutdown()
+            os._exit(17)
+
+    return hook
 
 
 # ----------------------------------------------------------------------------- FedAvg

@@ -54,7 +54,12 @@ KEYS: dict[str, tuple[Any, str]] = {
     "min-nodes": (-1, "wait for this many connected nodes before round 1; -1 = num-partitions"),
     "store-dir": ("", "directory for per-client memories (h_i, Rand-MCM H_i) when spilled to disk"),
     "run-name": ("", "free-form label stored with the run"),
+    "checkpoint-dir": ("", "server checkpoints after each round: '' = checkpoints/ beside a "
+                       "SQLite store (else $FEDSQUEEZE_HOME/checkpoints), a directory, or 'off'"),
+    "resume-run": (0, "store run id to resume from its checkpoint (set by --resume); 0 = new run"),
     "test-fail": ("", "TEST ONLY: 'partition:round' makes that client raise after training"),
+    "test-server-exit": (0, "TEST ONLY: the ServerApp process exits hard after this round is "
+                         "stored (0 = never)"),
 }  # fmt: skip
 
 DEFAULTS: dict[str, Any] = {k: v for k, (v, _) in KEYS.items()}
@@ -180,6 +185,8 @@ def load_config(user: Mapping[str, Any], overrides: Mapping[str, Any] | None = N
         (values["eval-every"] >= 0, "eval-every must be >= 0"),
         (values["round-timeout"] > 0, "round-timeout must be > 0"),
         (values["min-nodes"] >= 1 or values["min-nodes"] == -1, "min-nodes must be >= 1 or -1"),
+        (values["resume-run"] >= 0, "resume-run must be >= 0"),
+        (values["test-server-exit"] >= 0, "test-server-exit must be >= 0"),
         (0 < values["participation"] <= 1, "participation must be in (0, 1]"),
         (values["participation-mode"] in ("bernoulli", "fraction"),
          "participation-mode must be 'bernoulli' or 'fraction'"),

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
 def utcnow() -> datetime:
@@ -86,6 +86,29 @@ class Recorder(Protocol):
     def finish_run(self, run_id: int, status: str) -> None:
         """Mark the run `finished`, `failed` or `interrupted`."""
         ...
+
+
+@runtime_checkable
+class ResumableRecorder(Recorder, Protocol):
+    """A recorder that can reopen a run after a crash of the ServerApp (the SQL store)."""
+
+    @property
+    def store_key(self) -> str:
+        """A name of the store without secrets (checkpoint folders are kept per store)."""
+        ...
+
+    def resume_run(self, run_id: int, flower_run_id: int | None = None) -> int:
+        """Set an interrupted or failed run back to `running`; return its last stored round."""
+        ...
+
+
+def round_record_from_json(data: dict[str, Any]) -> RoundRecord:
+    """The inverse of `_to_jsonable` for a `RoundRecord` (checkpoints carry their round)."""
+    values = dict(data)
+    for key in ("started_at", "ended_at"):
+        values[key] = datetime.fromisoformat(values[key])
+    values["clients"] = [ClientRoundRecord(**c) for c in values.get("clients", [])]
+    return RoundRecord(**values)
 
 
 def _to_jsonable(obj: Any) -> Any:

@@ -1182,6 +1182,39 @@ def build_specs(
     ]
 
 
+def resume_spec(
+    app: AppInfo,
+    run_id: int,
+    database_url: str | None,
+    clients: int | None,
+    cpus_per_client: int,
+    timeout_s: float,
+) -> RunSpec:
+    """The spec that resumes store run `run_id`: its stored run config, ``resume-run`` set
+    (the ServerApp then restores its checkpoint). Checked before anything starts."""
+    from server.checkpoints import ResumeError, stored_run_to_resume
+
+    try:
+        config, _path = stored_run_to_resume(database_url, run_id)
+    except ResumeError as exc:
+        raise SimulationError(str(exc)) from None
+    overrides: dict[str, ConfigValue] = {k: v for k, v in config.items() if k in app.run_config}
+    overrides.update({"resume-run": run_id, "test-server-exit": 0})
+    overrides = check_overrides(app.run_config, overrides)
+    if cpus_per_client <= 0:
+        raise SimulationError(f"--cpus-per-client must be > 0, got {cpus_per_client}")
+    partitions = int(overrides.get("num-partitions", 0) or 0)
+    num_supernodes = clients or (partitions if partitions > 0 else app.num_supernodes)
+    check_run_config({**app.run_config, **overrides}, num_supernodes)
+    return RunSpec(
+        label=str(overrides.get("strategy", "resumed")),
+        overrides=overrides,
+        num_supernodes=num_supernodes,
+        cpus_per_client=cpus_per_client,
+        timeout_s=timeout_s,
+    )
+
+
 def simulate(
     strategy: list[str] = typer.Option(
         [],
@@ -1259,6 +1292,13 @@ def simulate(
         None, "--json", help="Write the results (one record per run, every round) here."
     ),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+    resume: int | None = typer.Option(
+        None,
+        "--resume",
+        help="Resume store run RUN after a crash of its ServerApp, from its last checkpoint "
+        "(same run id; run config taken from the stored run; give the same --database-url).",
+        metavar="RUN",
+    ),
 ) -> None:
     """Run the federated app in Flower's simulation engine on a local SuperLink."""
     from rich.console import Console
@@ -1285,7 +1325,19 @@ def simulate(
     try:
         store_url = check_store_url(database_url)
         app = read_app(app_dir)
-        specs = build_specs(app, strategy, friendly, run_config, clients, cpus_per_client, timeout)
+        if resume is not None:
+            given = [f"--{k.replace('_', '-')}" for k, v in friendly.items() if v is not None]
+            given += ["--strategy"] * bool(strategy) + ["--run-config"] * bool(run_config)
+            given = [g for g in given if g != "--database-url"]
+            if given:
+                raise SimulationError(
+                    f"--resume takes the run config from the stored run; drop {', '.join(given)}"
+                )
+            specs = [resume_spec(app, resume, database_url, clients, cpus_per_client, timeout)]
+        else:
+            specs = build_specs(
+                app, strategy, friendly, run_config, clients, cpus_per_client, timeout
+            )
     except SimulationError as exc:
         errors.print(f"[red]error:[/] {escape(redact_text(str(exc)))}", highlight=False)
         raise typer.Exit(2) from None

@@ -726,6 +726,34 @@ class TensorStore:
         self._mmap[self._rows[key]] = value.numpy()
         self._dirty.discard(key)
 
+    def export(self) -> tuple[list[int], torch.Tensor]:
+        """(keys, rows): every stored vector, row j belonging to keys[j] (for checkpoints).
+        On disk the rows are a view of the flushed memory map, not a copy in RAM."""
+        if self._ram is not None:
+            keys = list(self._ram)
+            rows = [self._ram[k] for k in keys]
+            return keys, torch.stack(rows) if rows else torch.zeros(0, self.dim)
+        self.flush()
+        assert self._mmap is not None
+        keys = sorted(self._rows, key=self._rows.__getitem__)  # rows are 0..n-1 in this order
+        return keys, torch.from_numpy(self._mmap[: len(keys)])
+
+    def load(self, keys: Sequence[int], rows: torch.Tensor) -> None:
+        """Replace the contents with `export`'s (keys, rows) (restoring a checkpoint)."""
+        if rows.shape != (len(keys), self.dim):
+            raise ValueError(
+                f"rows of shape {tuple(rows.shape)} for {len(keys)} keys of {self.dim}"
+            )
+        if self._ram is not None:
+            self._ram = {}
+        else:
+            self._rows.clear()
+            self._cache.clear()
+            self._dirty.clear()
+        for key, row in zip(keys, rows, strict=True):
+            self.set(int(key), row)
+        self.flush()
+
     def flush(self) -> None:
         if self._mmap is not None:
             for key in list(self._dirty):

@@ -46,6 +46,8 @@ CONFIG_KEY = "fedsqueeze.config"
 
 EvaluateFn = Callable[[int, torch.Tensor], dict[str, float]]
 ProgressFn = Callable[[RoundRecord], None]
+#: called with (k, round k's record) once round k is complete, before it is stored
+CheckpointFn = Callable[[int, RoundRecord], None]
 
 
 # ----------------------------------------------------------------------------- formats
@@ -198,6 +200,8 @@ class FedSqueezeStrategy(Strategy):
         min_nodes: int = 1,
         progress: ProgressFn | None = None,
         session: str = "",
+        checkpoint: CheckpointFn | None = None,
+        first_round: int = 1,
     ) -> None:
         self.server = server
         #: names this run's client state in context.state (a node may serve several runs)
@@ -211,6 +215,10 @@ class FedSqueezeStrategy(Strategy):
         self.poll_interval = poll_interval
         self.min_nodes = min_nodes
         self.progress = progress
+        #: saves the server's state after each round (see server.checkpoints)
+        self.checkpoint = checkpoint
+        #: 1, or k + 1 when resuming after round k
+        self.first_round = first_round
         self.rng = np.random.default_rng(self.settings.seed)
         self.records: list[RoundRecord] = []
         self._round = _RoundBook()
@@ -338,15 +346,16 @@ class FedSqueezeStrategy(Strategy):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     ) -> Result:
-        """Run `num_rounds` rounds; `initial_arrays` is unused (the server half holds w0)."""
+        """Run rounds `first_round`..`num_rounds`; `initial_arrays` is unused (the server
+        half holds w0). Each round is checkpointed (if set), then stored."""
         self.summary()
         result = Result()
         wait_for_nodes(grid, self.min_nodes, timeout)
-        if self.evaluate_fn is not None and self.eval_every:
+        if self.evaluate_fn is not None and self.eval_every and self.first_round == 1:
             result.evaluate_metrics_serverapp[0] = MetricRecord(
                 dict(self.evaluate_fn(0, self.server.evaluation_model()))
             )
-        for k in range(1, num_rounds + 1):
+        for k in range(self.first_round, num_rounds + 1):
             started = utcnow()
             t0 = time.perf_counter()
             messages = list(self.configure_train(k, initial_arrays, ConfigRecord(), grid))
@@ -370,6 +379,8 @@ class FedSqueezeStrategy(Strategy):
                 k, started, evaluation, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)
             )
             self.records.append(record)
+            if self.checkpoint is not None:
+                self.checkpoint(k, record)
             if self.recorder is not None and self.run_id is not None:
                 self.recorder.record_round(self.run_id, record)
             if self.progress is not None:

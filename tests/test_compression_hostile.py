@@ -351,7 +351,7 @@ def test_index_and_count_errors_name_what_was_wrong() -> None:
 def test_the_server_drops_hostile_uplinks_and_the_round_goes_on() -> None:
     """ServerHalf.receive decodes against the model size: the overflowing runs and a
     declaration of 2^31 coordinates are dropped replies, the round still commits."""
-    from strategies.common import Uplink, resolve_settings
+    from strategies.common import DIGEST_BYTES, Uplink, resolve_settings
     from strategies.registry import get_preset, make_server
 
     dim = 100
@@ -360,7 +360,7 @@ def test_the_server_drops_hostile_uplinks_and_the_round_goes_on() -> None:
     server.begin_round(1)
     for i in range(4):
         server.downlink_for(1, i)
-    digest = [0.0] * 6
+    digest = b"\0" * DIGEST_BYTES  # never checked: the payloads are refused before
     hostile = [
         sparse_qsgd(dim, [INT64_MAX, INT64_MAX, 100]),
         topk_varint(dim, [INT64_MAX, INT64_MAX, 100]),
@@ -369,7 +369,8 @@ def test_the_server_drops_hostile_uplinks_and_the_round_goes_on() -> None:
     for node, payload in enumerate(hostile):
         assert server.receive(1, node, Uplink(1, "ok", payload, 0, digest, 1.0, 10)) == "dropped"
     good = parse_compressor(s.uplink).compress(torch.ones(dim), seed=1).to_bytes()
-    assert server.receive(1, 3, Uplink(1, "ok", good, 0, digest, 1.0, 10)) == "ok"
+    honest = server.pending[3].expected_digest  # the state the server expects node 3 to hold
+    assert server.receive(1, 3, Uplink(1, "ok", good, 0, honest, 1.0, 10)) == "ok"
     stats = server.finish_round(1, 3.0)
     assert stats.dropped == 3 and stats.accepted == 1
     assert bool(torch.isfinite(server.w).all()) and bool(server.w.any())

@@ -527,3 +527,31 @@ def test_deployment_records_to_postgresql(deployment: Deployment) -> None:
     holding = [p for p in dep.root.rglob("*") if p.is_file() and not p.is_symlink()
                and password.encode() in p.read_bytes()]  # fmt: skip
     assert all(p.name == "server.json" and _mode(p) == 0o600 for p in holding), holding
+
+
+def test_serverapp_killed_mid_run_is_resumed(deployment: Deployment) -> None:
+    """The ServerApp process exits hard after round 1 of 3 (test-server-exit); `fedsqueeze
+    run --resume RUN` continues the same store run from the checkpoint: the SuperNodes keep
+    their node ids, so the server resets both clients' memories on first contact and sends
+    snapshots; the run ends with rounds 1..3 once each."""
+    dep = deployment
+    _two_nodes(dep)
+    crashed = dep.cli("run", "--strategy", "artemis", "--rounds", "3", "--app", str(APP_DIR),
+                      "--data-dir", str(dep.data_dir), *RUN_CONFIG, "-c", "pp-variant='pp1'",
+                      "-c", "test-server-exit=1", check=False)  # fmt: skip
+    assert crashed.returncode != 0, crashed.stdout[-3000:]
+    run = _store_run(dep, "artemis")
+    assert run["status"] in ("running", "interrupted") and run["summary"]["rounds_done"] == 1
+    first_flower_run = run["flower_run_id"]
+    resumed = dep.cli("run", "--resume", str(run["id"]), "--app", str(APP_DIR),
+                      "--data-dir", str(dep.data_dir))  # fmt: skip
+    assert "run finished" in resumed.stdout
+    run = _store_run(dep, "artemis")  # still one run: the same one, continued
+    assert run["status"] == "finished" and run["flower_run_id"] != first_flower_run
+    rounds = {r["round"]: r for r in dep.get(f"/runs/{run['id']}/rounds")["items"]}
+    assert sorted(rounds) == [1, 2, 3]
+    assert all(r["replied"] == r["sampled"] == 2 for r in rounds.values())
+    assert rounds[2]["extra"]["resets_sent"] == 2 and rounds[3]["extra"]["resets_sent"] == 0
+    assert rounds[3]["eval_loss"] < rounds[1]["eval_loss"]
+    checkpoints = list((dep.root / "checkpoints").glob(f"*/run-{run['id']}/server.ckpt"))
+    assert len(checkpoints) == 1 and _mode(checkpoints[0]) == 0o600

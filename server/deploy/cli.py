@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
@@ -42,9 +42,6 @@ def _bad_input(message: str) -> typer.Exit:
 
 
 # ------------------------------------------------------------------------------- server
-def _bad_input(message: str) -> typer.Exit:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=2)
 
 
 @server_app.command("start")
@@ -443,7 +440,9 @@ def client_remove(
 
 # ------------------------------------------------------------------------------- run
 def run_command(
-    strategy: str = typer.Option(..., help="Algorithm name (artemis, mcm, sgd, ...)."),
+    strategy: str | None = typer.Option(
+        None, help="Algorithm name (artemis, mcm, sgd, ...); required unless --resume."
+    ),
     rounds: int | None = typer.Option(None, min=1, help="Rounds (run config num-server-rounds)."),
     task: str | None = typer.Option(None, help="Task (run config task)."),
     num_partitions: int | None = typer.Option(
@@ -467,6 +466,13 @@ def run_command(
     ),
     data_dir: Path | None = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     quiet: bool = typer.Option(False, help="Do not print the streamed logs."),
+    resume: int | None = typer.Option(
+        None,
+        "--resume",
+        metavar="RUN",
+        help="Resume store run RUN after a crash of its ServerApp, from its last checkpoint "
+        "(same run id; the run config is the stored run's).",
+    ),
 ) -> None:
     """Submit the Flower app to the running SuperLink and stream its progress.
 
@@ -485,6 +491,17 @@ def run_command(
         parse_raw_overrides,
     )
 
+    if resume is not None:
+        given = {"--strategy": strategy, "--rounds": rounds, "--task": task,
+                 "--num-partitions": num_partitions, "--min-nodes": min_nodes,
+                 "--run-config": run_config or None}  # fmt: skip
+        extra = [name for name, value in given.items() if value is not None]
+        if extra:
+            _usage(f"--resume takes the run config from the stored run; drop {', '.join(extra)}")
+        values = _resume_values(resume, app_dir, data_dir)
+        strategy = str(values.get("strategy", ""))
+    elif strategy is None:
+        _usage("--strategy is required (or --resume RUN)")
     friendly: dict[str, Any] = {
         "strategy": strategy,
         "num-server-rounds": rounds,
@@ -494,8 +511,9 @@ def run_command(
     }
     try:
         defaults = app_config_keys((app_dir or default_app_dir()).resolve())
-        values = {k: v for k, v in friendly.items() if v is not None}
-        values.update(parse_raw_overrides(run_config))
+        if resume is None:
+            values = {k: v for k, v in friendly.items() if v is not None}
+            values.update(parse_raw_overrides(run_config))
         values = check_overrides(defaults, values)
         check_run_config({**defaults, **values}, 0)
     except (SimulationError, OSError, ValueError) as exc:
@@ -516,6 +534,29 @@ def run_command(
     if outcome.flower_run_id is None:
         raise _fail("flwr run did not report a run id (see its output above)")
     _report_run(paths, config, outcome.flower_run_id)
+
+
+def _usage(message: str) -> NoReturn:
+    raise _bad_input(message)
+
+
+def _resume_values(run_id: int, app_dir: Path | None, data_dir: Path | None) -> dict[str, Any]:
+    """The stored run config of run `run_id` with ``resume-run`` set, or exit 2 with one line
+    saying why the run cannot be resumed (no server, no such run, no checkpoint, ...)."""
+    from server.checkpoints import ResumeError, stored_run_to_resume
+    from server.deploy.launcher import require_config
+    from server.deploy.runs import app_config_keys, default_app_dir
+
+    try:
+        _paths, config = require_config(_data_dir(data_dir))
+        stored, _path = stored_run_to_resume(config.database_url or None, run_id)
+        known = app_config_keys((app_dir or default_app_dir()).resolve())
+    except (ResumeError, OSError, ValueError) as exc:
+        _usage(str(exc))
+    values = {k: v for k, v in stored.items() if k in known}
+    values.pop("database-url", None)  # never a run-config key: the ServerApp's environment
+    values.update({"resume-run": run_id, "test-server-exit": 0})
+    return values
 
 
 def _report_run(paths: Any, config: Any, flower_run_id: int) -> None:
