@@ -63,15 +63,26 @@ def redact_text(text: str) -> str:
 def redact_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of a (nested) configuration with secret values redacted.
 
-    Values under a secret key (``database-url``, ``password``, ``token``) are redacted as
-    URLs; every other string is passed through `redact_text`.
+    Values under a secret key (``database-url``, ``password``, ``token``) are redacted
+    whole (a URL keeps everything but its password); every other string is passed through
+    `redact_text`.
     """
     out: dict[str, Any] = {}
     for key, value in values.items():
         if isinstance(value, Mapping):
             out[key] = redact_mapping(value)
         elif isinstance(value, str):
-            out[key] = redact_url(value) if key.lower() in SECRET_KEYS else redact_text(value)
+            out[key] = _redact_secret(value) if key.lower() in SECRET_KEYS else redact_text(value)
         else:
             out[key] = value
     return out
+
+
+def _redact_secret(value: str) -> str:
+    """A value under a secret key: a URL keeps all but its password, anything else is
+    replaced whole (a token or password has no part worth showing)."""
+    if not value:
+        return value
+    if "://" in value:
+        return redact_url(value)
+    return REDACTED
