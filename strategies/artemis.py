@@ -142,7 +142,7 @@ def apply_downlink(
 ) -> ClientState:
     """Bring the client's model (and H) to the server's version."""
     if message.kind == "snapshot":
-        tensors = decode_wires(message.payloads, device)
+        tensors = decode_wires(message.payloads, device, settings.dim)
         state.model = tensors[0]
         if settings.down_memory:
             state.down_memory = tensors[1]
@@ -150,7 +150,7 @@ def apply_downlink(
     if message.kind != "log":
         raise ValueError(f"{settings.name}: unexpected downlink kind {message.kind!r}")
     assert state.model is not None
-    for decoded in decode_wires(message.payloads, device):
+    for decoded in decode_wires(message.payloads, device, settings.dim):
         omega = decoded * settings.down_scale
         if settings.preset.model_residual:
             state.model = shared_model_step(state.model, omega, settings.model_step)

@@ -83,11 +83,11 @@ def apply_downlink(
     if state.down_memory is None:
         raise ValueError(f"{settings.name}: client state lacks its downlink memory")
     if message.kind == "snapshot":
-        state.model, state.down_memory = decode_wires(message.payloads, device)
+        state.model, state.down_memory = decode_wires(message.payloads, device, settings.dim)
         return state
     if message.kind not in ("log", "fresh"):
         raise ValueError(f"{settings.name}: unexpected downlink kind {message.kind!r}")
-    for omega in decode_wires(message.payloads, device):
+    for omega in decode_wires(message.payloads, device, settings.dim):
         state.model, state.down_memory = perturbed_step(
             state.down_memory, omega, settings.down_memory_rate
         )

@@ -57,12 +57,12 @@ def apply_downlink(
     settings: AlgorithmSettings, state: ClientState, message: Downlink, device: str
 ) -> ClientState:
     if message.kind == "snapshot":
-        state.model = decode_wires(message.payloads, device)[0]
+        state.model = decode_wires(message.payloads, device, settings.dim)[0]
         return state
     if message.kind != "log":
         raise ValueError(f"{settings.name}: unexpected downlink kind {message.kind!r}")
     assert state.model is not None
-    for vote in decode_wires(message.payloads, device):
+    for vote in decode_wires(message.payloads, device, settings.dim):
         state.model = state.model - settings.server_lr * vote
     return state
 
