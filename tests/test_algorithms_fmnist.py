@@ -23,6 +23,9 @@ from tasks.fashion_mnist import CACHE_DIR_ENV, data_available
 
 pytestmark = [
     pytest.mark.slow,
+    # five models of 5 rounds each: ~5 min on a quiet machine, 15+ min on a loaded 2-core one
+    # (the suite's 900 s limit cut the fixture off there); the limit only catches hangs
+    pytest.mark.timeout(3600),
     pytest.mark.skipif(
         not data_available(),
         reason="Fashion-MNIST IDX files missing: apt-get install dataset-fashion-mnist",
