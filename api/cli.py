@@ -74,7 +74,7 @@ def _database_errors(database_url: str | None) -> Iterator[None]:
 
     from api.db import SchemaError
     from api.errors import StoreError
-    from core.secrets import redact_url
+    from core.secrets import debug_traceback, redact_url
 
     try:
         yield
@@ -85,10 +85,12 @@ def _database_errors(database_url: str | None) -> Iterator[None]:
     except (ValueError, SchemaError) as exc:
         raise _fail(str(exc)) from None
     except SQLAlchemyError as exc:
+        typer.echo(debug_traceback(exc), err=True, nl=False)
         where = redact_url(database_url or os.environ.get("DATABASE_URL") or "the database")
         reason = getattr(exc, "orig", None) or exc
         raise _fail(f"cannot use {where}: {reason}") from None
     except Exception as exc:  # the last line of defence against a traceback with locals
+        typer.echo(debug_traceback(exc), err=True, nl=False)
         raise _fail(f"{type(exc).__name__}: {exc}") from None
 
 

@@ -86,3 +86,17 @@ def _redact_secret(value: str) -> str:
     if "://" in value:
         return redact_url(value)
     return REDACTED
+
+
+DEBUG_ENV = "FEDSQUEEZE_DEBUG"
+
+
+def debug_traceback(exc: BaseException) -> str:
+    """The traceback of `exc`, redacted and without locals, when ``$FEDSQUEEZE_DEBUG`` asks
+    for it (set and not ``0``); else ''. Commands print it above their one error line."""
+    import os
+    import traceback
+
+    if os.environ.get(DEBUG_ENV, "") in ("", "0"):
+        return ""
+    return redact_text("".join(traceback.format_exception(exc)))

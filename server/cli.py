@@ -13,16 +13,11 @@ off. ``FEDSQUEEZE_DEBUG=1`` adds the traceback, redacted and without locals.
 
 from __future__ import annotations
 
-import os
 import sys
-import traceback
 
 import typer
 
-from core.secrets import redact_text
-
-#: set to 1 to see the (redacted, locals-free) traceback of an unexpected error
-DEBUG_ENV = "FEDSQUEEZE_DEBUG"
+from core.secrets import debug_traceback, redact_text
 
 app = typer.Typer(
     name="fedsqueeze",
@@ -110,9 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:  # the safety net: nothing escapes as a traceback with locals
-        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
-            trace = "".join(traceback.format_exception(exc))
-            print(redact_text(trace), file=sys.stderr, end="")
+        print(debug_traceback(exc), file=sys.stderr, end="")
         print(f"error: {error_line(exc)}", file=sys.stderr)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
