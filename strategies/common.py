@@ -904,8 +904,8 @@ class ServerHalf:
         """Count exactly `nodes` from now on: the clients this round samples from (call after
         `begin_round`). A node not counted before joins, with the h_i the server holds for it
         (0 for a new client, its last h_i for one that comes back); a counted node absent
-        from `nodes` leaves, and its h_i is kept for its return. Under PP2, h moves by the
-        change in (1/N) Σ_{i∈C} h_i (module docstring)."""
+        from `nodes` leaves, and its h_i is kept for its return. Under PP2, h is corrected so
+        that h = (1/(pN)) Σ_{i∈C} h_i still holds (module docstring)."""
         now = {int(node) for node in nodes}
         for node in [n for n, book in self.books.items() if book.counted and n not in now]:
             self._leave(node)

@@ -11,8 +11,7 @@ ack round, reset flag, uplink seed, ``payloads``: list of codec bytes) and
 ``"fedsqueeze.config"`` (the run config, so that clients need no other source).
 Uplink content: ``"fedsqueeze.up"`` (ConfigRecord: round, status, ``payload`` bytes, state
 ``digest`` bytes (`strategies.common.state_digest`), loss, examples, predicted bytes,
-duration). Measured bytes are the lengths of the
-codec payloads put into these records.
+duration). Measured bytes are the lengths of the codec payloads put into these records.
 """
 
 from __future__ import annotations
@@ -243,7 +242,7 @@ class FedSqueezeStrategy(Strategy):
         book = _RoundBook(sampled=sampled, expected=expected)
         self._round = book
         self.server.begin_round(server_round)
-        self.server.set_members(nodes)  # the clients counted in h = (1/N) Σ h_i (PP2)
+        self.server.set_members(nodes)  # N: the clients counted in h = (1/(pN)) Σ h_i
         messages = []
         for node in sampled:
             down = self.server.downlink_for(server_round, node)

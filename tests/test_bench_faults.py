@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks.faults import main
 from strategies.local import FAULT_KINDS
 
@@ -20,6 +22,7 @@ FIELDS = (
 )
 
 
+@pytest.mark.slow  # 14 runs of 30 rounds: 30-70 s on a loaded 2-core machine
 def test_quick_mode_survives_every_fault(tmp_path: Path) -> None:
     out = tmp_path / "faults.json"
     assert main(["--quick", "--strategies", "diana", "--json", str(out)]) == 0
