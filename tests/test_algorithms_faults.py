@@ -161,19 +161,7 @@ def _fault_free(name: str, p: float, pp: str) -> tuple[float, LocalRun]:
 @pytest.mark.parametrize("pp", ["pp1", "pp2"])
 @pytest.mark.parametrize("p", [1.0, 0.5])
 @pytest.mark.parametrize("name", MEMORY_ALGOS)
-def test_memory_survives_a_fault(
-    name: str, p: float, pp: str, fault: str, request: pytest.FixtureRequest
-) -> None:
-    if name == "dore" and p == 1.0 and fault in ("leave", "join"):
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="dore's downlink error feedback, scaled by 1/(ω+1) (issue 9, finding 5), "
-                "stalls for ~20 rounds after the jump in ĝ that a leave or join causes, and ends "
-                "5-50x above the fault-free run; the memory invariant holds. Remove this once "
-                "Dore's own error feedback replaces the scaled one.",
-            )
-        )
+def test_memory_survives_a_fault(name: str, p: float, pp: str, fault: str) -> None:
     reference, _ = _fault_free(name, p, pp)
     run, gaps, got = _run(name, p, pp, fault)
     counted = _counted(fault)
