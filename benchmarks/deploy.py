@@ -290,9 +290,14 @@ def run_benchmark(
             specs = build_specs(app, [strategy], {}, [], nodes, 1, timeout * rounds)
             for spec in specs:
                 spec.overrides.update({k: v for k, v in config.items() if k != "strategy"})
-                spec.overrides["database-url"] = cfg.database_url
             t0 = time.perf_counter()
-            (sim,) = run_simulations(app, specs, flwr_home=root / "sim-home", show_progress=False)
+            (sim,) = run_simulations(
+                app,
+                specs,
+                flwr_home=root / "sim-home",
+                show_progress=False,
+                database_url=cfg.database_url,
+            )
             wall_sim = time.perf_counter() - t0
             if not sim.ok:
                 raise RuntimeError(f"simulation ended {sim.status}; log: {sim.log_path}")

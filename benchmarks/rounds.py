@@ -269,7 +269,6 @@ def main(argv: list[str] | None = None) -> int:
                     "client-lr": workload["client_lr"],
                     "seed": args.seed,
                     "device": "cpu",
-                    "database-url": f"sqlite:///{work / 'rounds.db'}",
                 },
             )
             specs.append(
@@ -291,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             flwr_home=work / "flwr-home",
             console=console,
             show_progress=not args.no_progress,
+            database_url=f"sqlite:///{work / 'rounds.db'}",
         )
     except SimulationError as exc:
         console.print(f"[red]error:[/] {exc} (files kept in {work})")

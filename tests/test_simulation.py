@@ -29,10 +29,9 @@ HEADER = 64  # compression's fixed per-payload header bound
 NPY_HEADER = 160  # np.save header of one array in Flower's ArrayRecord
 
 
-def _base(db: str) -> dict[str, Any]:
+def _base() -> dict[str, Any]:
     return {
         "num-server-rounds": ROUNDS,
-        "database-url": db,
         "task": "synthetic-lsq",
         "task-options": "dim=24,samples_per_client=40",
         # a small step, as the papers' bound γ ≤ 1/(L(1+ω)) asks of compressed methods
@@ -56,21 +55,22 @@ def simulated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunOutcome]
     from client.app import app as client_app
 
     tmp = tmp_path_factory.mktemp("sim")
-    old_home = os.environ.get("FLWR_HOME")
+    old_env = {k: os.environ.get(k) for k in ("FLWR_HOME", "DATABASE_URL")}
     os.environ["FLWR_HOME"] = str(tmp / "flwr-home")
-    db = f"sqlite:///{tmp / 'history.db'}"
+    # the ServerApp takes its store from the environment (database-url is no run-config key)
+    os.environ["DATABASE_URL"] = f"sqlite:///{tmp / 'history.db'}"
     outcomes: dict[str, RunOutcome] = {}
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         for name in ALGORITHMS:
-            overrides = {**_base(db), "strategy": name}
+            overrides = {**_base(), "strategy": name}
             if name == "signsgd-mv":
                 overrides["server-lr"] = 0.005
             outcomes[name] = run_server(grid, context, overrides, RunOutcome())
         overrides = {
-            **_base(db),
+            **_base(),
             "strategy": "artemis",
             "participation": 1.0,
             "pp-variant": "pp1",
@@ -90,10 +90,11 @@ def simulated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunOutcome]
             },
         )
     finally:
-        if old_home is None:
-            os.environ.pop("FLWR_HOME", None)
-        else:
-            os.environ["FLWR_HOME"] = old_home
+        for key, value in old_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     outcomes["_db"] = RunOutcome(status=str(tmp / "history.db"))
     return outcomes
 
