@@ -148,11 +148,16 @@ class Deployment:
     def start_node(self, name: str, bundle: Path, *extra: str) -> Node:
         log = self.root / "logs" / f"node-{name}-{len(self.nodes)}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
+        # each SuperNode has its own FLWR_HOME, as each device has: SuperNodes sharing one
+        # unpack the same app bundle into the same folder at once, and one of them may find
+        # it half written (a ClientApp failed with "Cannot find pyproject.toml" that way)
+        home = self.root / f"flwr-home-{name}-{len(self.nodes)}"
         with open(log, "wb") as fh:
             proc = subprocess.Popen(
                 [FEDSQUEEZE, "client", "start", "--bundle", str(bundle),
                  "--clientappio-port", str(free_port()), "--device", "cpu", *extra],
-                env=self.env, cwd=self.root, stdout=fh, stderr=subprocess.STDOUT,
+                env=self.env | {"FLWR_HOME": str(home)}, cwd=self.root, stdout=fh,
+                stderr=subprocess.STDOUT,
             )  # fmt: skip
         node = Node(name, proc, log)
         self.nodes.append(node)
