@@ -8,11 +8,11 @@ environment variable, else the embedded SQLite file
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.net import is_loopback
 from core.secrets import redact_url
 
 DEFAULT_API_HOST = "127.0.0.1"
@@ -69,18 +69,6 @@ def _env_list(name: str) -> list[str]:
 def env_flag(name: str) -> bool:
     """``1``/``true``/``yes``/``on`` (any case) is true, anything else false."""
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def is_loopback(host: str) -> bool:
-    """Whether binding `host` keeps the service on this machine (``localhost``, 127/8,
-    ``::1``); ``0.0.0.0``, ``::`` and every other address or name count as exposed."""
-    host = host.strip().strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def env_float(name: str, default: float) -> float:

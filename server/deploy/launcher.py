@@ -42,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from core.net import is_loopback
 from server.deploy.certs import (
     TlsFiles,
     certificate_names,
@@ -163,7 +164,7 @@ class ServerConfig:
         for name, port in ports.items():
             _check_port(name, port)
         _check_bind_host("--superlink-host", self.superlink_host)
-        if not _is_loopback(self.superlink_host):
+        if not is_loopback(self.superlink_host):
             raise BadServerConfig(
                 f"--superlink-host must be a loopback address, got {self.superlink_host!r}: "
                 "the SuperLink's Control API has no authentication, so devices reach it "
@@ -270,15 +271,6 @@ def read_admin_token(paths: ServerPaths) -> str:
         raise FileNotFoundError(
             f"no admin token in {paths.root}: start the server once, or pass --token"
         ) from None
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def port_free(host: str, port: int) -> bool:
