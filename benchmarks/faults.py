@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 import time
@@ -245,7 +246,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, help=f"clients N (default {FULL['clients']})")
     parser.add_argument("--participation", type=float, help="participation p (default 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print the server's warning for every injected fault (resyncs, rejections)",
+    )
     args = parser.parse_args(argv)
+    if not args.verbose:
+        # the faults are injected on purpose and counted in the table: their warnings
+        # (hundreds per run at f = 0.3) would bury the progress lines and the table
+        logging.getLogger("flwr.fedsqueeze.strategies").setLevel(logging.ERROR)
 
     workload = dict(QUICK if args.quick else FULL)
     try:
