@@ -1089,7 +1089,9 @@ def results_table(results: Sequence[SimulationResult], title: str = "Simulations
 # ----------------------------------------------------------------------------- the command
 
 
-def check_run_config(config: dict[str, ConfigValue], num_partitions: int) -> None:
+def check_run_config(
+    config: dict[str, ConfigValue], num_partitions: int, app_dir: Path | None = None
+) -> None:
     """Refuse, before anything starts, what the ServerApp would refuse (`server.config.
     check_run`: keys, ranges, strategy, compressor specs, the task and its data files).
 
@@ -1098,14 +1100,25 @@ def check_run_config(config: dict[str, ConfigValue], num_partitions: int) -> Non
     Apps other than fedsqueeze's (run-config keys this project does not know) are only
     checked against their own keys and types (`check_overrides`).
     """
+    import sys
+
     from server.config import KEYS, check_run
 
     if not set(config) <= set(KEYS):
         return
+    # a user's task (`task = "examples.my_task:make_task"`) is imported from the app's
+    # directory, which Flower puts on the path of the ServerApp and ClientApps: so here too
+    extra = str(app_dir.resolve()) if app_dir is not None else None
+    added = extra is not None and extra not in sys.path
+    if added:
+        sys.path.insert(0, str(extra))
     try:
         check_run(config, num_partitions)
     except ValueError as exc:
         raise SimulationError(str(exc)) from None
+    finally:
+        if added:
+            sys.path.remove(str(extra))
 
 
 def check_store_url(url: str | None) -> str | None:
@@ -1169,7 +1182,7 @@ def build_specs(
             raise SimulationError("--strategy: this app has no run-config key 'strategy'")
         per_run = [check_overrides(app.run_config, {**overrides, "strategy": s}) for s in labels]
     for o in per_run:
-        check_run_config({**app.run_config, **o}, num_supernodes)
+        check_run_config({**app.run_config, **o}, num_supernodes, app.path)
     return [
         RunSpec(
             label=label,
@@ -1205,7 +1218,7 @@ def resume_spec(
         raise SimulationError(f"--cpus-per-client must be > 0, got {cpus_per_client}")
     partitions = int(overrides.get("num-partitions", 0) or 0)
     num_supernodes = clients or (partitions if partitions > 0 else app.num_supernodes)
-    check_run_config({**app.run_config, **overrides}, num_supernodes)
+    check_run_config({**app.run_config, **overrides}, num_supernodes, app.path)
     return RunSpec(
         label=str(overrides.get("strategy", "resumed")),
         overrides=overrides,

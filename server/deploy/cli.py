@@ -515,7 +515,7 @@ def run_command(
             values = {k: v for k, v in friendly.items() if v is not None}
             values.update(parse_raw_overrides(run_config))
         values = check_overrides(defaults, values)
-        check_run_config({**defaults, **values}, 0)
+        check_run_config({**defaults, **values}, 0, (app_dir or default_app_dir()).resolve())
     except (SimulationError, OSError, ValueError) as exc:
         raise _bad_input(str(exc)) from None
     try:
