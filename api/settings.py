@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from core.net import is_loopback
+from core.paths import fedsqueeze_home
 from core.secrets import redact_url
 
 DEFAULT_API_HOST = "127.0.0.1"
@@ -22,12 +22,6 @@ DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_STALE_AFTER_S = 24 * 3600.0
 #: Host header names served by default (IP addresses are always served, see api.app)
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-
-
-def fedsqueeze_home() -> Path:
-    """``$FEDSQUEEZE_HOME`` or ``~/.fedsqueeze`` (not created here)."""
-    env = os.environ.get("FEDSQUEEZE_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".fedsqueeze"
 
 
 def normalize_database_url(url: str) -> str:

@@ -290,7 +290,7 @@ def _checked_members(tar: tarfile.TarFile, path: Path) -> dict[str, tarfile.TarI
 
 def bundles_dir() -> Path:
     """Where tarballs are unpacked: ``$FEDSQUEEZE_HOME/bundles`` (one folder per device)."""
-    from api.settings import fedsqueeze_home
+    from core.paths import fedsqueeze_home
 
     return fedsqueeze_home() / "bundles"
 

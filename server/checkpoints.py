@@ -70,7 +70,7 @@ def checkpoint_root(value: str, store_key: str) -> Path | None:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
-    from api.settings import fedsqueeze_home
+    from core.paths import fedsqueeze_home
 
     with contextlib.suppress(ArgumentError):
         url = make_url(store_key)

@@ -101,7 +101,7 @@ def _check_bind_host(name: str, host: str) -> None:
 
 def default_data_dir() -> Path:
     """``$FEDSQUEEZE_HOME/server`` (``~/.fedsqueeze/server`` by default)."""
-    from api.settings import fedsqueeze_home
+    from core.paths import fedsqueeze_home
 
     return fedsqueeze_home() / "server"
 
