@@ -17,13 +17,15 @@ from typing import Any
 
 import pytest
 import torch
+from test_algorithms import (
+    _lsq_claims_problem,  # the claims problem: N = 20, d = 20, full gradients
+)
 
 from compression import decode, parse_compressor
 from server.config import load_config
 from strategies.common import AlgorithmSettings, ClientState, derive_seed, resolve_settings
 from strategies.local import LocalRun, run_local
 from strategies.registry import get_preset, settings_from_config
-from tasks.synthetic import make_lsq_task
 
 N, D, GAMMA = 3, 12, 0.1
 QSGD = "qsgd:s=1,bucket=64"
@@ -262,21 +264,6 @@ def _geomean(curve: list[float], first: int, last: int) -> float:
     """Geometric mean of the excess-loss ratio over rounds first..last (1-based)."""
     window = curve[first - 1 : last]
     return math.exp(sum(math.log(v) for v in window) / len(window))
-
-
-def _lsq_claims_problem() -> tuple[Any, Callable[[int, torch.Tensor], tuple[torch.Tensor, float]]]:
-    """The least-squares problem of tests/test_algorithms.py (N = 20, d = 20, full gradients)."""
-    task = make_lsq_task(
-        num_partitions=20, dim=20, samples_per_client=200, seed=0, heterogeneity=1.0
-    )
-    A = [task.A(i) for i in range(20)]
-    b = [task.b(i) for i in range(20)]
-
-    def grad(i: int, w: torch.Tensor) -> tuple[torch.Tensor, float]:
-        w64 = w.to(torch.float64)
-        return (A[i].T @ (A[i] @ w64 - b[i]) / A[i].shape[0]).float(), 0.0
-
-    return task, grad
 
 
 @pytest.fixture(scope="module")
