@@ -87,8 +87,17 @@ def free_port() -> int:
 class LiveService:
     """A `fedsqueeze api serve` process (real uvicorn) on a free port."""
 
-    def __init__(self, database_url: str, home: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        home: Path,
+        env: dict[str, str] | None = None,
+        *,
+        host: str = "127.0.0.1",
+        options: tuple[str, ...] = (),
+    ) -> None:
         self.database_url = database_url
+        self.host, self.options = host, list(options)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.home = home
@@ -106,8 +115,8 @@ class LiveService:
         self.home.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "api", "serve", "--host", "127.0.0.1",
-             "--port", str(self.port), "--database-url", self.database_url],
+            [sys.executable, "-m", "server.cli", "api", "serve", "--host", self.host,
+             "--port", str(self.port), "--database-url", self.database_url, *self.options],
             cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         log.close()

@@ -23,7 +23,6 @@ import os
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -239,37 +238,12 @@ def test_poisoned_writes_are_refused_and_reads_stay_2xx(live_service: LiveServic
 # ------------------------------------------------------------------ scoped tokens
 
 
-class BoundService(LiveService):
-    """`fedsqueeze api serve` with its own --host and extra options."""
-
-    def __init__(self, database_url: str, home: Path, host: str, *options: str) -> None:
-        super().__init__(database_url, home)
-        self.host, self.options = host, list(options)
-
-    def start(self, timeout: float = 30.0) -> None:
-        env = dict(os.environ) | {"FEDSQUEEZE_HOME": str(self.home)}
-        self.home.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "server.cli", "api", "serve", "--host", self.host,
-                 "--port", str(self.port), "--database-url", self.database_url, *self.options],
-                cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"api serve exited: {self.log_path.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
-                    return
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"api serve did not come up: {self.log_path.read_text()[-3000:]}")
-
-
 @contextlib.contextmanager
-def bound_service(tmp_path: Path, host: str, *options: str) -> Iterator[BoundService]:
-    service = BoundService(f"sqlite:///{tmp_path / 'store' / 'f.db'}", tmp_path, host, *options)
+def bound_service(tmp_path: Path, host: str, *options: str) -> Iterator[LiveService]:
+    """`fedsqueeze api serve` with its own --host and extra options."""
+    service = LiveService(
+        f"sqlite:///{tmp_path / 'store' / 'f.db'}", tmp_path, host=host, options=options
+    )
     try:
         service.start()
         yield service
