@@ -30,10 +30,10 @@ from typing import Any
 import httpx
 import pytest
 from conftest import REPO_ROOT, LiveService
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_api import RUN_BODY as RUN
+from test_api import public_key_pem
 
 from api.store import SqlRecorder, Store, open_store
 from server.recording import RoundRecord, RunInfo
@@ -43,23 +43,6 @@ pytestmark = pytest.mark.slow
 I63 = (1 << 63) - 1
 BIG = (1 << 62) - 1  # the largest byte count one round may carry
 SENTINEL = "S3ntinelPW"
-RUN = {
-    "strategy": "artemis",
-    "uplink_compressor": "sq:s=1",
-    "downlink_compressor": "identity",
-    "task": "fashion_mnist",
-    "config": {"num-server-rounds": 3},
-    "num_parameters": 1000,
-}
-
-
-def public_key_pem() -> str:
-    key = ec.generate_private_key(ec.SECP384R1())
-    return (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
 
 
 def round_body(t: int, **fields: Any) -> dict[str, Any]:
