@@ -1,1 +1,4 @@
-"""Examples of extending fedsqueeze with your own code (see README, "Bring your own task")."""
+"""Examples of extending fedsqueeze with your own code.
+
+See docs/running-simulations.md, "Bring your own task".
+"""

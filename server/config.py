@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-#: every key, its default and what it means (the README's table is generated from this)
+#: every key, its default and what it means (tests/test_docs.py holds the table of
+#: docs/running-simulations.md, "Run-config keys", to this)
 KEYS: dict[str, tuple[Any, str]] = {
     "strategy": ("artemis", "algorithm: sgd qsgd diana biqsgd artemis dore doublesqueeze "
                  "mcm rand-mcm ef-sgd signsgd-mv flwr-fedavg"),

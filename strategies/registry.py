@@ -51,7 +51,7 @@ def get_preset(name: str) -> Preset:
 
 
 def settings_from_config(config: dict[str, Any], dim: int) -> AlgorithmSettings:
-    """AlgorithmSettings from run-config keys (kebab-case, see README)."""
+    """AlgorithmSettings from run-config keys (kebab-case, see docs/running-simulations.md)."""
     preset = get_preset(str(config.get("strategy", "artemis")))
     server_lr = float(config.get("server-lr", -1.0))
     if server_lr < 0:

@@ -6,8 +6,8 @@ server halves, real wire bytes, through `strategies.local.run_local`).
    Each run must end within 10x of the fault-free run's final excess loss (on the objective
    of the clients the server counts at the end), and at or below 1e-6 of the starting excess
    loss where the fault-free run gets there. With p = 1 and PP2, the server's memory must
-   equal the mean of the counted clients' memories after every round (README: the memory
-   invariant).
+   equal the mean of the counted clients' memories after every round (docs/algorithms.md:
+   the memory invariant).
 2. The reproduction of issue 9's finding: diana, p = 1, PP2, one client wiped at round 20 on
    the least-squares problem of tests/test_algorithms.py.
 3. `ServerHalf.receive` never raises, whatever a reply carries (hypothesis), and the exact

@@ -252,7 +252,8 @@ def _simulate_env(tmp_path: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_simulate_runs_two_strategies_with_a_users_task(tmp_path: Path) -> None:
-    """A real simulation on a real SuperLink, with the example task of the README."""
+    """A real simulation on a real SuperLink, with the example task of the docs
+    (docs/running-simulations.md)."""
     out = tmp_path / "results.json"
     db = tmp_path / "runs.db"
     done = subprocess.run(

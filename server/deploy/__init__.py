@@ -1,3 +1,3 @@
 """Deployment on Flower's engine: SuperLink launcher, certificates, SuperNode registration,
-run submission and faster reply polling (see the README section "Deploying to edge
+run submission and faster reply polling (see docs/deployment.md, "Deploying to edge
 devices")."""
