@@ -15,20 +15,19 @@ import psutil
 import pytest
 from flwr.common.config import parse_config_args
 
-from server.recording import JsonlRecorder, RoundRecord, RunInfo
-from server.simulate import (
-    CONNECTION_NAME,
+from server.app_dir import (
     AppInfo,
-    JsonlWatcher,
-    LocalSuperLink,
     SimulationError,
-    build_specs,
     check_overrides,
     parse_raw_overrides,
     read_app,
     run_config_arg,
     toml_value,
 )
+from server.local_superlink import CONNECTION_NAME, LocalSuperLink
+from server.recording import JsonlRecorder, RoundRecord, RunInfo
+from server.simulate import build_specs
+from server.store_watchers import JsonlWatcher
 
 ROOT = Path(__file__).resolve().parents[1]
 FEDSQUEEZE = str(Path(sys.executable).with_name("fedsqueeze"))
