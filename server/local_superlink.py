@@ -22,9 +22,7 @@ from typing import Any
 
 from server.app_dir import ConfigValue, SimulationError, run_config_arg
 from server.flower_env import flower_env, flower_executable, terminate_then_kill
-
-#: the SuperLink connection simulate writes into its own FLWR_HOME/config.toml
-CONNECTION_NAME = "fedsqueeze"
+from server.flwr_connection import CONNECTION_NAME, write_flower_config
 
 
 def executable(name: str) -> str:
@@ -97,15 +95,6 @@ class LocalSuperLink:
         env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
         return env
 
-    def _write_connection(self) -> None:
-        self.flwr_home.mkdir(parents=True, exist_ok=True)
-        (self.flwr_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION_NAME}"\n\n'
-            f"[superlink.{CONNECTION_NAME}]\n"
-            f'address = "{self.address}"\ninsecure = true\n',
-            encoding="utf-8",
-        )
-
     def healthy(self) -> bool:
         import httpx
 
@@ -117,7 +106,7 @@ class LocalSuperLink:
     def start(self) -> None:
         if self.process is not None:
             raise SimulationError("this SuperLink is already started")
-        self._write_connection()
+        write_flower_config(self.flwr_home, self.address)
         command = [
             executable("flower-superlink"),
             "--insecure",

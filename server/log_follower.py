@@ -13,7 +13,8 @@ from collections import deque
 from pathlib import Path
 
 from core.secrets import redact_text
-from server.local_superlink import CONNECTION_NAME, LocalSuperLink, executable
+from server.flwr_connection import CONNECTION_NAME
+from server.local_superlink import LocalSuperLink, executable
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _ROUND_LINE = re.compile(r"\[ROUND (\d+)(?:/(\d+))?\]")

@@ -24,7 +24,8 @@ from server.app_dir import (
     run_config_arg,
     toml_value,
 )
-from server.local_superlink import CONNECTION_NAME, LocalSuperLink
+from server.flwr_connection import CONNECTION_NAME
+from server.local_superlink import LocalSuperLink
 from server.recording import JsonlRecorder, RoundRecord, RunInfo
 from server.simulate import build_specs
 from server.store_watchers import JsonlWatcher
