@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -31,6 +32,23 @@ class RoundRow:
     eval_accuracy: float | None = None
     seconds: float | None = None  # wall time of the round (ended_at - started_at)
     phase_seconds: dict[str, float] = field(default_factory=dict)
+
+
+#: what a recorded round (a store row, or a RoundRecord in a jsonl file) says, as read here
+_ROUND_FIELDS = (
+    "round",
+    "sampled",
+    "replied",
+    "failed",
+    "uplink_bytes",
+    "downlink_bytes",
+    "train_loss",
+    "eval_loss",
+    "eval_accuracy",
+    "phase_seconds",
+    "started_at",
+    "ended_at",
+)
 
 
 class StoreWatcher:
@@ -91,7 +109,7 @@ class StoreWatcher:
                 .where(Round.run_id == self.store_run_id, Round.round.not_in(list(self.rounds)))
                 .order_by(Round.round)
             ).all()
-            new = [_round_row(r) for r in rows]
+            new = [_round_row({f: getattr(r, f) for f in _ROUND_FIELDS}) for r in rows]
         for row in new:
             self.rounds[row.round] = row
         self.error = None
@@ -148,17 +166,9 @@ class JsonlWatcher:
             for key in ("started_at", "ended_at"):
                 if isinstance(record.get(key), str):
                     record[key] = datetime.fromisoformat(record[key])
-            return _round_row(_Obj(record))
+            return _round_row(record)
         elif kind == "finish_run" and event.get("run_id") == self.store_run_id:
             self.run_status = str(event.get("status"))
-        return None
-
-
-class _Obj:
-    def __init__(self, values: dict[str, Any]) -> None:
-        self.__dict__.update(values)
-
-    def __getattr__(self, name: str) -> Any:
         return None
 
 
@@ -169,21 +179,22 @@ def make_watcher(database_url: str | None, flower_run_id: int) -> StoreWatcher |
     return StoreWatcher(database_url, flower_run_id)
 
 
-def _round_row(r: Any) -> RoundRow:
+def _round_row(r: Mapping[str, Any]) -> RoundRow:
+    """A recorded round as a RoundRow: missing or null counts are 0, missing metrics None."""
     seconds = None
-    started, ended = getattr(r, "started_at", None), getattr(r, "ended_at", None)
+    started, ended = r.get("started_at"), r.get("ended_at")
     if isinstance(started, datetime) and isinstance(ended, datetime):
         seconds = (ended - started).total_seconds()
     return RoundRow(
-        round=int(r.round),
-        sampled=int(r.sampled or 0),
-        replied=int(r.replied or 0),
-        failed=int(r.failed or 0),
-        uplink_bytes=int(r.uplink_bytes or 0),
-        downlink_bytes=int(r.downlink_bytes or 0),
-        train_loss=r.train_loss,
-        eval_loss=r.eval_loss,
-        eval_accuracy=r.eval_accuracy,
+        round=int(r["round"]),
+        sampled=int(r.get("sampled") or 0),
+        replied=int(r.get("replied") or 0),
+        failed=int(r.get("failed") or 0),
+        uplink_bytes=int(r.get("uplink_bytes") or 0),
+        downlink_bytes=int(r.get("downlink_bytes") or 0),
+        train_loss=r.get("train_loss"),
+        eval_loss=r.get("eval_loss"),
+        eval_accuracy=r.get("eval_accuracy"),
         seconds=seconds,
-        phase_seconds=dict(getattr(r, "phase_seconds", None) or {}),
+        phase_seconds=dict(r.get("phase_seconds") or {}),
     )
