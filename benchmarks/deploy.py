@@ -245,8 +245,9 @@ def _store_rounds(api_url: str, flower_run_id: int) -> list[dict[str, Any]]:
 def run_benchmark(
     rounds: int, nodes: int, strategy: str, task: str, timeout: float, echo: Any
 ) -> dict[str, Any]:
+    from server.app_dir import read_app
     from server.deploy.runs import flower_run_status, submit_run
-    from server.simulate import build_specs, read_app, run_simulations
+    from server.simulate import build_specs, run_simulations
 
     root = Path(tempfile.mkdtemp(prefix="fedsqueeze-bench-deploy-"))
     old_env = {k: os.environ.get(k) for k in ("FEDSQUEEZE_HOME", "FLWR_HOME", "DATABASE_URL")}

@@ -212,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from rich.console import Console
 
-    from server.simulate import RunSpec, SimulationError, check_overrides, read_app, run_simulations
+    from server.app_dir import SimulationError, check_overrides, read_app
+    from server.simulate import run_simulations
+    from server.simulation_run import RunSpec
     from tasks.fashion_mnist import FashionMnistDataMissing, check_data_dir
 
     console = Console(stderr=True)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.rounds import BASELINE, records_from
-from server.simulate import RoundRow, SimulationResult
+from server.simulation_run import SimulationResult
+from server.store_watchers import RoundRow
 from tasks.fashion_mnist import data_available
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -36,7 +36,8 @@ from server.deploy.certs import (
 )
 from server.deploy.launcher import ServerConfig, ServerPaths, load_config, save_config
 from server.deploy.polling import FastPollGrid, poll_intervals
-from server.deploy.runs import render_run_config, write_flower_config
+from server.deploy.runs import render_run_config
+from server.flwr_connection import write_flower_config
 
 
 def _mode(path: Path) -> int:
@@ -252,6 +253,10 @@ def test_flower_config_and_run_config_rendering(tmp_path: Path) -> None:
     data = tomllib.loads(path.read_text())
     assert data["superlink"]["default"] == "fedsqueeze"
     assert data["superlink"]["fedsqueeze"]["address"] == "127.0.0.1:9092"
+    assert data["superlink"]["fedsqueeze"]["root-certificates"] == str(tmp_path / "ca.crt")
+    # without a CA: the plain-HTTP connection of simulate's local SuperLink
+    plain = tomllib.loads(write_flower_config(tmp_path / "plain", "127.0.0.1:1").read_text())
+    assert plain["superlink"]["fedsqueeze"] == {"address": "127.0.0.1:1", "insecure": True}
     from flwr.common.config import parse_config_args
 
     text = render_run_config(

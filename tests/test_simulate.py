@@ -15,20 +15,20 @@ import psutil
 import pytest
 from flwr.common.config import parse_config_args
 
-from server.recording import JsonlRecorder, RoundRecord, RunInfo
-from server.simulate import (
-    CONNECTION_NAME,
+from server.app_dir import (
     AppInfo,
-    JsonlWatcher,
-    LocalSuperLink,
     SimulationError,
-    build_specs,
     check_overrides,
     parse_raw_overrides,
     read_app,
     run_config_arg,
     toml_value,
 )
+from server.flwr_connection import CONNECTION_NAME
+from server.local_superlink import LocalSuperLink
+from server.recording import JsonlRecorder, RoundRecord, RunInfo
+from server.simulate import build_specs
+from server.store_watchers import JsonlWatcher, StoreWatcher, make_watcher
 
 ROOT = Path(__file__).resolve().parents[1]
 FEDSQUEEZE = str(Path(sys.executable).with_name("fedsqueeze"))
@@ -209,6 +209,35 @@ def test_jsonl_history_is_followed_for_one_flower_run(tmp_path: Path) -> None:
     later.record_round(later.start_run(info(333)), RoundRecord(3, 1, 1, 0, 1, 1, 1, 1))
     assert watcher.poll() == []
     assert sorted(watcher.rounds) == [1, 2]
+
+
+def test_store_history_is_followed_for_one_flower_run(tmp_path: Path) -> None:
+    """The same as above from a real SQLite store, as the ServerApp's SqlRecorder writes it."""
+    from api.store import SqlRecorder
+
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    recorder = SqlRecorder(url)
+    other = recorder.start_run(
+        RunInfo("sgd", "none", "none", "t", {}, flower_run_id=111, num_parameters=9)
+    )
+    recorder.record_round(other, RoundRecord(1, 2, 2, 0, 10, 20, 10, 20))
+    watcher = make_watcher(url, flower_run_id=222)
+    assert isinstance(watcher, StoreWatcher)
+    assert watcher.poll() == [] and watcher.store_run_id is None
+    rid = recorder.start_run(
+        RunInfo("artemis", "qsgd:s=1", "qsgd:s=1", "t", {}, flower_run_id=222, num_parameters=9)
+    )
+    recorder.record_round(rid, RoundRecord(1, 3, 3, 0, 30, 60, 30, 60, train_loss=0.5))
+    (row,) = watcher.poll()
+    assert watcher.store_run_id == rid and watcher.run_status == "running"
+    assert (row.round, row.uplink_bytes, row.train_loss) == (1, 30, 0.5)
+    assert row.seconds is not None and row.seconds >= 0
+    assert watcher.run_facts["num_parameters"] == 9
+    recorder.record_round(rid, RoundRecord(2, 3, 2, 1, 20, 60, 20, 60, eval_accuracy=0.7))
+    recorder.finish_run(rid, "finished")
+    (row,) = watcher.poll()
+    assert (row.round, row.failed, row.eval_accuracy) == (2, 1, 0.7)
+    assert watcher.run_status == "finished" and sorted(watcher.rounds) == [1, 2]
 
 
 # ----------------------------------------------------------------------------- slow

@@ -482,14 +482,14 @@ def run_command(
     missing task data) exits 2 before anything is submitted. At the end the run's rounds
     are printed.
     """
-    from server.deploy.launcher import require_config
-    from server.deploy.runs import app_config_keys, default_app_dir, submit_run
-    from server.simulate import (
+    from server.app_dir import (
         SimulationError,
         check_overrides,
         check_run_config,
         parse_raw_overrides,
     )
+    from server.deploy.launcher import require_config
+    from server.deploy.runs import app_config_keys, default_app_dir, submit_run
 
     if resume is not None:
         given = {"--strategy": strategy, "--rounds": rounds, "--task": task,

@@ -73,7 +73,6 @@ DEFAULT_SUPERLINK_PORT = 9092
 DEFAULT_API_HOST = "127.0.0.1"
 DEFAULT_API_PORT = 8080
 DEFAULT_FLEET_PORT = 9443
-CONNECTION_NAME = "fedsqueeze"
 #: the background processes, in start order (stopped in reverse)
 COMPONENTS = ("superlink", "proxy", "api")
 

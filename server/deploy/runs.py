@@ -25,25 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from server.config import refused_key_message
-from server.deploy.launcher import CONNECTION_NAME, ServerConfig, ServerPaths
+from server.deploy.launcher import ServerConfig, ServerPaths
 from server.flower_env import flower_env, flower_executable
+from server.flwr_connection import CONNECTION_NAME, write_flower_config
 
 RUN_ID_PATTERN = re.compile(r"Successfully started run (\d+)")
-
-
-def write_flower_config(flwr_home: Path, address: str, ca_cert: Path) -> Path:
-    """FLWR_HOME/config.toml with the ``fedsqueeze`` connection (made default)."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    path = flwr_home / "config.toml"
-    path.write_text(
-        "[superlink]\n"
-        f'default = "{CONNECTION_NAME}"\n\n'
-        f"[superlink.{CONNECTION_NAME}]\n"
-        f'address = "{address}"\n'
-        f'root-certificates = "{ca_cert.resolve()}"\n',
-        encoding="utf-8",
-    )
-    return path
 
 
 def app_config_keys(app_dir: Path) -> dict[str, Any]:
