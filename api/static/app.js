@@ -2,7 +2,7 @@
 //
 // Pages (hash routes): #/runs, #/run/ID, #/compare?ids=1,2, #/clients.
 // Every value from the API is rendered with textContent (run names and configs are user
-// data); nothing here uses innerHTML. When reads need a token the page asks for it once
+// data); no HTML is ever parsed from strings. When reads need a token the page asks for it once
 // and keeps it in sessionStorage only (this tab), sent as `Authorization: Bearer`.
 // Charts expose what they drew for tests and scripts: each chart's <figure> carries
 // data-points (the x values, one per round) and data-series-points (non-null points per
@@ -13,6 +13,8 @@
   const TOKEN_KEY = "fedsqueeze.token";
   const POLL_MS = 2000;
   const PAGE = 500;
+  // tick steps of axes that count things (rounds, clients): no 1.25th round
+  const INTEGER_STEPS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000];
   const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
                   "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
 
@@ -109,7 +111,19 @@
       } catch (_) { /* not JSON */ }
       throw new ApiError(response.status, message);
     }
-    return response.json();
+    return parseJson(await response.text());
+  }
+
+  /**
+   * JSON with integers beyond 2^53 (Flower's 64-bit node and run ids) kept exact, as
+   * strings: JSON.parse would round them (the reviver's source text gives the digits).
+   */
+  function parseJson(text) {
+    return JSON.parse(text, (key, value, context) =>
+      typeof value === "number" && !Number.isSafeInteger(value) && Number.isInteger(value) &&
+      context && typeof context.source === "string" && /^-?\d+$/.test(context.source)
+        ? context.source
+        : value);
   }
 
   /** Every item of a paged list endpoint (follows next_offset). */
@@ -197,9 +211,9 @@
         : { time: false } },
       axes: [
         { label: spec.xLabel, values: spec.bytesX ? (u, vals) => vals.map(fmtBytes) : undefined,
-          size: 40 },
+          incrs: spec.xLabel === "round" ? INTEGER_STEPS : undefined, size: 40 },
         { label: spec.yLabel, values: spec.bytesY ? (u, vals) => vals.map(fmtBytes) : undefined,
-          size: spec.bytesY ? 70 : 55 },
+          incrs: spec.intY ? INTEGER_STEPS : undefined, size: spec.bytesY ? 70 : 55 },
       ],
       series: [
         { label: spec.xLabel, value: spec.bytesX ? (u, v) => fmtBytes(v) : undefined },
@@ -422,12 +436,12 @@
         note: c.hasCatchup ? null : "This run records no catch-up bytes (e.g. Flower's FedAvg).",
         pick: (k) => [k.up, k.down, k.catchup], xOf: (k) => k.round },
       { name: "participants-round", title: "Participants per round", xLabel: "round", yLabel: "clients",
-        x: c.round,
+        x: c.round, intY: true,
         series: [{ label: "sampled", values: c.sampled }, { label: "replied", values: c.replied },
                  { label: "failed", values: c.failed }],
         pick: (k) => [k.sampled, k.replied, k.failed], xOf: (k) => k.round },
       { name: "rejected-round", title: "Rejected replies and resyncs per round", xLabel: "round",
-        yLabel: "replies", x: c.round,
+        yLabel: "replies", x: c.round, intY: true,
         series: [{ label: "rejected", values: c.rejected }, { label: "resyncs", values: c.resyncs }],
         note: c.hasRejected ? null : "This run records no rejected replies or resyncs (e.g. Flower's FedAvg).",
         pick: (k) => [k.rejected, k.resyncs], xOf: (k) => k.round },
