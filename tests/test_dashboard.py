@@ -273,6 +273,13 @@ def test_a_running_run_gains_a_point_when_a_round_is_appended(
     row = page.locator(f"#runs-table tbody tr[data-run-id='{run_id}']")
     assert HOSTILE_NAME in row.inner_text()
     assert page.locator("main img, main b").count() == 0
+    # the open runs table picks up a run started after it loaded (it polls, no reload)
+    later = http.post("/runs", json=body | {"config": {"run-name": "started later"}})
+    assert later.status_code == 201, later.text
+    page.wait_for_selector(f"#runs-table tbody tr[data-run-id='{later.json()['id']}']")
+    assert http.post(
+        f"/runs/{later.json()['id']}/finish", json={"status": "interrupted"}
+    ).is_success
     tab.assert_clean()
 
 

@@ -362,19 +362,25 @@
     );
     render();
 
-    // refresh while some run is running (the table keeps its sort, filter and selection)
-    const timer = setInterval(async () => {
-      if (!runs.some((r) => r.status === "running")) return;
+    // refresh: every 2 s while some run is running, else every 10 s (new runs appear);
+    // the table keeps its sort, filter and selection
+    let timer = null;
+    const refresh = async () => {
       try {
         const fresh = await apiAll("runs?sort=id&order=desc");
         if (serial !== routeSerial) return;
         runs = fresh;
         render();
+        schedule();
       } catch (error) {
         if (serial === routeSerial) failed(error);
       }
-    }, POLL_MS);
-    cleanups.push(() => clearInterval(timer));
+    };
+    const schedule = () => {
+      timer = setTimeout(refresh, runs.some((r) => r.status === "running") ? POLL_MS : 5 * POLL_MS);
+    };
+    schedule();
+    cleanups.push(() => clearTimeout(timer));
   }
 
   // ------------------------------------------------------------------ run page
