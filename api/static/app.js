@@ -329,7 +329,7 @@
           const value = c.get(run);
           const text = c.show ? c.show(value) : (value ?? "");
           if (c.key === "name") {
-            return el("td", {}, el("a", { href: `#/run/${run.id}` }, text));
+            return el("td", { class: "name" }, el("a", { href: `#/run/${run.id}` }, text));
           }
           if (c.key === "status") {
             return el("td", {}, el("span", { class: `status status-${run.status}` }, text));
