@@ -10,6 +10,9 @@ runs it under uvicorn. Who may do what (`api.models.ApiToken`):
   bound to that run; nothing else (runs the ServerApp records in-process have no owner);
 - ``POST /clients``: ``admin`` or ``enrol``; disabling, enabling, removing: ``admin``.
 
+``GET /`` serves the dashboard, a static page of this package (`api.dashboard`) that reads
+these endpoints with the same permissions.
+
 Requests whose Host header is neither an allowed name (loopback names by default) nor
 an IP address are refused with 400 (DNS rebinding). Errors always have the body
 ``{"error": {"code", "message", "details"}}``: 400 for a bad Host header or body, 401
@@ -37,6 +40,7 @@ from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import schemas as s
+from api.dashboard import mount_dashboard
 from api.db import current_revision, ensure_schema, get_engine, head_revision
 from api.errors import InvalidError, NotFoundError, StoreError
 from api.models import ApiToken, Client, Run
@@ -834,6 +838,9 @@ def create_app(settings: Settings | None = None, registrar: Registrar | None = N
             _unregister(client.node_id)
         store.delete_client(client_id)
         return Response(status_code=204)
+
+    # ------------------------------------------------------------ dashboard
+    mount_dashboard(app)
 
     # ------------------------------------------------------------ middleware
     if settings.cors_origins:

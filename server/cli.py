@@ -61,6 +61,11 @@ from server.simulate import simulate as _simulate  # noqa: E402  (light: typer o
 app.command("simulate")(_simulate)
 
 
+from server.plot import plot as _plot  # noqa: E402  (light: typer only)
+
+app.command("plot")(_plot)
+
+
 def error_line(exc: BaseException, limit: int = 500) -> str:
     """One redacted line for an unexpected error: ``<type>: <message>``.
 
