@@ -1,6 +1,7 @@
 """MCM and Rand-MCM: bidirectional compression with a preserved central model (both halves).
 
-Uplink and aggregation as in `strategies.common` (uplink memory h_i, ĝ by PP1/PP2 over pN).
+Uplink and aggregation as in `strategies.client_half` and `strategies.aggregation` (uplink
+memory h_i, ĝ by PP1/PP2 over pN).
 The server keeps the exact model::
 
     w ← w − γ ĝ                      (never degraded by downlink compression)
@@ -36,21 +37,14 @@ from pathlib import Path
 import torch
 
 from strategies.artemis import QSGD_S1
-from strategies.common import (
-    AlgorithmSettings,
-    BroadcastLog,
-    ClientBook,
-    ClientState,
-    Downlink,
-    Preset,
-    ServerHalf,
-    TensorStore,
-    catch_up,
-    decode_wires,
-    derive_seed,
-    encode,
-    tensor_digest,
-)
+from strategies.catchup import BroadcastLog, catch_up, encode_snapshot
+from strategies.client_half import ClientState
+from strategies.consistency import tensor_digest
+from strategies.encoding import decode_wires, derive_seed, encode
+from strategies.memory_store import TensorStore
+from strategies.messages import Downlink
+from strategies.server_half import ClientBook, ServerHalf
+from strategies.settings import AlgorithmSettings, Preset
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -112,7 +106,7 @@ class PreservedServer(ServerHalf):
         self.w0 = self.w.clone()
         self.H = self.w0.clone()  # H_0 = w_0 (a model-space memory; see the module docstring)
         self.w_hat = self.w.clone()  # the perturbed model clients at the current version hold
-        self.snapshot_nbytes = 2 * len(self._snapshot([self.w])[0][0])
+        self.snapshot_nbytes = 2 * len(encode_snapshot([self.w])[0][0])
         self.log = BroadcastLog(self.snapshot_nbytes)
         self.H_store = (
             TensorStore(
@@ -129,7 +123,7 @@ class PreservedServer(ServerHalf):
 
     def _snapshot_now(self) -> tuple[list[bytes], int]:
         if self._snapshot_cache is None or self._snapshot_cache[0] != self.version:
-            payloads, predicted = self._snapshot([self.w_hat, self.H])
+            payloads, predicted = encode_snapshot([self.w_hat, self.H])
             self._snapshot_cache = (self.version, payloads, predicted)
         return self._snapshot_cache[1], self._snapshot_cache[2]
 

@@ -21,20 +21,13 @@ from pathlib import Path
 
 import torch
 
-from strategies.common import (
-    AlgorithmSettings,
-    BroadcastLog,
-    ClientBook,
-    ClientState,
-    Downlink,
-    Preset,
-    ServerHalf,
-    catch_up,
-    decode_wires,
-    derive_seed,
-    encode,
-    tensor_digest,
-)
+from strategies.catchup import BroadcastLog, catch_up, encode_snapshot
+from strategies.client_half import ClientState
+from strategies.consistency import tensor_digest
+from strategies.encoding import decode_wires, derive_seed, encode
+from strategies.messages import Downlink
+from strategies.server_half import ClientBook, ServerHalf
+from strategies.settings import AlgorithmSettings, Preset
 
 PRESETS: dict[str, Preset] = {
     "signsgd-mv": Preset(
@@ -79,13 +72,13 @@ class MajorityVoteServer(ServerHalf):
         max_uplink_bytes: int | None = None,
     ) -> None:
         super().__init__(settings, w0, store_dir, expected_clients, max_uplink_bytes)
-        self.snapshot_nbytes = len(self._snapshot([self.w])[0][0])
+        self.snapshot_nbytes = len(encode_snapshot([self.w])[0][0])
         self.log = BroadcastLog(self.snapshot_nbytes)
         self._snapshot_cache: tuple[int, list[bytes], int] | None = None
 
     def _snapshot_now(self) -> tuple[list[bytes], int]:
         if self._snapshot_cache is None or self._snapshot_cache[0] != self.version:
-            payloads, predicted = self._snapshot([self.w])
+            payloads, predicted = encode_snapshot([self.w])
             self._snapshot_cache = (self.version, payloads, predicted)
         return self._snapshot_cache[1], self._snapshot_cache[2]
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from strategies import checkpoint
-from strategies.common import ClientState, TensorStore, client_round, initial_client_state
+from strategies.client_half import ClientState, client_round, initial_client_state
+from strategies.memory_store import TensorStore
 from strategies.registry import PRESETS, client_apply, make_server, settings_from_config
 from tasks.synthetic import make_lsq_task
 
@@ -53,7 +54,7 @@ class Federation:
 
     def round(self, server: Any, rng: np.random.Generator, k: int) -> list[Any]:
         """One round; return everything that crossed the wire and the server's model."""
-        from strategies.common import sample_clients
+        from strategies.sampling import sample_clients
 
         s = self.settings
         nodes, expected = sample_clients(list(range(N)), s.participation, "bernoulli", rng)
@@ -208,7 +209,7 @@ def test_spilled_tensor_store_round_trips(tmp_path) -> None:
 
 
 def test_compressors_are_rebuilt_not_saved(tmp_path) -> None:
-    from strategies.common import get_compressor
+    from strategies.encoding import get_compressor
 
     server = make_server(settings_from_config({"strategy": "dore"}, D), torch.zeros(D))
     server.ef_compressor = get_compressor("topk:k=3")  # type: ignore[attr-defined]
