@@ -41,12 +41,12 @@ from pathlib import Path
 
 import torch
 
-from strategies.catchup import BroadcastLog, catch_up, encode_snapshot
+from strategies.catchup import BroadcastLog, SnapshotCache, catch_up, encode_snapshot
 from strategies.client_half import ClientState
 from strategies.consistency import tensor_digest
 from strategies.encoding import decode_wires, derive_seed, encode
 from strategies.messages import Downlink
-from strategies.server_half import ClientBook, ServerHalf
+from strategies.server_half import ClientBook, DownlinkCommit, ServerHalf
 from strategies.settings import AlgorithmSettings, Preset
 
 #: The presets' QSGD s = 1, on buckets of 64 coordinates: ω = min(d_B, √d_B) = 8 per bucket.
@@ -174,24 +174,22 @@ class BroadcastServer(ServerHalf):
         n_snapshot = 2 if settings.down_memory else 1
         self.snapshot_nbytes = n_snapshot * len(encode_snapshot([self.w])[0][0])
         self.log = BroadcastLog(self.snapshot_nbytes if settings.model == "degraded" else 0)
-        self._snapshot_cache: tuple[int, list[bytes], int] | None = None
+        self._snapshot_cache = SnapshotCache()
         self._digest_cache: tuple[int, tuple[bytes, bytes]] | None = None
 
     def _snapshot_now(self) -> tuple[list[bytes], int]:
-        if self._snapshot_cache is None or self._snapshot_cache[0] != self.version:
-            tensors = [self.w] if self.H is None else [self.w, self.H]
-            payloads, predicted = encode_snapshot(tensors)
-            self._snapshot_cache = (self.version, payloads, predicted)
-        return self._snapshot_cache[1], self._snapshot_cache[2]
+        """A snapshot of (w, H), or of w when there is no downlink memory."""
+        return self._snapshot_cache.get(
+            self.version, lambda: [self.w] if self.H is None else [self.w, self.H]
+        )
 
     def _downlink_payload(
         self, node: int, book: ClientBook, k: int
-    ) -> tuple[Downlink, dict[str, torch.Tensor]]:
-        return catch_up(self, book, k, self.log, self._snapshot_now, self.snapshot_nbytes), {}
+    ) -> tuple[Downlink, DownlinkCommit]:
+        message = catch_up(self, book, k, self.log, self._snapshot_now, self.snapshot_nbytes)
+        return message, DownlinkCommit()
 
-    def _expected_digest_down(
-        self, node: int, pending_commit: dict[str, torch.Tensor]
-    ) -> tuple[bytes, bytes]:
+    def _expected_digest_down(self, node: int, commit: DownlinkCommit) -> tuple[bytes, bytes]:
         if self._digest_cache is None or self._digest_cache[0] != self.version:
             self._digest_cache = (self.version, (tensor_digest(self.H), tensor_digest(self.w)))
         return self._digest_cache[1]

@@ -89,6 +89,25 @@ def catch_up(
     return Downlink(k, "snapshot", book.version, server.version, 0, False, 0, payloads, predicted)
 
 
+class SnapshotCache:
+    """The snapshot of the server's current model version, encoded once per version (every
+    client that needs a snapshot in a round receives the same bytes)."""
+
+    def __init__(self) -> None:
+        self._version: int | None = None
+        self._snapshot: tuple[list[bytes], int] = ([], 0)
+
+    def get(
+        self, version: int, tensors: Callable[[], Sequence[torch.Tensor]]
+    ) -> tuple[list[bytes], int]:
+        """`encode_snapshot(tensors())` of model version `version`, from the cache when it
+        holds that version."""
+        if self._version != version:
+            self._snapshot = encode_snapshot(tensors())
+            self._version = version
+        return self._snapshot
+
+
 def encode_snapshot(tensors: Sequence[torch.Tensor]) -> tuple[list[bytes], int]:
     """A full-precision snapshot: each tensor as an identity-coded (float32) payload, and
     the codec's predicted size of them all."""

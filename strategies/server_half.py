@@ -54,13 +54,24 @@ class ClientBook:
     counted: bool = False
 
 
+@dataclass(frozen=True)
+class DownlinkCommit:
+    """The per-client downlink state the server computed when it sent client i its message,
+    kept once i's reply is accepted: Rand-MCM's H_i ← H_i + α_dwn Ω_i (`down_memory`) and
+    the perturbed model ŵ_i = H_i + Ω_i the client computes its update at (`model`). Empty
+    for the families that broadcast one message to all."""
+
+    down_memory: torch.Tensor | None = None
+    model: torch.Tensor | None = None
+
+
 @dataclass
 class PendingReply:
     """What the server expects from client i this round and what to commit if it arrives."""
 
     target_version: int
     expected_digest: bytes
-    commit: dict[str, torch.Tensor] = field(default_factory=dict)
+    commit: DownlinkCommit = field(default_factory=DownlinkCommit)
 
 
 @dataclass
@@ -146,13 +157,11 @@ class ServerHalf(ABC):
     @abstractmethod
     def _downlink_payload(
         self, node: int, book: ClientBook, k: int
-    ) -> tuple[Downlink, dict[str, torch.Tensor]]:
+    ) -> tuple[Downlink, DownlinkCommit]:
         """The message for `node` and what to store for it if its reply is accepted."""
 
     @abstractmethod
-    def _expected_digest_down(
-        self, node: int, pending_commit: dict[str, torch.Tensor]
-    ) -> tuple[bytes, bytes]:
+    def _expected_digest_down(self, node: int, commit: DownlinkCommit) -> tuple[bytes, bytes]:
         """`tensor_digest` of the downlink memory and of the model the client will hold."""
 
     @abstractmethod
@@ -163,7 +172,7 @@ class ServerHalf(ABC):
     def _reset_client(self, node: int) -> None:  # noqa: B027
         """Zero the server's per-client downlink memory (families that keep one)."""
 
-    def _commit_client(self, node: int, commit: dict[str, torch.Tensor]) -> None:  # noqa: B027
+    def _commit_client(self, node: int, commit: DownlinkCommit) -> None:  # noqa: B027
         """Store what the family computed for this client at send time."""
 
     def evaluation_model(self) -> torch.Tensor:

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from strategies.catchup import BroadcastLog, catch_up, encode_snapshot
+from strategies.catchup import BroadcastLog, SnapshotCache, catch_up, encode_snapshot
 from strategies.client_half import ClientState
 from strategies.consistency import tensor_digest
 from strategies.encoding import decode_wires, derive_seed, encode
 from strategies.messages import Downlink
-from strategies.server_half import ClientBook, ServerHalf
+from strategies.server_half import ClientBook, DownlinkCommit, ServerHalf
 from strategies.settings import AlgorithmSettings, Preset
 
 PRESETS: dict[str, Preset] = {
@@ -74,22 +74,18 @@ class MajorityVoteServer(ServerHalf):
         super().__init__(settings, w0, store_dir, expected_clients, max_uplink_bytes)
         self.snapshot_nbytes = len(encode_snapshot([self.w])[0][0])
         self.log = BroadcastLog(self.snapshot_nbytes)
-        self._snapshot_cache: tuple[int, list[bytes], int] | None = None
+        self._snapshot_cache = SnapshotCache()
 
     def _snapshot_now(self) -> tuple[list[bytes], int]:
-        if self._snapshot_cache is None or self._snapshot_cache[0] != self.version:
-            payloads, predicted = encode_snapshot([self.w])
-            self._snapshot_cache = (self.version, payloads, predicted)
-        return self._snapshot_cache[1], self._snapshot_cache[2]
+        return self._snapshot_cache.get(self.version, lambda: [self.w])
 
     def _downlink_payload(
         self, node: int, book: ClientBook, k: int
-    ) -> tuple[Downlink, dict[str, torch.Tensor]]:
-        return catch_up(self, book, k, self.log, self._snapshot_now, self.snapshot_nbytes), {}
+    ) -> tuple[Downlink, DownlinkCommit]:
+        message = catch_up(self, book, k, self.log, self._snapshot_now, self.snapshot_nbytes)
+        return message, DownlinkCommit()
 
-    def _expected_digest_down(
-        self, node: int, pending_commit: dict[str, torch.Tensor]
-    ) -> tuple[bytes, bytes]:
+    def _expected_digest_down(self, node: int, commit: DownlinkCommit) -> tuple[bytes, bytes]:
         return tensor_digest(None), tensor_digest(self.w)
 
     def aggregate(self, expected: float) -> torch.Tensor:
