@@ -142,7 +142,8 @@ def apply_downlink(
         return state
     if message.kind != "log":
         raise ValueError(f"{settings.name}: unexpected downlink kind {message.kind!r}")
-    assert state.model is not None
+    if state.model is None:
+        raise ValueError(f"{settings.name}: client state lacks its model")
     for decoded in decode_wires(message.payloads, device, settings.dim):
         omega = decoded * settings.down_scale
         if settings.preset.model_residual:

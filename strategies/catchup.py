@@ -62,7 +62,21 @@ def catch_up(
     snapshot: Callable[[], tuple[list[bytes], int]],
     snapshot_nbytes: int,
 ) -> Downlink:
-    """Missed broadcasts in order, or a full snapshot, whichever is smaller in bytes."""
+    """Missed broadcasts in order, or a full snapshot, whichever is smaller in bytes.
+
+    Args:
+        server: the server half (its model version V and this round's `stats`, which count
+            the catch-up traffic beyond the latest broadcast).
+        book: what the server knows of the client (its version v, whether it must reset).
+        k: the round.
+        log_: the broadcasts kept for replay.
+        snapshot: the snapshot of version V (payloads, predicted bytes), built on demand.
+        snapshot_nbytes: a snapshot's size, the bound the replayed bytes must stay under.
+
+    Returns:
+        A "log" Downlink with Ω_{v+1}..Ω_V (none when v = V), or a "snapshot" Downlink;
+        its stamps (ack round, reset, seed) are set by `ServerHalf.downlink_for`.
+    """
     stats = server.stats
     if not book.needs_reset and book.version == server.version:
         return Downlink(k, "log", book.version, server.version, 0, False, 0)

@@ -54,7 +54,8 @@ def apply_downlink(
         return state
     if message.kind != "log":
         raise ValueError(f"{settings.name}: unexpected downlink kind {message.kind!r}")
-    assert state.model is not None
+    if state.model is None:
+        raise ValueError(f"{settings.name}: client state lacks its model")
     for vote in decode_wires(message.payloads, device, settings.dim):
         state.model = state.model - settings.server_lr * vote
     return state
