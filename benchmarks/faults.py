@@ -41,9 +41,9 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from strategies.common import resolve_settings
 from strategies.local import FAULT_KINDS, FaultKind, LocalRun, run_local
 from strategies.registry import get_preset
+from strategies.settings import resolve_settings
 from tasks.synthetic import make_lsq_task
 
 MEMORY_STRATEGIES = ("diana", "artemis", "dore", "mcm", "rand-mcm")

@@ -34,7 +34,8 @@ from torch.utils.data import Dataset
 
 from client.training import flatten, local_update, resolve_device
 from server.config import RunConfig, load_config, parse_failure
-from strategies.common import AlgorithmSettings, ClientState, client_round, derive_seed
+from strategies.client_half import ClientState, client_round
+from strategies.encoding import derive_seed
 from strategies.flower import (
     CONFIG_KEY,
     DOWN_KEY,
@@ -43,6 +44,7 @@ from strategies.flower import (
     uplink_to_record,
 )
 from strategies.registry import FLWR_FEDAVG, client_apply, settings_from_config
+from strategies.settings import AlgorithmSettings
 from tasks.base import Task, load_task
 
 log = logging.getLogger("flwr.fedsqueeze.client")
@@ -152,7 +154,7 @@ def _load_state(context: Context, key: str, device: torch.device) -> ClientState
 
 
 def _initial_state(settings: AlgorithmSettings, w0: torch.Tensor) -> ClientState:
-    from strategies.common import initial_client_state
+    from strategies.client_half import initial_client_state
 
     return initial_client_state(w0, settings)
 

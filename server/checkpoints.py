@@ -47,7 +47,7 @@ from server.recording import (
     round_record_from_json,
 )
 from strategies import checkpoint
-from strategies.common import ServerHalf
+from strategies.server_half import ServerHalf
 
 log = logging.getLogger("flwr.fedsqueeze.checkpoints")
 

@@ -1,8 +1,8 @@
 """Artemis and the algorithms that are settings of its equations: sgd, qsgd, diana, biqsgd,
 artemis, dore, doublesqueeze, ef-sgd (both halves: server and client).
 
-Uplink (client i ∈ S_k) and aggregation: see `strategies.common` (Δ_i = g_i − h_i + e_i,
-Δ̂_i = C_up(Δ_i), ĝ by PP1 or PP2 dividing by pN).
+Uplink (client i ∈ S_k): see `strategies.client_half` (Δ_i = g_i − h_i + e_i, Δ̂_i = C_up(Δ_i));
+aggregation: `strategies.aggregation` (ĝ by PP1 or PP2 dividing by pN).
 
 Downlink, two model kinds:
 
@@ -19,7 +19,7 @@ Downlink, two model kinds:
 
   DoubleSqueeze (Tang et al.) is this with H off and λ_dwn = 1 for its biased scaled sign:
   v = ĝ + δ, broadcast C(v), δ ← v − C(v), w ← w − γ C(v); its clients' uplink is
-  v_i = g_i + λ_up δ_i, C(v_i), δ_i ← v_i − C(v_i) (`strategies.common.client_uplink`).
+  v_i = g_i + λ_up δ_i, C(v_i), δ_i ← v_i − C(v_i) (`strategies.client_half.client_uplink`).
 
 - "degraded" with a model residual (dore; Liu et al., arXiv 1910.07561, Algorithm 1),
   x̂ the model every side holds, e the server's residual (model space)::
@@ -32,7 +32,7 @@ Downlink, two model kinds:
 
   Every client applies the same message, so client models equal the (degraded) central model.
   A client that missed rounds receives the missed messages in order, or a full-precision snapshot
-  of (w, H), whichever is smaller (`strategies.common.catch_up`).
+  of (w, H), whichever is smaller (`strategies.catchup.catch_up`).
 """
 
 from __future__ import annotations
@@ -41,20 +41,13 @@ from pathlib import Path
 
 import torch
 
-from strategies.common import (
-    AlgorithmSettings,
-    BroadcastLog,
-    ClientBook,
-    ClientState,
-    Downlink,
-    Preset,
-    ServerHalf,
-    catch_up,
-    decode_wires,
-    derive_seed,
-    encode,
-    tensor_digest,
-)
+from strategies.catchup import BroadcastLog, SnapshotCache, catch_up, encode_snapshot
+from strategies.client_half import ClientState
+from strategies.consistency import tensor_digest
+from strategies.encoding import decode_wires, derive_seed, encode
+from strategies.messages import Downlink
+from strategies.server_half import ClientBook, DownlinkCommit, ServerHalf
+from strategies.settings import AlgorithmSettings, Preset
 
 #: The presets' QSGD s = 1, on buckets of 64 coordinates: ω = min(d_B, √d_B) = 8 per bucket.
 #: Buckets of 4096 would cost 0.12 bits/coordinate instead of ~0.9 (one float32 norm per
@@ -149,7 +142,8 @@ def apply_downlink(
         return state
     if message.kind != "log":
         raise ValueError(f"{settings.name}: unexpected downlink kind {message.kind!r}")
-    assert state.model is not None
+    if state.model is None:
+        raise ValueError(f"{settings.name}: client state lacks its model")
     for decoded in decode_wires(message.payloads, device, settings.dim):
         omega = decoded * settings.down_scale
         if settings.preset.model_residual:
@@ -179,26 +173,24 @@ class BroadcastServer(ServerHalf):
         self.H = torch.zeros(self.dim) if settings.down_memory else None
         self.e_server = torch.zeros(self.dim) if settings.down_ef else None
         n_snapshot = 2 if settings.down_memory else 1
-        self.snapshot_nbytes = n_snapshot * len(self._snapshot([self.w])[0][0])
+        self.snapshot_nbytes = n_snapshot * len(encode_snapshot([self.w])[0][0])
         self.log = BroadcastLog(self.snapshot_nbytes if settings.model == "degraded" else 0)
-        self._snapshot_cache: tuple[int, list[bytes], int] | None = None
+        self._snapshot_cache = SnapshotCache()
         self._digest_cache: tuple[int, tuple[bytes, bytes]] | None = None
 
     def _snapshot_now(self) -> tuple[list[bytes], int]:
-        if self._snapshot_cache is None or self._snapshot_cache[0] != self.version:
-            tensors = [self.w] if self.H is None else [self.w, self.H]
-            payloads, predicted = self._snapshot(tensors)
-            self._snapshot_cache = (self.version, payloads, predicted)
-        return self._snapshot_cache[1], self._snapshot_cache[2]
+        """A snapshot of (w, H), or of w when there is no downlink memory."""
+        return self._snapshot_cache.get(
+            self.version, lambda: [self.w] if self.H is None else [self.w, self.H]
+        )
 
     def _downlink_payload(
         self, node: int, book: ClientBook, k: int
-    ) -> tuple[Downlink, dict[str, torch.Tensor]]:
-        return catch_up(self, book, k, self.log, self._snapshot_now, self.snapshot_nbytes), {}
+    ) -> tuple[Downlink, DownlinkCommit]:
+        message = catch_up(self, book, k, self.log, self._snapshot_now, self.snapshot_nbytes)
+        return message, DownlinkCommit()
 
-    def _expected_digest_down(
-        self, node: int, pending_commit: dict[str, torch.Tensor]
-    ) -> tuple[bytes, bytes]:
+    def _expected_digest_down(self, node: int, commit: DownlinkCommit) -> tuple[bytes, bytes]:
         if self._digest_cache is None or self._digest_cache[0] != self.version:
             self._digest_cache = (self.version, (tensor_digest(self.H), tensor_digest(self.w)))
         return self._digest_cache[1]

@@ -41,19 +41,29 @@ from typing import Any
 import numpy as np
 import torch
 
-from strategies.common import AlgorithmSettings, ServerHalf, TensorStore
+from strategies.memory_store import TensorStore
+from strategies.server_half import ServerHalf
+from strategies.settings import AlgorithmSettings
 
 FORMAT = 1
 
 #: attributes rebuilt from the run config when the server half is constructed
-REBUILT = frozenset(
-    {"settings", "up_compressor", "down_compressor", "identity", "_store_dir", "dim"}
-)
+REBUILT = frozenset({"settings", "up_compressor", "down_compressor", "_store_dir", "dim"})
 #: per-round scratch, cleared by `ServerHalf.begin_round` (empty or stale between rounds)
 SCRATCH = frozenset({"pending", "_received"})
 
 #: plain objects and dataclasses are rebuilt only from classes of these packages
 _TRUSTED_PACKAGES = ("strategies.",)
+
+#: where the classes that checkpoints written before the split of `strategies.common`
+#: name now live (so that those checkpoints still restore)
+_MOVED = {
+    "strategies.common:ClientBook": "strategies.server_half:ClientBook",
+    "strategies.common:PendingReply": "strategies.server_half:PendingReply",
+    "strategies.common:RoundStats": "strategies.server_half:RoundStats",
+    "strategies.common:BroadcastLog": "strategies.catchup:BroadcastLog",
+    "strategies.common:Wire": "strategies.encoding:Wire",
+}
 
 
 class CheckpointError(ValueError):
@@ -86,6 +96,7 @@ def _class_path(obj: Any) -> str:
 
 
 def _trusted_class(path: str, where: str) -> type:
+    path = _MOVED.get(path, path)
     module, _, qualname = path.partition(":")
     if not module.startswith(_TRUSTED_PACKAGES) or not qualname or "." in qualname:
         raise CheckpointError(f"{where}: class {path!r} is not one of the project's strategies")

@@ -10,7 +10,7 @@ Downlink content (RecordDict): ``"fedsqueeze.down"`` (ConfigRecord: round, kind,
 ack round, reset flag, uplink seed, ``payloads``: list of codec bytes) and
 ``"fedsqueeze.config"`` (the run config, so that clients need no other source).
 Uplink content: ``"fedsqueeze.up"`` (ConfigRecord: round, status, ``payload`` bytes, state
-``digest`` bytes (`strategies.common.state_digest`), loss, examples, predicted bytes,
+``digest`` bytes (`strategies.consistency.state_digest`), loss, examples, predicted bytes,
 duration). Measured bytes are the lengths of the codec payloads put into these records.
 """
 
@@ -29,13 +29,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from server.recording import ClientRoundRecord, Recorder, RoundRecord, utcnow
-from strategies.common import (
-    AlgorithmSettings,
-    Downlink,
-    ServerHalf,
-    Uplink,
-    sample_clients,
-)
+from strategies.messages import Downlink, Uplink
+from strategies.sampling import sample_clients
+from strategies.server_half import ServerHalf
+from strategies.settings import AlgorithmSettings
 
 log = logging.getLogger("flwr.fedsqueeze.strategy")
 
@@ -247,7 +244,7 @@ class FedSqueezeStrategy(Strategy):
         for node in sampled:
             down = self.server.downlink_for(server_round, node)
             book.down_bytes[node] = down.nbytes
-            self.server.stats.downlink_payloads += len(down.payloads)
+            self.server.count_payloads(sent=len(down.payloads))
             book.predicted_down += down.predicted_nbytes
             content = RecordDict(
                 {
@@ -297,7 +294,7 @@ class FedSqueezeStrategy(Strategy):
             if record.outcome != "ok":
                 record.error = uplink.detail or "invalid payload or state digest (see log)"
             book.up_bytes += uplink.nbytes
-            self.server.stats.uplink_payloads += 1 if uplink.payload else 0
+            self.server.count_payloads(received=1 if uplink.payload else 0)
             book.predicted_up += uplink.predicted_nbytes
             if record.outcome == "ok":
                 book.losses.append((uplink.loss, uplink.num_examples))

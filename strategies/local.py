@@ -21,17 +21,12 @@ from typing import Literal
 import numpy as np
 import torch
 
-from strategies.common import (
-    AlgorithmSettings,
-    ClientState,
-    RoundStats,
-    ServerHalf,
-    Uplink,
-    client_round,
-    initial_client_state,
-    sample_clients,
-)
+from strategies.client_half import ClientState, client_round, initial_client_state
+from strategies.messages import Uplink
 from strategies.registry import client_apply, make_server
+from strategies.sampling import sample_clients
+from strategies.server_half import RoundStats, ServerHalf
+from strategies.settings import AlgorithmSettings
 
 #: (client index, model vector) -> (g_i, loss)
 GradientFn = Callable[[int, torch.Tensor], tuple[torch.Tensor, float]]

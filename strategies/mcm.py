@@ -1,6 +1,7 @@
 """MCM and Rand-MCM: bidirectional compression with a preserved central model (both halves).
 
-Uplink and aggregation as in `strategies.common` (uplink memory h_i, ĝ by PP1/PP2 over pN).
+Uplink and aggregation as in `strategies.client_half` and `strategies.aggregation` (uplink
+memory h_i, ĝ by PP1/PP2 over pN).
 The server keeps the exact model::
 
     w ← w − γ ĝ                      (never degraded by downlink compression)
@@ -36,21 +37,14 @@ from pathlib import Path
 import torch
 
 from strategies.artemis import QSGD_S1
-from strategies.common import (
-    AlgorithmSettings,
-    BroadcastLog,
-    ClientBook,
-    ClientState,
-    Downlink,
-    Preset,
-    ServerHalf,
-    TensorStore,
-    catch_up,
-    decode_wires,
-    derive_seed,
-    encode,
-    tensor_digest,
-)
+from strategies.catchup import BroadcastLog, SnapshotCache, catch_up, encode_snapshot
+from strategies.client_half import ClientState
+from strategies.consistency import tensor_digest
+from strategies.encoding import decode_wires, derive_seed, encode
+from strategies.memory_store import TensorStore
+from strategies.messages import Downlink
+from strategies.server_half import ClientBook, DownlinkCommit, ServerHalf
+from strategies.settings import AlgorithmSettings, Preset
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -112,7 +106,7 @@ class PreservedServer(ServerHalf):
         self.w0 = self.w.clone()
         self.H = self.w0.clone()  # H_0 = w_0 (a model-space memory; see the module docstring)
         self.w_hat = self.w.clone()  # the perturbed model clients at the current version hold
-        self.snapshot_nbytes = 2 * len(self._snapshot([self.w])[0][0])
+        self.snapshot_nbytes = 2 * len(encode_snapshot([self.w])[0][0])
         self.log = BroadcastLog(self.snapshot_nbytes)
         self.H_store = (
             TensorStore(
@@ -124,20 +118,19 @@ class PreservedServer(ServerHalf):
             if settings.model == "preserved-rand"
             else None
         )
-        self._snapshot_cache: tuple[int, list[bytes], int] | None = None
+        self._snapshot_cache = SnapshotCache()
         self._digest_cache: tuple[int, tuple[bytes, bytes]] | None = None
 
     def _snapshot_now(self) -> tuple[list[bytes], int]:
-        if self._snapshot_cache is None or self._snapshot_cache[0] != self.version:
-            payloads, predicted = self._snapshot([self.w_hat, self.H])
-            self._snapshot_cache = (self.version, payloads, predicted)
-        return self._snapshot_cache[1], self._snapshot_cache[2]
+        """A snapshot of (ŵ, H), what MCM's clients at the current version hold."""
+        return self._snapshot_cache.get(self.version, lambda: [self.w_hat, self.H])
 
     def _downlink_payload(
         self, node: int, book: ClientBook, k: int
-    ) -> tuple[Downlink, dict[str, torch.Tensor]]:
+    ) -> tuple[Downlink, DownlinkCommit]:
         if self.H_store is None:
-            return catch_up(self, book, k, self.log, self._snapshot_now, self.snapshot_nbytes), {}
+            message = catch_up(self, book, k, self.log, self._snapshot_now, self.snapshot_nbytes)
+            return message, DownlinkCommit()
         s = self.settings
         H_i = self.H_store.get(node)
         wire, omega = encode(self.down_compressor, self.w - H_i, derive_seed(s.seed, k, node, 2))
@@ -146,21 +139,19 @@ class PreservedServer(ServerHalf):
             k, "fresh", book.version, self.version, 0, False, 0, [wire.payload],
             wire.predicted_nbytes,
         )  # fmt: skip
-        return message, {"H": H_next, "w_hat": w_hat_i}
+        return message, DownlinkCommit(down_memory=H_next, model=w_hat_i)
 
-    def _expected_digest_down(
-        self, node: int, pending_commit: dict[str, torch.Tensor]
-    ) -> tuple[bytes, bytes]:
+    def _expected_digest_down(self, node: int, commit: DownlinkCommit) -> tuple[bytes, bytes]:
         if self.H_store is None:
             if self._digest_cache is None or self._digest_cache[0] != self.version:
                 digests = (tensor_digest(self.H), tensor_digest(self.w_hat))
                 self._digest_cache = (self.version, digests)
             return self._digest_cache[1]
-        return tensor_digest(pending_commit["H"]), tensor_digest(pending_commit["w_hat"])
+        return tensor_digest(commit.down_memory), tensor_digest(commit.model)
 
-    def _commit_client(self, node: int, commit: dict[str, torch.Tensor]) -> None:
-        if self.H_store is not None:
-            self.H_store.set(node, commit["H"])
+    def _commit_client(self, node: int, commit: DownlinkCommit) -> None:
+        if self.H_store is not None and commit.down_memory is not None:
+            self.H_store.set(node, commit.down_memory)
 
     def _reset_client(self, node: int) -> None:
         if self.H_store is not None:

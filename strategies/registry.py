@@ -9,14 +9,9 @@ from typing import Any
 import torch
 
 from strategies import artemis, mcm, signsgd
-from strategies.common import (
-    AlgorithmSettings,
-    ApplyDownlinkFn,
-    Preset,
-    ServerHalf,
-    parse_flag,
-    resolve_settings,
-)
+from strategies.client_half import ApplyDownlinkFn
+from strategies.server_half import ServerHalf
+from strategies.settings import AlgorithmSettings, Preset, parse_flag, resolve_settings
 
 PRESETS: dict[str, Preset] = {**artemis.PRESETS, **mcm.PRESETS, **signsgd.PRESETS}
 

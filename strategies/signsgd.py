@@ -21,20 +21,13 @@ from pathlib import Path
 
 import torch
 
-from strategies.common import (
-    AlgorithmSettings,
-    BroadcastLog,
-    ClientBook,
-    ClientState,
-    Downlink,
-    Preset,
-    ServerHalf,
-    catch_up,
-    decode_wires,
-    derive_seed,
-    encode,
-    tensor_digest,
-)
+from strategies.catchup import BroadcastLog, SnapshotCache, catch_up, encode_snapshot
+from strategies.client_half import ClientState
+from strategies.consistency import tensor_digest
+from strategies.encoding import decode_wires, derive_seed, encode
+from strategies.messages import Downlink
+from strategies.server_half import ClientBook, DownlinkCommit, ServerHalf
+from strategies.settings import AlgorithmSettings, Preset
 
 PRESETS: dict[str, Preset] = {
     "signsgd-mv": Preset(
@@ -61,7 +54,8 @@ def apply_downlink(
         return state
     if message.kind != "log":
         raise ValueError(f"{settings.name}: unexpected downlink kind {message.kind!r}")
-    assert state.model is not None
+    if state.model is None:
+        raise ValueError(f"{settings.name}: client state lacks its model")
     for vote in decode_wires(message.payloads, device, settings.dim):
         state.model = state.model - settings.server_lr * vote
     return state
@@ -79,24 +73,20 @@ class MajorityVoteServer(ServerHalf):
         max_uplink_bytes: int | None = None,
     ) -> None:
         super().__init__(settings, w0, store_dir, expected_clients, max_uplink_bytes)
-        self.snapshot_nbytes = len(self._snapshot([self.w])[0][0])
+        self.snapshot_nbytes = len(encode_snapshot([self.w])[0][0])
         self.log = BroadcastLog(self.snapshot_nbytes)
-        self._snapshot_cache: tuple[int, list[bytes], int] | None = None
+        self._snapshot_cache = SnapshotCache()
 
     def _snapshot_now(self) -> tuple[list[bytes], int]:
-        if self._snapshot_cache is None or self._snapshot_cache[0] != self.version:
-            payloads, predicted = self._snapshot([self.w])
-            self._snapshot_cache = (self.version, payloads, predicted)
-        return self._snapshot_cache[1], self._snapshot_cache[2]
+        return self._snapshot_cache.get(self.version, lambda: [self.w])
 
     def _downlink_payload(
         self, node: int, book: ClientBook, k: int
-    ) -> tuple[Downlink, dict[str, torch.Tensor]]:
-        return catch_up(self, book, k, self.log, self._snapshot_now, self.snapshot_nbytes), {}
+    ) -> tuple[Downlink, DownlinkCommit]:
+        message = catch_up(self, book, k, self.log, self._snapshot_now, self.snapshot_nbytes)
+        return message, DownlinkCommit()
 
-    def _expected_digest_down(
-        self, node: int, pending_commit: dict[str, torch.Tensor]
-    ) -> tuple[bytes, bytes]:
+    def _expected_digest_down(self, node: int, commit: DownlinkCommit) -> tuple[bytes, bytes]:
         return tensor_digest(None), tensor_digest(self.w)
 
     def aggregate(self, expected: float) -> torch.Tensor:

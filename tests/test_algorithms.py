@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from compression import decode, parse_compressor
-from strategies.common import derive_seed, resolve_settings
+from strategies.encoding import derive_seed
 from strategies.local import run_local
 from strategies.registry import PRESETS, get_preset
+from strategies.settings import resolve_settings
 from tasks.synthetic import make_lsq_task
 
 MEMORY_ALGOS = ["diana", "artemis", "dore", "mcm", "rand-mcm"]

@@ -23,9 +23,11 @@ from test_algorithms import (
 
 from compression import decode, parse_compressor
 from server.config import load_config
-from strategies.common import AlgorithmSettings, ClientState, derive_seed, resolve_settings
+from strategies.client_half import ClientState
+from strategies.encoding import derive_seed
 from strategies.local import LocalRun, run_local
 from strategies.registry import get_preset, settings_from_config
+from strategies.settings import AlgorithmSettings, resolve_settings
 
 N, D, GAMMA = 3, 12, 0.1
 QSGD = "qsgd:s=1,bucket=64"

@@ -26,17 +26,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from compression import parse_compressor
-from strategies.common import (
-    DIGEST_BYTES,
-    AlgorithmSettings,
-    ServerHalf,
-    Uplink,
-    initial_client_state,
-    resolve_settings,
-    state_digest,
-)
+from strategies.client_half import initial_client_state
+from strategies.consistency import DIGEST_BYTES, state_digest
 from strategies.local import LocalRun, crafted_payload, run_local
+from strategies.messages import Uplink
 from strategies.registry import get_preset, make_server
+from strategies.server_half import ServerHalf
+from strategies.settings import AlgorithmSettings, resolve_settings
 from tasks.synthetic import make_lsq_task
 
 MEMORY_ALGOS = ["diana", "artemis", "dore", "mcm", "rand-mcm"]

@@ -13,9 +13,9 @@ import math
 import pytest
 import torch
 
-from strategies.common import resolve_settings
 from strategies.local import LocalRun, run_local
 from strategies.registry import get_preset
+from strategies.settings import resolve_settings
 from tasks.synthetic import make_lsq_task
 
 D = 20

@@ -82,9 +82,9 @@ def test_bad_options_are_refused(options) -> None:
 
 def test_sgd_with_local_steps_is_fedavg() -> None:
     """K local steps, γ = η, p = 1: w ← w − γ (1/N) Σ (w − w_end,i)/η = (1/N) Σ w_end,i."""
-    from strategies.common import resolve_settings
     from strategies.local import run_local
     from strategies.registry import get_preset
+    from strategies.settings import resolve_settings
 
     task = make_logreg_task(num_partitions=4, dim=6, samples_per_client=40, seed=3)
     task.full_batch = False  # mini-batches of 8, so K = 3 steps see different data

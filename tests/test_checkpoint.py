@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from strategies import checkpoint
-from strategies.common import ClientState, TensorStore, client_round, initial_client_state
+from strategies.client_half import ClientState, client_round, initial_client_state
+from strategies.memory_store import TensorStore
 from strategies.registry import PRESETS, client_apply, make_server, settings_from_config
 from tasks.synthetic import make_lsq_task
 
@@ -53,7 +54,7 @@ class Federation:
 
     def round(self, server: Any, rng: np.random.Generator, k: int) -> list[Any]:
         """One round; return everything that crossed the wire and the server's model."""
-        from strategies.common import sample_clients
+        from strategies.sampling import sample_clients
 
         s = self.settings
         nodes, expected = sample_clients(list(range(N)), s.participation, "bernoulli", rng)
@@ -208,10 +209,51 @@ def test_spilled_tensor_store_round_trips(tmp_path) -> None:
 
 
 def test_compressors_are_rebuilt_not_saved(tmp_path) -> None:
-    from strategies.common import get_compressor
+    from strategies.encoding import get_compressor
 
     server = make_server(settings_from_config({"strategy": "dore"}, D), torch.zeros(D))
     server.ef_compressor = get_compressor("topk:k=3")  # type: ignore[attr-defined]
     state = checkpoint.capture(server)
     assert "ef_compressor" not in state["attributes"]
     assert "up_compressor" not in state["attributes"] and "w" in state["attributes"]
+
+
+def _rename_classes(tree: Any, renames: dict[str, str], seen: set[str]) -> Any:
+    """`tree` with every saved object's class path renamed by `renames`."""
+    if isinstance(tree, list):
+        return [_rename_classes(v, renames, seen) for v in tree]
+    if not isinstance(tree, dict):
+        return tree
+    out = {k: _rename_classes(v, renames, seen) for k, v in tree.items()}
+    path = tree.get("__object__")
+    if isinstance(path, str) and path in renames:
+        seen.add(path)
+        out["__object__"] = renames[path]
+    return out
+
+
+def test_checkpoint_written_before_the_split_of_common_restores(tmp_path) -> None:
+    """Checkpoints written when ClientBook, RoundStats, BroadcastLog and Wire lived in
+    `strategies.common` name them so; they restore into the classes' new modules."""
+    settings = settings_from_config({"strategy": "artemis", "participation": 0.5}, D)
+    w0 = torch.randn(D, generator=torch.Generator().manual_seed(2))
+    server = make_server(settings, w0, expected_clients=N)
+    clients = Federation(settings, w0)
+    rng = np.random.default_rng(settings.seed)
+    for k in range(1, 4):
+        clients.round(server, rng, k)
+    old_names = {new: old for old, new in checkpoint._MOVED.items()}
+    seen: set[str] = set()
+    state = _rename_classes(checkpoint.capture(server), old_names, seen)
+    assert {p.split(":")[1] for p in seen} == {"ClientBook", "RoundStats", "BroadcastLog", "Wire"}
+    path = tmp_path / "old.ckpt"
+    checkpoint.save(state, path)
+    restored = make_server(settings, w0, expected_clients=N)
+    checkpoint.restore(restored, checkpoint.load(path))
+    assert restored.books == server.books and restored.stats == server.stats
+    assert type(restored.log) is type(server.log)  # type: ignore[attr-defined]
+    assert list(restored.log._entries) == list(server.log._entries)  # type: ignore[attr-defined]
+    a, b = clients.copy(), clients
+    assert _same(
+        a.round(restored, np.random.default_rng(7), 4), b.round(server, np.random.default_rng(7), 4)
+    )

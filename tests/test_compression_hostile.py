@@ -351,8 +351,10 @@ def test_index_and_count_errors_name_what_was_wrong() -> None:
 def test_the_server_drops_hostile_uplinks_and_the_round_goes_on() -> None:
     """ServerHalf.receive decodes against the model size: the overflowing runs and a
     declaration of 2^31 coordinates are dropped replies, the round still commits."""
-    from strategies.common import DIGEST_BYTES, Uplink, resolve_settings
+    from strategies.consistency import DIGEST_BYTES
+    from strategies.messages import Uplink
     from strategies.registry import get_preset, make_server
+    from strategies.settings import resolve_settings
 
     dim = 100
     s = resolve_settings(get_preset("diana"), dim, pp_variant="pp1", seed=4)

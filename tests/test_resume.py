@@ -27,8 +27,8 @@ from server.checkpoints import (
     stored_run_to_resume,
 )
 from server.recording import RoundRecord, RunInfo
-from strategies.common import ClientBook
 from strategies.registry import make_server, settings_from_config
+from strategies.server_half import ClientBook
 
 ROOT = Path(__file__).resolve().parents[1]
 FEDSQUEEZE = str(Path(sys.executable).with_name("fedsqueeze"))
@@ -183,7 +183,8 @@ def reference_losses(resume_after: int = 0) -> dict[int, float]:
     from server.app import make_evaluate
     from server.config import load_config
     from strategies import checkpoint
-    from strategies.common import client_round, derive_seed, initial_client_state
+    from strategies.client_half import client_round, initial_client_state
+    from strategies.encoding import derive_seed
     from strategies.registry import client_apply
     from tasks.base import load_task
 

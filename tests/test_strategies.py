@@ -13,15 +13,8 @@ from flwr.app import ConfigRecord, Context, RecordDict
 
 from compression import parse_compressor
 from server.config import DEFAULTS, load_config, parse_failure, parse_options
-from strategies.common import (
-    DIGEST_BYTES,
-    TensorStore,
-    Uplink,
-    initial_client_state,
-    resolve_settings,
-    sample_clients,
-    state_digest,
-)
+from strategies.client_half import initial_client_state
+from strategies.consistency import DIGEST_BYTES, state_digest
 from strategies.flower import (
     downlink_from_record,
     downlink_to_record,
@@ -29,7 +22,11 @@ from strategies.flower import (
     uplink_to_record,
 )
 from strategies.local import run_local
+from strategies.memory_store import TensorStore
+from strategies.messages import Uplink
 from strategies.registry import get_preset, make_server, settings_from_config
+from strategies.sampling import sample_clients
+from strategies.settings import resolve_settings
 from tasks.synthetic import make_lsq_task
 
 N, D = 5, 12
@@ -186,7 +183,7 @@ def test_idle_client_gets_missed_messages_or_a_snapshot_whichever_is_smaller() -
     for k in range(1, 9):  # only client 0 participates
         server.begin_round(k)
         server.downlink_for(k, 0)
-        from strategies.common import client_uplink
+        from strategies.client_half import client_uplink
 
         wire, _ = client_uplink(settings, initial_client_state(torch.zeros(D), settings),
                                 grad(0, server.w)[0], 1)  # fmt: skip

@@ -1,0 +1,98 @@
+"""The server's aggregation of the uplink (PP1 / PP2) and the memory invariant of PP2.
+
+Notation (ALGORITHMS.md): N = |C| clients counted, sampled set S_k, expected number of
+participants pN (`strategies.sampling`), uplink memory rate α_up, accepted messages Δ̂_i.
+The aggregation divides by pN, as the papers do, not by |S_k|::
+
+    PP1:  ĝ = (1/(pN)) Σ_{i∈S_k} (Δ̂_i + h_i),  then h_i ← h_i + α_up Δ̂_i  (one h_i per client)
+    PP2:  ĝ = (1/(pN)) Σ_{i∈S_k} Δ̂_i + h,      then h ← h + α_up (1/(pN)) Σ_{i∈S_k} Δ̂_i
+    no uplink memory:  ĝ = (1/(pN)) Σ_{i∈S_k} Δ̂_i
+
+Memory invariant. The server keeps every client's h_i (PP1 and PP2 alike, in a
+`strategies.memory_store.TensorStore`). PP2's update adds α (1/(pN)) Σ_{i∈S_k} Δ̂_i to h
+while the h_i add up to α Σ_{i∈S_k} Δ̂_i, and all start at 0, so at every round::
+
+    h = (1/(pN)) Σ_{i∈C} h_i            (h = (1/N) Σ_{i∈C} h_i at p = 1)
+
+When a client's h_i or C changes outside that update, the server restores the invariant
+from the h_i it keeps (with Σ = pN·h before the change; `pp2_reset`, `pp2_leave`,
+`pp2_join`)::
+
+    reset of client j (h_j ← 0):        h ← h − h_j / (pN)
+    client j leaves C (N ← N − 1):      h ← (pN·h − h_j) / (pN)'   (h ← 0 when C is empty)
+    client j joins C (N ← N + 1):       h ← (pN·h + h_j) / (pN)'   (h_j = 0 if new)
+
+where (pN)' is the expected number of participants after the change. A run then goes on
+exactly as a fault-free PP2 run of the clients in C with those memories, whose fixed point
+(h_i = ∇f_i(w*), h = 0) is unbiased. PP1 needs no correction: its ĝ sums Δ̂_i + h_i, unbiased
+whatever the h_i.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from strategies.memory_store import TensorStore
+
+#: n ↦ pN, the expected number of participants among n counted clients
+ExpectedFn = Callable[[int], float]
+
+
+def aggregate_uplinks(
+    received: Sequence[tuple[int, torch.Tensor]],
+    expected: float,
+    dim: int,
+    alpha: float,
+    h_store: TensorStore | None,
+    h_global: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ĝ from the accepted (i, Δ̂_i), and the new single memory h (PP2; None otherwise).
+
+    Args:
+        received: the accepted replies of the round, in the order they arrived.
+        expected: pN, the expected number of participants (> 0).
+        dim: the model size d.
+        alpha: α_up.
+        h_store: every client's h_i, updated in place (h_i ← h_i + α_up Δ̂_i); None when
+            the algorithm has no uplink memory.
+        h_global: PP2's h, or None (PP1, or no uplink memory).
+
+    Returns:
+        (ĝ, h') with h' = h + α_up (1/(pN)) Σ Δ̂_i under PP2, else (ĝ, None).
+    """
+    total = torch.zeros(dim)
+    for node, delta_hat in received:
+        if h_store is not None:  # h_i ← h_i + α Δ̂_i (PP1 and PP2)
+            h_i = h_store.get(node)
+            h_store.set(node, h_i + alpha * delta_hat)
+            if h_global is None:  # PP1: ĝ sums Δ̂_i + h_i
+                delta_hat = delta_hat + h_i
+        total += delta_hat
+    mean = total / expected
+    if h_global is not None:  # PP2: ĝ = mean + h, h ← h + α mean
+        return mean + h_global, h_global + alpha * mean
+    return mean, None
+
+
+def pp2_reset(h_global: torch.Tensor, h_j: torch.Tensor, expected: float) -> torch.Tensor:
+    """Client j's h_j is reset to 0: h ← h − h_j / (pN)."""
+    return h_global - h_j / expected
+
+
+def pp2_leave(
+    h_global: torch.Tensor, h_j: torch.Tensor, n: int, expected: ExpectedFn
+) -> torch.Tensor:
+    """Client j leaves the n counted clients: h ← (pN·h − h_j) / (pN)', 0 when none remain."""
+    if n == 1:
+        return torch.zeros(h_global.numel())
+    return (h_global * expected(n) - h_j) / expected(n - 1)
+
+
+def pp2_join(
+    h_global: torch.Tensor, h_j: torch.Tensor, n: int, expected: ExpectedFn
+) -> torch.Tensor:
+    """Client j joins the n counted clients: h ← (pN·h + h_j) / (pN)' (pN·h = 0 when n = 0)."""
+    total = h_global * expected(n) if n else torch.zeros(h_global.numel())
+    return (total + h_j) / expected(n + 1)

@@ -1,0 +1,186 @@
+"""The server's store of one d-vector per client, in RAM or spilled to disk.
+
+What it holds: every client's uplink memory h_i (PP1 and PP2 alike; PP2 needs them to keep
+its single h = (1/(pN)) Σ_{i∈C} h_i exact when a client resets, leaves or joins, see
+`strategies.aggregation`) and Rand-MCM's downlink memories H_i. PP1 costs O(N·d) server
+memory, so the store must scale past RAM (ALGORITHMS.md)::
+
+    N·d·4 bytes ≤ budget   →  a dict of N tensors in RAM
+    N·d·4 bytes > budget   →  a memory-mapped float32 file (row j = client j), grown by
+                              doubling, with an LRU cache of `cache_rows` rows in RAM:
+                              resident memory O(cache·d), not O(N·d)
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("flwr.fedsqueeze.strategies")
+
+
+class TensorStore:
+    """One d-vector per client (uplink memories h_i in PP1, downlink memories H_i in Rand-MCM).
+
+    Kept in RAM while N·d·4 bytes stay under `ram_budget_bytes`; beyond that the vectors live
+    in a memory-mapped float32 file (one row per client, grown on demand) with an LRU cache of
+    `cache_rows` rows in RAM, so the server's resident memory stays O(cache·d), not O(N·d).
+    Missing clients read as `initial` (zeros when not given; Rand-MCM's H_i start at w_0).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        ram_budget_bytes: int = 512 * 2**20,
+        cache_rows: int = 64,
+        directory: str | Path | None = None,
+        expected_clients: int = 0,
+        initial: torch.Tensor | None = None,
+    ) -> None:
+        self.dim = dim
+        self.initial = (
+            torch.zeros(dim)
+            if initial is None
+            else initial.detach().to("cpu", torch.float32).reshape(-1).clone()
+        )
+        if self.initial.numel() != dim:
+            raise ValueError(f"initial vector has {self.initial.numel()} values, expected {dim}")
+        self.cache_rows = cache_rows
+        self._ram: dict[int, torch.Tensor] | None = {}
+        self._rows: dict[int, int] = {}
+        self._mmap: np.memmap | None = None
+        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._dirty: set[int] = set()
+        self._budget = ram_budget_bytes
+        self._dir = Path(directory) if directory else None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if expected_clients * dim * 4 > ram_budget_bytes:
+            self._to_disk(max(expected_clients, 1))
+
+    @property
+    def on_disk(self) -> bool:
+        return self._mmap is not None
+
+    def __len__(self) -> int:
+        return len(self._ram) if self._ram is not None else len(self._rows)
+
+    def __contains__(self, key: int) -> bool:
+        return key in (self._ram if self._ram is not None else self._rows)
+
+    def _path(self) -> Path:
+        if self._dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="fedsqueeze-store-")
+            self._dir = Path(self._tmp.name)
+        self._dir.mkdir(parents=True, exist_ok=True)
+        return self._dir / "memories.f32"
+
+    def _to_disk(self, capacity: int) -> None:
+        path = self._path()
+        self._mmap = np.memmap(path, dtype=np.float32, mode="w+", shape=(capacity, self.dim))
+        log.info("client memories moved to disk: %s (%d rows x %d)", path, capacity, self.dim)
+        ram, self._ram = self._ram or {}, None
+        for key, value in ram.items():
+            self.set(key, value)
+
+    def _disk(self) -> np.memmap:
+        """The memory map of a store that has moved to disk."""
+        if self._mmap is None:
+            raise RuntimeError("TensorStore: the memory-mapped file is closed")
+        return self._mmap
+
+    def _grow(self) -> None:
+        old = self._disk()
+        old.flush()
+        capacity = old.shape[0] * 2
+        path = Path(old.filename)  # type: ignore[arg-type]
+        del old
+        self._mmap = None
+        with path.open("r+b") as fh:
+            fh.truncate(capacity * self.dim * 4)
+        self._mmap = np.memmap(path, dtype=np.float32, mode="r+", shape=(capacity, self.dim))
+
+    def get(self, key: int) -> torch.Tensor:
+        if self._ram is not None:
+            value = self._ram.get(key)
+            return self.initial.clone() if value is None else value.clone()
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key].clone()
+        row = self._rows.get(key)
+        if row is None:
+            return self.initial.clone()
+        value = torch.from_numpy(np.array(self._disk()[row]))
+        self._remember(key, value)
+        return value.clone()
+
+    def set(self, key: int, value: torch.Tensor) -> None:
+        value = value.detach().to("cpu", torch.float32).reshape(-1).clone()
+        if self._ram is not None:
+            self._ram[key] = value
+            if len(self._ram) * self.dim * 4 > self._budget:
+                self._to_disk(len(self._ram) * 2)
+            return
+        if key not in self._rows:
+            if len(self._rows) >= self._disk().shape[0]:
+                self._grow()
+            self._rows[key] = len(self._rows)
+        self._remember(key, value)
+        self._dirty.add(key)
+
+    def _remember(self, key: int, value: torch.Tensor) -> None:
+        self._cache[key] = value
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_rows:
+            old_key, old_value = self._cache.popitem(last=False)
+            if old_key in self._dirty:
+                self._write(old_key, old_value)
+
+    def _write(self, key: int, value: torch.Tensor) -> None:
+        self._disk()[self._rows[key]] = value.numpy()
+        self._dirty.discard(key)
+
+    def export(self) -> tuple[list[int], torch.Tensor]:
+        """(keys, rows): every stored vector, row j belonging to keys[j] (for checkpoints).
+        On disk the rows are a view of the flushed memory map, not a copy in RAM."""
+        if self._ram is not None:
+            keys = list(self._ram)
+            rows = [self._ram[k] for k in keys]
+            return keys, torch.stack(rows) if rows else torch.zeros(0, self.dim)
+        self.flush()
+        keys = sorted(self._rows, key=self._rows.__getitem__)  # rows are 0..n-1 in this order
+        return keys, torch.from_numpy(self._disk()[: len(keys)])
+
+    def load(self, keys: Sequence[int], rows: torch.Tensor) -> None:
+        """Replace the contents with `export`'s (keys, rows) (restoring a checkpoint)."""
+        if rows.shape != (len(keys), self.dim):
+            raise ValueError(
+                f"rows of shape {tuple(rows.shape)} for {len(keys)} keys of {self.dim}"
+            )
+        if self._ram is not None:
+            self._ram = {}
+        else:
+            self._rows.clear()
+            self._cache.clear()
+            self._dirty.clear()
+        for key, row in zip(keys, rows, strict=True):
+            self.set(int(key), row)
+        self.flush()
+
+    def flush(self) -> None:
+        if self._mmap is not None:
+            for key in list(self._dirty):
+                self._write(key, self._cache[key])
+            self._mmap.flush()
+
+    def close(self) -> None:
+        self.flush()
+        self._mmap = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None

@@ -1,0 +1,365 @@
+"""The server half every algorithm shares: the round template, the books it keeps on each
+client, and the consistency protocol's server side.
+
+One round k, driven by the Flower glue (`strategies.flower`) or by `strategies.local`::
+
+    1. begin_round(k)             forget the last round's scratch and counters
+    2. set_members(nodes)         the clients C counted this round (N = |C|); a client
+                                  joins or leaves with its share of PP2's h
+    3. downlink_for(k, i)         for each i ∈ S_k: the family's message (catch-up,
+                                  snapshot or fresh), stamped for the consistency protocol,
+                                  and the state digest the server expects back
+    4. receive(k, i, uplink)      for each reply: validate (`strategies.validation`),
+                                  compare digests (`strategies.consistency`), keep Δ̂_i
+    5. finish_round(k, pN)        ĝ by PP1 / PP2 (`strategies.aggregation`), then the
+                                  family moves the central model (`_advance`)
+
+A family (`strategies.artemis`, `strategies.mcm`, `strategies.signsgd`) subclasses
+`ServerHalf` and implements the abstract hooks: what to send client i, the digest of the
+downlink state (H, w) client i will hold, and how the model moves given ĝ.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from strategies import aggregation
+from strategies.consistency import digest_difference, tensor_digest
+from strategies.encoding import derive_seed, get_compressor
+from strategies.memory_store import TensorStore
+from strategies.messages import Downlink, Uplink
+from strategies.sampling import expected_participants
+from strategies.settings import AlgorithmSettings
+from strategies.validation import decode_uplink, default_max_uplink_bytes
+
+# a child of Flower's logger, so that our lines appear in `flwr run` log streams
+log = logging.getLogger("flwr.fedsqueeze.strategies")
+
+
+@dataclass
+class ClientBook:
+    """What the server knows about client i: last accepted round, the version it holds."""
+
+    acked_round: int = 0
+    version: int = 0
+    needs_reset: bool = False
+    #: in the set C the server counts (N = |C|); see `ServerHalf.set_members`
+    counted: bool = False
+
+
+@dataclass(frozen=True)
+class DownlinkCommit:
+    """The per-client downlink state the server computed when it sent client i its message,
+    kept once i's reply is accepted: Rand-MCM's H_i ← H_i + α_dwn Ω_i (`down_memory`) and
+    the perturbed model ŵ_i = H_i + Ω_i the client computes its update at (`model`). Empty
+    for the families that broadcast one message to all."""
+
+    down_memory: torch.Tensor | None = None
+    model: torch.Tensor | None = None
+
+
+@dataclass
+class PendingReply:
+    """What the server expects from client i this round and what to commit if it arrives."""
+
+    target_version: int
+    expected_digest: bytes
+    commit: DownlinkCommit = field(default_factory=DownlinkCommit)
+
+
+@dataclass
+class RoundStats:
+    """Counters of one round (go to RoundRecord.extra)."""
+
+    accepted: int = 0
+    dropped: int = 0
+    #: replies that arrived and were refused (bad payload, stale round, digest mismatch)
+    rejected: int = 0
+    resyncs: int = 0
+    digest_checks: int = 0
+    digest_mismatches: int = 0
+    snapshots: int = 0
+    catchup_messages: int = 0
+    catchup_bytes: int = 0
+    resets_sent: int = 0
+    expected_participants: float = 0.0
+    downlink_payloads: int = 0  # codec payloads sent (each carries a < 64-byte header)
+    uplink_payloads: int = 0
+    joined: int = 0  # clients added to the counted set C this round
+    left: int = 0  # clients removed from C this round
+    members: int = 0  # N = |C| after this round's changes
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class ServerHalf(ABC):
+    """The server side of one algorithm, independent of Flower.
+
+    Per round k: `begin_round(k)`, `set_members(nodes)` with the clients the round samples
+    from, `downlink_for(k, i)` for every sampled client (before training), then
+    `receive(k, i, uplink)` for every reply, then `finish_round(k, pN)` which forms ĝ and
+    moves the central model (family-specific `_advance`).
+
+    Uplink memories: the server keeps every client's h_i in `h_store` (PP1 and PP2) and,
+    under PP2, the single memory h in `h_global`, corrected by a client's share whenever
+    that share changes outside the aggregation update (reset, leave, join; see
+    `strategies.aggregation`'s memory invariant).
+    """
+
+    #: family subclasses set this to the model kinds they implement
+    kinds: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        settings: AlgorithmSettings,
+        w0: torch.Tensor,
+        store_dir: str | Path | None = None,
+        expected_clients: int = 0,
+        max_uplink_bytes: int | None = None,
+    ) -> None:
+        if settings.model not in self.kinds:
+            raise ValueError(f"{type(self).__name__} does not implement {settings.model}")
+        w0 = w0.detach().to("cpu", torch.float32).reshape(-1).clone()
+        if w0.numel() != settings.dim:
+            raise ValueError(f"initial model has {w0.numel()} values, settings say {settings.dim}")
+        self.settings = settings
+        self.dim = settings.dim
+        self.w = w0  # the central model (exact, or degraded where the algorithm says)
+        self.version = 0
+        self.books: dict[int, ClientBook] = {}
+        self.pending: dict[int, PendingReply] = {}
+        self.up_compressor = get_compressor(settings.uplink)
+        self.down_compressor = get_compressor(settings.downlink)
+        self.max_uplink_bytes = max_uplink_bytes or default_max_uplink_bytes(self.dim)
+        self.h_global = (
+            torch.zeros(self.dim) if settings.up_memory and settings.pp_variant == "pp2" else None
+        )  # PP2: one memory h
+        self.h_store = (  # h_i of every client it has seen (PP1 and PP2)
+            TensorStore(self.dim, directory=store_dir, expected_clients=expected_clients)
+            if settings.up_memory
+            else None
+        )
+        self.stats = RoundStats()
+        self._received: list[tuple[int, torch.Tensor]] = []
+        self._store_dir = store_dir
+        self._expected_clients = expected_clients
+        self._round = 0
+
+    # ---- hooks for the families
+    @abstractmethod
+    def _downlink_payload(
+        self, node: int, book: ClientBook, k: int
+    ) -> tuple[Downlink, DownlinkCommit]:
+        """The message for `node` and what to store for it if its reply is accepted."""
+
+    @abstractmethod
+    def _expected_digest_down(self, node: int, commit: DownlinkCommit) -> tuple[bytes, bytes]:
+        """`tensor_digest` of the downlink memory and of the model the client will hold."""
+
+    @abstractmethod
+    def _advance(self, g_hat: torch.Tensor, k: int) -> None:
+        """Move the central model by ĝ and prepare the next downlink (the family's math)."""
+
+    # optional hooks: no-ops unless the family keeps per-client downlink state (Rand-MCM)
+    def _reset_client(self, node: int) -> None:  # noqa: B027
+        """Zero the server's per-client downlink memory (families that keep one)."""
+
+    def _commit_client(self, node: int, commit: DownlinkCommit) -> None:  # noqa: B027
+        """Store what the family computed for this client at send time."""
+
+    def evaluation_model(self) -> torch.Tensor:
+        """The model to evaluate centrally (w; MCM: the preserved exact model)."""
+        return self.w
+
+    # ---- the clients the server counts
+    def members(self) -> list[int]:
+        """The clients C the server counts, N = |C| (those it samples from)."""
+        return sorted(node for node, book in self.books.items() if book.counted)
+
+    def set_members(self, nodes: Iterable[int]) -> None:
+        """Count exactly `nodes` from now on: the clients this round samples from (call after
+        `begin_round`). A node not counted before joins, with the h_i the server holds for it
+        (0 for a new client, its last h_i for one that comes back); a counted node absent
+        from `nodes` leaves, and its h_i is kept for its return. Under PP2, h is corrected so
+        that h = (1/(pN)) Σ_{i∈C} h_i still holds (`strategies.aggregation`)."""
+        now = {int(node) for node in nodes}
+        for node in [n for n, book in self.books.items() if book.counted and n not in now]:
+            self._leave(node)
+        for node in sorted(now):
+            if not self.books.setdefault(node, ClientBook()).counted:
+                self._join(node)
+        self.stats.members = sum(book.counted for book in self.books.values())
+
+    def expected_participants(self, n: int | None = None) -> float:
+        """pN for n counted clients (default: the current N), as `sample_clients` draws them."""
+        if n is None:
+            n = sum(book.counted for book in self.books.values())
+        s = self.settings
+        return expected_participants(n, s.participation, s.participation_mode)
+
+    def _join(self, node: int) -> None:
+        book = self.books.setdefault(node, ClientBook())
+        n = sum(b.counted for b in self.books.values())
+        if self.h_global is not None and self.h_store is not None:  # Σ h_i += h_j
+            h_j = self.h_store.get(node)
+            self.h_global = aggregation.pp2_join(self.h_global, h_j, n, self.expected_participants)
+        book.counted = True
+        self.stats.joined += 1
+        if self._round > 1:
+            log.info("round %d: node %d joins (N = %d)", self._round, node, n + 1)
+
+    def _leave(self, node: int) -> None:
+        n = sum(b.counted for b in self.books.values())
+        if self.h_global is not None and self.h_store is not None:  # Σ h_i −= h_j
+            h_j = self.h_store.get(node)
+            self.h_global = aggregation.pp2_leave(self.h_global, h_j, n, self.expected_participants)
+        self.books[node].counted = False
+        self.stats.left += 1
+        log.info("round %d: node %d leaves (N = %d)", self._round, node, n - 1)
+
+    def _reset_uplink_memory(self, node: int) -> None:
+        """h_i ← 0 on the server; under PP2 h loses the client's share h_i / (pN)."""
+        if self.h_store is None:
+            return
+        h_i = self.h_store.get(node)
+        if self.h_global is not None and self.books[node].counted:
+            self.h_global = aggregation.pp2_reset(self.h_global, h_i, self.expected_participants())
+        self.h_store.set(node, torch.zeros(self.dim))
+
+    # ---- the round
+    def begin_round(self, k: int) -> None:
+        self.stats = RoundStats()
+        self.pending.clear()
+        self._received = []
+        self._round = k
+
+    def downlink_for(self, k: int, node: int) -> Downlink:
+        book = self.books.setdefault(node, ClientBook())
+        if not book.counted:  # sampled without `set_members` saying so: it joins
+            self._join(node)
+        if book.needs_reset:
+            self._reset_uplink_memory(node)
+            self._reset_client(node)
+        message, commit = self._downlink_payload(node, book, k)
+        message.ack_round = book.acked_round
+        message.reset = book.needs_reset
+        message.uplink_seed = derive_seed(self.settings.seed, k, node, 1)
+        if message.reset:
+            self.stats.resets_sent += 1
+        h_i = None if self.h_store is None else self.h_store.get(node)
+        expected = tensor_digest(h_i) + b"".join(self._expected_digest_down(node, commit))
+        self.pending[node] = PendingReply(message.target_version, expected, commit)
+        return message
+
+    def receive(self, k: int, node: int, uplink: Uplink | None, error: str = "") -> str:
+        """Validate and take in one reply; return its outcome ('ok', 'failed', 'dropped').
+
+        Never raises because of what a reply holds: any failure of a client's payload
+        (stale round, size, undecodable bytes, wrong length, non-finite values, malformed
+        or mismatching digest, or any other exception while decoding) makes the reply
+        rejected, logged and counted (`RoundStats.rejected`), and the round goes on. A reply
+        for another round leaves the client's pending reply of this round in place.
+        """
+        if uplink is not None and getattr(uplink, "round", None) != k:
+            stamp = getattr(uplink, "round", None)
+            return self.reject(k, node, f"reply for round {stamp!r}, expected {k}", pop=False)
+        pending = self.pending.pop(node, None)
+        if pending is None:
+            log.warning("round %d: reply from node %d that was not sampled: dropped", k, node)
+            self.stats.dropped += 1
+            return "dropped"
+        if uplink is None:
+            log.warning("round %d: node %d failed (%s); its state stays as before", k, node, error)
+            return "failed"
+        book = self.books[node]
+        try:
+            if uplink.status == "resync":
+                log.warning("round %d: node %d asks for a resync: %s", k, node, uplink.detail)
+                self.stats.resyncs += 1
+                book.needs_reset = True
+                return "dropped"
+            delta_hat, reason = decode_uplink(k, uplink, self.dim, self.max_uplink_bytes)
+        except Exception as exc:  # whatever the client's bytes make the decoder do
+            delta_hat, reason = None, f"payload failed to decode: {type(exc).__name__}: {exc}"
+        if reason or delta_hat is None:
+            return self.reject(k, node, reason, pop=False)
+        self.stats.digest_checks += 1
+        if uplink.digest != pending.expected_digest:
+            log.warning(
+                "round %d: node %d state digest differs from the server's in %s: resync",
+                k,
+                node,
+                digest_difference(uplink.digest, pending.expected_digest),
+            )
+            self.stats.digest_mismatches += 1
+            self.stats.resyncs += 1
+            self.stats.rejected += 1
+            book.needs_reset = True
+            return "dropped"
+        delta_hat = delta_hat * self.settings.up_scale
+        book.acked_round = k
+        book.version = pending.target_version
+        book.needs_reset = False
+        self._commit_client(node, pending.commit)
+        self._received.append((node, delta_hat))
+        self.stats.accepted += 1
+        return "ok"
+
+    def reject(self, k: int, node: int, reason: str, pop: bool = True) -> str:
+        """Refuse a reply that arrived (its content failed a check): log and count it, and
+        with `pop` forget what the server expected from `node` this round. Returns 'dropped'
+        (the outcome recorded for the client)."""
+        if pop:
+            self.pending.pop(node, None)
+        log.warning("round %d: node %d reply rejected: %s", k, node, reason)
+        self.stats.dropped += 1
+        self.stats.rejected += 1
+        return "dropped"
+
+    def count_payloads(self, *, sent: int = 0, received: int = 0) -> None:
+        """Count codec payloads the transport put on the wire this round: `sent` downlink
+        payloads, `received` uplink payloads (`RoundStats.downlink_payloads`,
+        `uplink_payloads`; each carries a codec header)."""
+        self.stats.downlink_payloads += sent
+        self.stats.uplink_payloads += received
+
+    def aggregate(self, expected: float) -> torch.Tensor:
+        """ĝ from the accepted Δ̂_i (PP1 / PP2 / no memory), updating the uplink memories."""
+        g_hat, self.h_global = aggregation.aggregate_uplinks(
+            self._received,
+            expected,
+            self.dim,
+            self.settings.up_memory_rate,
+            self.h_store,
+            self.h_global,
+        )
+        return g_hat
+
+    def finish_round(self, k: int, expected: float) -> RoundStats:
+        """ĝ = aggregate, then the family moves the model and prepares the next downlink."""
+        if expected <= 0:
+            raise ValueError(f"expected number of participants must be > 0, got {expected}")
+        self.stats.expected_participants = expected
+        for node in list(self.pending):  # sampled but never answered
+            self.pending.pop(node)
+        g_hat = self.aggregate(expected)
+        self._advance(g_hat, k)
+        if self.h_store is not None:
+            self.h_store.flush()
+        return self.stats
+
+    def client_memory(self, node: int) -> torch.Tensor | None:
+        """h_i as the server holds it (PP1 and PP2), for tests and diagnostics."""
+        return None if self.h_store is None else self.h_store.get(node)
+
+    def close(self) -> None:
+        if self.h_store is not None:
+            self.h_store.close()
