@@ -29,6 +29,7 @@ __all__ = ["Compressor", "Parameterless"]
 
 
 def parse_int(name: str, value: str) -> int:
+    """The spec parameter ``name=value`` as an integer."""
     try:
         return int(value)
     except ValueError:
@@ -36,6 +37,7 @@ def parse_int(name: str, value: str) -> int:
 
 
 def parse_float(name: str, value: str) -> float:
+    """The spec parameter ``name=value`` as a finite float."""
     try:
         out = float(value)
     except ValueError:
@@ -46,6 +48,7 @@ def parse_float(name: str, value: str) -> float:
 
 
 def parse_bool(name: str, value: str) -> bool:
+    """The spec parameter ``name=value`` as a boolean (true/1/yes or false/0/no)."""
     if value in ("true", "1", "yes"):
         return True
     if value in ("false", "0", "no"):
@@ -54,7 +57,21 @@ def parse_bool(name: str, value: str) -> bool:
 
 
 def format_float(value: float) -> str:
+    """``value`` as written in a canonical spec (no trailing zeros: 0.01, 0.5, 1)."""
     return repr(float(value)).rstrip("0").rstrip(".") if "e" not in repr(value) else repr(value)
+
+
+def take_params(params: dict[str, str], allowed: dict[str, str | None], op: str) -> dict[str, str]:
+    """The parameters of a spec for operator ``op``: the defaults of the ``allowed`` keys
+    (None: no default) overridden by those given; an unknown key raises ValueError."""
+    unknown = set(params) - set(allowed)
+    if unknown:
+        raise ValueError(
+            f"unknown parameter(s) {sorted(unknown)} for {op!r}; allowed: {sorted(allowed)}"
+        )
+    out = {k: v for k, v in allowed.items() if v is not None}
+    out.update(params)
+    return out
 
 
 class Compressor(ABC):
@@ -145,17 +162,6 @@ class Compressor(ABC):
 
     @abstractmethod
     def _info_bits(self, fields: Fields, d: int, dtype: torch.dtype) -> float: ...
-
-
-def take_params(params: dict[str, str], allowed: dict[str, str | None], op: str) -> dict[str, str]:
-    unknown = set(params) - set(allowed)
-    if unknown:
-        raise ValueError(
-            f"unknown parameter(s) {sorted(unknown)} for {op!r}; allowed: {sorted(allowed)}"
-        )
-    out = {k: v for k, v in allowed.items() if v is not None}
-    out.update(params)
-    return out
 
 
 class Parameterless(Compressor):

@@ -8,7 +8,8 @@ the smallest is sent:
 
 * dense: symbol l_j + s in ceil(log2(2s+1)) = 1 + ceil(log2(s+1)) bits (for s = 1 the
   three symbols are packed five per byte, "base3", 1.6 bits);
-* rice: |l_j| Rice-coded for every coordinate, plus one sign bit per non-zero;
+* rice: |l_j| Rice-coded for every coordinate, plus one sign bit per non-zero (small
+  levels dominate when s is large);
 * sparse: positions of the non-zero levels as Rice-coded zero runs, one sign bit and
   |l_j| - 1 Rice-coded (or in ceil(log2 s) bits) per non-zero.
 
@@ -17,6 +18,7 @@ The information limit is n H(p̂) of the level histogram plus 32 bits per norm.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Iterator
 
 import numpy as np
@@ -47,30 +49,26 @@ _LEVEL_CODES = {"dense": 0, "base3": 0, "sparse": 1, "rice": 2}
 _FIXED_MAGS = 255
 
 
-def varint_len(n: int) -> int:
+def _varint_len(n: int) -> int:
     return max(1, (n.bit_length() + 6) // 7)
 
 
-def section_bits(*nbits: int) -> int:
+def _section_bits(*nbits: int) -> int:
     """Bits that sections holding ``nbits`` bits each take on the wire: whole bytes plus
     their length varints."""
     total = 0
     for n in nbits:
         nbytes = -(-n // 8)
-        total += 8 * (nbytes + varint_len(nbytes))
+        total += 8 * (nbytes + _varint_len(nbytes))
     return total
 
 
 class LevelQuantizer(Compressor):
     """Shared part of QSGD and natural dithering: per bucket B a float32 norm ||x_B||, and per
-    coordinate a signed level l_j in {-s..s}. Three codes, the smallest is sent:
-
-    * dense: symbol l_j + s in ceil(log2(2s+1)) = 1 + ceil(log2(s+1)) bits (for s = 1 the
-      three symbols are packed five per byte, 1.6 bits);
-    * rice: |l_j| Rice-coded for every coordinate, plus one sign bit per non-zero (small
-      levels dominate when s is large);
-    * sparse: positions of the non-zero levels as Rice-coded zero runs, one sign bit and
-      |l_j| - 1 Rice-coded (or in ceil(log2 s) bits) per non-zero.
+    coordinate a signed level l_j in {-s..s}, sent with the smallest of the three codes of
+    this module (dense or base3, rice, sparse). A subclass supplies the math (``_compress``,
+    ``_level_table``: the values of the levels -s..s) and its parameters on the wire
+    (``_write_params`` / ``_read_params``).
 
     Fields: ``norms`` (float32, one per bucket) and either ``levels`` (int16, d) or the sparse
     pair ``index`` (int64, sorted) + ``nzlevels`` (int16).
@@ -79,9 +77,9 @@ class LevelQuantizer(Compressor):
     s: int
     bucket: int
 
+    @abstractmethod
     def _level_table(self, device: torch.device) -> torch.Tensor:
         """float32 values of the signed levels -s..s (index level + s)."""
-        raise NotImplementedError
 
     def _dense(self, fields: Fields, d: int, device: torch.device) -> torch.Tensor:
         norms: torch.Tensor = fields["norms"]
@@ -175,21 +173,21 @@ class LevelQuantizer(Compressor):
         and |l_j| - 1 Rice-coded, or |l_j| - 1 in fixed width when smaller, and signs)."""
         s = self.s
         # every code: the code byte and the norms section
-        head = 8 + section_bits(32 * fields["norms"].numel())
+        head = 8 + _section_bits(32 * fields["norms"].numel())
         signed = self._histogram(fields, d)
         mags = signed[s:].copy()
         mags[1:] += signed[:s][::-1]
         nnz = d - int(mags[0])
         dense_code = "base3" if s == 1 else "dense"
-        plans = {dense_code: Plan(dense_code, head + section_bits(self._dense_bits(d)))}
+        plans = {dense_code: Plan(dense_code, head + _section_bits(self._dense_bits(d)))}
         k, cost = bits.best_rice_parameter_from_counts(mags)
-        rice_bits = 8 + section_bits(cost - d * k, d * k, nnz)
+        rice_bits = 8 + _section_bits(cost - d * k, d * k, nnz)
         plans["rice"] = Plan("rice", head + rice_bits, {"k": k})
         fixed_width = (s - 1).bit_length()
         k_mags, mag_cost = bits.best_rice_parameter_from_counts(mags[1:])
-        mag_sections = section_bits(mag_cost - nnz * k_mags, nnz * k_mags)
-        if section_bits(0, fixed_width * nnz) <= mag_sections:
-            k_mags, mag_sections = _FIXED_MAGS, section_bits(0, fixed_width * nnz)
+        mag_sections = _section_bits(mag_cost - nnz * k_mags, nnz * k_mags)
+        if _section_bits(0, fixed_width * nnz) <= mag_sections:
+            k_mags, mag_sections = _FIXED_MAGS, _section_bits(0, fixed_width * nnz)
         # every non-zero costs at least its sign and the end of its run
         if want == "sparse" or head + 2 * nnz + mag_sections < min(p.bits for p in plans.values()):
             mean_run = (d - nnz) / (nnz + 1)
@@ -201,8 +199,8 @@ class LevelQuantizer(Compressor):
                     run_bits[kk] += bits.rice_cost_bits(runs, kk)
             k_runs = min(ks, key=run_bits.__getitem__)
             rem_runs = (nnz + 1) * k_runs
-            sparse_bits = 16 + 8 * varint_len(nnz) + mag_sections
-            sparse_bits += section_bits(run_bits[k_runs] - rem_runs, rem_runs, nnz)
+            sparse_bits = 16 + 8 * _varint_len(nnz) + mag_sections
+            sparse_bits += _section_bits(run_bits[k_runs] - rem_runs, rem_runs, nnz)
             plans["sparse"] = Plan(
                 "sparse", head + sparse_bits, {"k": k_runs, "k_mags": k_mags, "nnz": nnz}
             )
@@ -277,8 +275,9 @@ class LevelQuantizer(Compressor):
                 w.section(section)
 
     @classmethod
+    @abstractmethod
     def _read_params(cls, r: Reader) -> LevelQuantizer:
-        raise NotImplementedError
+        """The operator's parameters, as ``_write_params`` wrote them, checked."""
 
     @classmethod
     def _read(cls, r: Reader, d: int, dtype: torch.dtype) -> tuple[Compressor, Fields]:
