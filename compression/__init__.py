@@ -7,10 +7,50 @@
     payload = m.to_bytes()            # what goes on the wire
     y = decode(payload).dense()       # == m.dense(), bit for bit
 
-Compression knows nothing of Flower: it maps tensors to bytes and back.
+Compression knows nothing of Flower: it maps tensors to bytes and back. One module per idea:
+
+    compressed.py  Compressed: one message, symbols in memory, bytes on demand
+    base.py        Compressor: the operator interface, input checks, spec parameters
+    identity.py    identity
+    levels.py      level quantizers (per-bucket norm + signed levels) and their codes
+    qsgd.py        QSGD (s-quantization; thinning for s = 1, kernel in _thin.py)
+    dithering.py   natural dithering
+    natural.py     natural compression
+    sparse.py      rand-k, top-k
+    signs.py       scaled sign, sign
+    registry.py    the operators by name and wire code; parse_compressor
+    decoding.py    decode: header checks, size caps, then the operator's validated fields
+    wire.py        framing: header, sections, CRC-32; CodecError
+    bits.py        bit-level codes (fixed width, base 3, Rice, LEB128)
+    _tensors.py    helpers several operators share (buckets, raw bytes, decode checks)
 """
 
-from compression.operators import OPERATORS, Compressed, Compressor, decode, parse_compressor
+from compression.base import Compressor
+from compression.compressed import Compressed
+from compression.decoding import decode
+from compression.dithering import NaturalDithering
+from compression.identity import Identity
+from compression.natural import NaturalCompression
+from compression.qsgd import QSGD
+from compression.registry import OPERATORS, parse_compressor
+from compression.signs import ScaledSign, Sign
+from compression.sparse import RandK, TopK, randk_indices
 from compression.wire import CodecError
 
-__all__ = ["OPERATORS", "CodecError", "Compressed", "Compressor", "decode", "parse_compressor"]
+__all__ = [
+    "OPERATORS",
+    "QSGD",
+    "CodecError",
+    "Compressed",
+    "Compressor",
+    "Identity",
+    "NaturalCompression",
+    "NaturalDithering",
+    "RandK",
+    "ScaledSign",
+    "Sign",
+    "TopK",
+    "decode",
+    "parse_compressor",
+    "randk_indices",
+]

@@ -4,10 +4,10 @@ Layout of one compressed tensor (all integers little endian, ``varint`` = LEB128
 
     magic  b"FSQZ"                                  4 bytes
     version                                         u8   (FORMAT_VERSION)
-    operator code                                   u8   (see compression.operators.OPS)
-    dtype code                                      u8   (float32, float16, bfloat16, float64)
+    operator code                                   u8   (compression.registry.OPERATORS_BY_CODE)
+    dtype code                                      u8   (DTYPE_CODES: float32, float16, ...)
     ndim                                            u8   (<= MAX_NDIM)
-    shape                                           ndim varints
+    shape                                           ndim varints (product <= MAX_NUMEL)
     operator parameters                             operator specific (varints, u8 flags)
     sections                                        varint byte length + bytes, each
     crc32 of everything above                       u32
@@ -24,10 +24,22 @@ import zlib
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
 MAGIC = b"FSQZ"
 FORMAT_VERSION = 1
 MAX_NDIM = 16
+#: The most coordinates any payload may declare, whatever the caller allows (so positions
+#: and run sums stay far from int64's limit).
+MAX_NUMEL = 1 << 48
+#: The header's code of each input dtype.
+DTYPE_CODES: dict[torch.dtype, int] = {
+    torch.float32: 0,
+    torch.float16: 1,
+    torch.bfloat16: 2,
+    torch.float64: 3,
+}
+CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 
 
 class CodecError(ValueError):

@@ -66,8 +66,8 @@ def crafted_payload(dim: int) -> bytes:
     """A top-k payload of `dim` coordinates whose header, sections and CRC-32 are valid but
     whose LEB128 index gaps are [2^63 − 1, 2^63 − 1, dim]: their int64 sum wraps around to
     exactly dim − k, so a decoder that checks only that sum derives negative indices."""
-    from compression.operators import DTYPE_CODES, TopK
-    from compression.wire import FORMAT_VERSION, MAGIC
+    from compression import TopK
+    from compression.wire import DTYPE_CODES, FORMAT_VERSION, MAGIC
 
     def varint(value: int) -> bytes:
         out = bytearray()

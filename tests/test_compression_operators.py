@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from compression import Compressed, Compressor, parse_compressor
-from compression.operators import QSGD, randk_indices
+from compression import QSGD, Compressed, Compressor, parse_compressor, randk_indices
 
 ALL_SPECS = [
     "identity",
