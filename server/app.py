@@ -19,6 +19,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from core.records import (
+    ClientRoundRecord,
+    Recorder,
+    ResumableRecorder,
+    RoundRecord,
+    RunInfo,
+    utcnow,
+)
 from server.checkpoints import (
     Checkpointer,
     ResumeError,
@@ -30,14 +38,7 @@ from server.checkpoints import (
     resume_server,
 )
 from server.config import STORE_URL_ENV, RunConfig, load_config
-from server.recording import (
-    ClientRoundRecord,
-    JsonlRecorder,
-    Recorder,
-    ResumableRecorder,
-    RoundRecord,
-    RunInfo,
-)
+from server.recording import JsonlRecorder
 from strategies.flower import FedSqueezeStrategy, wait_for_nodes
 from strategies.registry import FLWR_FEDAVG, make_server, settings_from_config
 from tasks.base import Task, load_task
@@ -290,8 +291,6 @@ def _run_fedavg(
     min_nodes: int,
 ) -> None:
     import time
-
-    from server.recording import utcnow
 
     model = task.make_model()
     p = float(config["participation"])

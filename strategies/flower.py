@@ -28,7 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from server.recording import ClientRoundRecord, Recorder, RoundRecord, utcnow
+from core.records import ClientRoundRecord, Recorder, RoundRecord, utcnow
 from strategies.common import (
     AlgorithmSettings,
     Downlink,

@@ -18,6 +18,7 @@ import torch
 
 from api.errors import ConflictError, NotFoundError
 from api.store import SqlRecorder
+from core.records import RoundRecord, RunInfo
 from server.checkpoints import (
     Checkpointer,
     ResumeError,
@@ -26,7 +27,6 @@ from server.checkpoints import (
     resume_server,
     stored_run_to_resume,
 )
-from server.recording import RoundRecord, RunInfo
 from strategies.common import ClientBook
 from strategies.registry import make_server, settings_from_config
 

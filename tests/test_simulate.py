@@ -15,7 +15,8 @@ import psutil
 import pytest
 from flwr.common.config import parse_config_args
 
-from server.recording import JsonlRecorder, RoundRecord, RunInfo
+from core.records import RoundRecord, RunInfo
+from server.recording import JsonlRecorder
 from server.simulate import (
     CONNECTION_NAME,
     AppInfo,
