@@ -49,8 +49,8 @@ from typing import Any
 
 import typer
 
+from core.runconfig import STORE_URL_ENV, refused_key_message
 from core.secrets import redact_text
-from server.config import STORE_URL_ENV, refused_key_message
 from server.flower_env import flower_env, flower_executable, terminate_then_kill
 
 ConfigValue = bool | int | float | str
@@ -854,7 +854,7 @@ def run_one(
     merged = {**app.run_config, **spec.overrides}
     num_rounds = int(merged.get("num-server-rounds", 0) or 0)
     # the store the ServerApp records into: the one its environment names (never the run
-    # config, see server.config.REFUSED_KEYS), else the default one
+    # config, see core.runconfig.REFUSED_KEYS), else the default one
     database_url = superlink.env().get(STORE_URL_ENV) or None
     federation: dict[str, int | float | bool | str] = {
         "num-supernodes": spec.num_supernodes,
@@ -1102,7 +1102,8 @@ def check_run_config(
     """
     import sys
 
-    from server.config import KEYS, check_run
+    from core.runconfig import KEYS
+    from server.config import check_run
 
     if not set(config) <= set(KEYS):
         return

@@ -180,14 +180,14 @@ def reference_losses(resume_after: int = 0) -> dict[int, float]:
     = r the server half is checkpointed after round r, restored into a fresh one, and the
     clients start again with empty state under new node ids, as in a resumed Flower run."""
     from client.training import flatten, local_update
+    from core.runconfig import load_config
     from server.app import make_evaluate
-    from server.config import load_config
     from strategies import checkpoint
     from strategies.common import client_round, derive_seed, initial_client_state
-    from strategies.registry import client_apply
+    from strategies.registry import ALGORITHMS, client_apply
     from tasks.base import load_task
 
-    config = load_config(CONFIG)
+    config = load_config(CONFIG, algorithms=ALGORITHMS)
     task = load_task("synthetic-lsq", **config.task_options(3))
     evaluate = make_evaluate(task)
     model = task.make_model()

@@ -12,7 +12,7 @@ import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from compression import parse_compressor
-from server.config import DEFAULTS, load_config, parse_failure, parse_options
+from core.runconfig import DEFAULTS, load_config, parse_failure, parse_options
 from strategies.common import (
     DIGEST_BYTES,
     TensorStore,
@@ -29,7 +29,7 @@ from strategies.flower import (
     uplink_to_record,
 )
 from strategies.local import run_local
-from strategies.registry import get_preset, make_server, settings_from_config
+from strategies.registry import ALGORITHMS, get_preset, make_server, settings_from_config
 from tasks.synthetic import make_lsq_task
 
 N, D = 5, 12
@@ -294,7 +294,7 @@ def test_presets_fill_defaults() -> None:
 )
 def test_bad_run_config_is_refused_with_a_clear_error(overrides, match) -> None:
     with pytest.raises(ValueError, match=match):
-        load_config({}, overrides)
+        load_config({}, overrides, algorithms=ALGORITHMS)
 
 
 @pytest.mark.parametrize(
@@ -311,7 +311,7 @@ def test_bad_run_config_is_refused_with_a_clear_error(overrides, match) -> None:
     ],
 )
 def test_bad_algorithm_settings_are_refused(overrides, match) -> None:
-    config = load_config({}, overrides)
+    config = load_config({}, overrides, algorithms=ALGORITHMS)
     with pytest.raises(ValueError, match=match):
         settings_from_config(config.values, D)
 
