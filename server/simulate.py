@@ -49,9 +49,9 @@ from typing import Any
 
 import typer
 
+from core.flower_env import flower_env, flower_executable, terminate_then_kill
 from core.runconfig import STORE_URL_ENV, refused_key_message
 from core.secrets import redact_text
-from server.flower_env import flower_env, flower_executable, terminate_then_kill
 
 ConfigValue = bool | int | float | str
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.flower_env import flower_env, flower_executable
 from core.runconfig import refused_key_message
 from server.deploy.launcher import CONNECTION_NAME, ServerConfig, ServerPaths
-from server.flower_env import flower_env, flower_executable
 
 RUN_ID_PATTERN = re.compile(r"Successfully started run (\d+)")
 
