@@ -85,13 +85,23 @@ def project_packages(root: Path) -> list[str]:
     )
 
 
+def _literal_import_module(call: ast.Call) -> str | None:
+    """The name in ``importlib.import_module("a.b")`` / ``import_module("a.b")``, when literal."""
+    func = call.func
+    called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+    if called == "import_module" and call.args:
+        first = call.args[0]
+        if isinstance(first, ast.Constant) and isinstance(first.value, str):
+            return first.value
+    return None
+
+
 def imports_of(path: Path, root: Path) -> list[Import]:
     """Every import in the module at `path`, wherever it stands in the module."""
     rel = path.relative_to(root)
     package = list(rel.parent.parts)  # the package the module belongs to
     found: list[Import] = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
-        names: list[str] = []
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -100,16 +110,10 @@ def imports_of(path: Path, root: Path) -> list[Import]:
             else:  # `from . import x`, `from ..pkg import y`
                 base = package[: len(package) - node.level + 1]
                 names = [".".join([*base, *([node.module] if node.module else [])])]
-        elif (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute | ast.Name)
-            and (node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id)
-            == "import_module"
-            and node.args
-            and isinstance(node.args[0], ast.Constant)
-            and isinstance(node.args[0].value, str)
-        ):
-            names = [node.args[0].value]
+        elif isinstance(node, ast.Call) and (literal := _literal_import_module(node)):
+            names = [literal]
+        else:
+            continue
         found += [Import(rel, node.lineno, name) for name in names if name]
     return found
 
