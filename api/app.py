@@ -47,7 +47,7 @@ from api.models import ApiToken, Client, Run
 from api.settings import Settings
 from api.store import MAX_COMPARE_RUNS, Page, Participation, Store
 from api.validation import check_text
-from server.recording import ClientRoundRecord, RoundRecord, RunInfo
+from core.records import ClientRoundRecord, RoundRecord, RunInfo
 
 log = logging.getLogger("fedsqueeze.api")
 

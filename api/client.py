@@ -1,4 +1,4 @@
-"""`HttpRecorder`: the `server.recording.Recorder` that writes to a remote REST service.
+"""`HttpRecorder`: the `core.records.Recorder` that writes to a remote REST service.
 
 For a ServerApp on another host than the store: each call is one POST (``/runs``,
 ``/runs/{id}/rounds``, ``/runs/{id}/finish``) with a bearer token; each round is stored
@@ -16,14 +16,14 @@ from typing import Any
 
 import httpx
 
-from server.recording import RoundRecord, RunInfo, _to_jsonable
+from core.records import Recorder, RoundRecord, RunInfo, to_jsonable
 
 
 class RecorderHttpError(RuntimeError):
     """The REST service refused a write (the message carries its error body)."""
 
 
-class HttpRecorder:
+class HttpRecorder(Recorder):
     def __init__(self, url: str, token: str, *, timeout_s: float = 30.0, retries: int = 3) -> None:
         if not token:
             raise ValueError("HttpRecorder needs an API token (fedsqueeze api token create)")
@@ -55,10 +55,10 @@ class HttpRecorder:
         raise AssertionError("unreachable")
 
     def start_run(self, info: RunInfo) -> int:
-        return int(self._post("/runs", _to_jsonable(info))["id"])
+        return int(self._post("/runs", to_jsonable(info))["id"])
 
     def record_round(self, run_id: int, record: RoundRecord) -> None:
-        self._post(f"/runs/{run_id}/rounds", _to_jsonable(record))
+        self._post(f"/runs/{run_id}/rounds", to_jsonable(record))
 
     def finish_run(self, run_id: int, status: str) -> None:
         self._post(f"/runs/{run_id}/finish", {"status": status})

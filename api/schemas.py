@@ -89,7 +89,7 @@ class Ready(BaseModel):
 
 
 class RunCreate(BaseModel):
-    """A run as it starts (what `server.recording.RunInfo` holds)."""
+    """A run as it starts (what `core.records.RunInfo` holds)."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -194,7 +194,7 @@ class ClientRoundOut(BaseModel):
 
 
 class RoundCreate(BaseModel):
-    """One finished round (what `server.recording.RoundRecord` holds)."""
+    """One finished round (what `core.records.RoundRecord` holds)."""
 
     model_config = ConfigDict(
         extra="forbid",

@@ -1,6 +1,6 @@
 """The round-history store: the SQL recorder and the queries of the REST service.
 
-`SqlRecorder` implements `server.recording.Recorder`: ``start_run`` inserts a run,
+`SqlRecorder` implements `core.records.ResumableRecorder`: ``start_run`` inserts a run,
 ``record_round`` appends one round with its client-rounds and updates the run's running
 totals in a single transaction (a crash loses at most the round in flight), and
 ``finish_run`` closes the run. `Store` holds the read and write operations shared by the
@@ -66,8 +66,8 @@ from api.models import (
     UTCDateTime,
 )
 from api.validation import MAX_TOTAL, check_json, check_text
+from core.records import ClientRoundRecord, ResumableRecorder, RoundRecord, RunInfo
 from core.secrets import redact_mapping
-from server.recording import ClientRoundRecord, RoundRecord, RunInfo
 
 log = logging.getLogger("fedsqueeze.api.store")
 
@@ -863,8 +863,8 @@ def _interrupt_open_runs() -> None:
 atexit.register(_interrupt_open_runs)
 
 
-class SqlRecorder:
-    """`server.recording.Recorder` writing to the SQL store (SQLite or PostgreSQL).
+class SqlRecorder(ResumableRecorder):
+    """`core.records.ResumableRecorder` writing to the SQL store (SQLite or PostgreSQL).
 
     Each round is one transaction. Runs this recorder started and did not finish are
     marked ``interrupted`` when the process exits normally; after a hard crash the

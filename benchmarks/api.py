@@ -331,7 +331,7 @@ def append_rates(database_url: str, url: str, sizes: Sizes) -> dict[str, float]:
     import httpx
 
     from api.store import SqlRecorder, open_store
-    from server.recording import ClientRoundRecord, RoundRecord, RunInfo
+    from core.records import ClientRoundRecord, RoundRecord, RunInfo
 
     def record(t: int) -> RoundRecord:
         clients = [

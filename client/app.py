@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from client.training import flatten, local_update, resolve_device
-from server.config import RunConfig, load_config, parse_failure
+from core.runconfig import RunConfig, load_config, parse_failure
 from strategies.client_half import ClientState, client_round
 from strategies.encoding import derive_seed
 from strategies.flower import (
@@ -43,7 +43,7 @@ from strategies.flower import (
     downlink_from_record,
     uplink_to_record,
 )
-from strategies.registry import FLWR_FEDAVG, client_apply, settings_from_config
+from strategies.registry import ALGORITHMS, FLWR_FEDAVG, client_apply, settings_from_config
 from strategies.settings import AlgorithmSettings
 from tasks.base import Task, load_task
 
@@ -98,7 +98,8 @@ NODE_OVERRIDES = ("device", "data-dir")
 
 def _setup(msg_config: ConfigRecord, context: Context) -> _Setup:
     node = {k: context.node_config[k] for k in NODE_OVERRIDES if k in context.node_config}
-    config = load_config({k: v for k, v in msg_config.items() if k != "server-round"}, node)
+    run_config = {k: v for k, v in msg_config.items() if k != "server-round"}
+    config = load_config(run_config, node, algorithms=ALGORITHMS)
     pid, n = _partition(context, config)
     key = (tuple(sorted(config.values.items())), pid, n)
     cached = _CACHE.get(key)

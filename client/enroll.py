@@ -35,7 +35,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from server.deploy.certs import NodeKeyPair, write_private, write_public
+from core.files import write_private, write_public
+from core.keys import NodeKeyPair
 
 BUNDLE_FORMAT = 1
 BUNDLE_FILES = ("bundle.json", "node.key", "node.pub", "ca.crt")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from client.enroll import Bundle
-from server.flower_env import flower_env, flower_executable, terminate_then_kill
+from core.flower_env import flower_env, flower_executable, terminate_then_kill
 
 DEFAULT_CLIENTAPPIO_PORT = 9094
 DEVICES = ("auto", "cpu", "cuda")
@@ -95,7 +95,7 @@ def supernode_command(
 
 
 def supernode_env(flwr_home: Path | None = None) -> dict[str, str]:
-    """The SuperNode's environment: it starts `flwr-clientapp` by name (server.flower_env)."""
+    """The SuperNode's environment: it starts `flwr-clientapp` by name (core.flower_env)."""
     return flower_env(flwr_home)
 
 

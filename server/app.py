@@ -19,6 +19,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from core.records import (
+    ClientRoundRecord,
+    Recorder,
+    ResumableRecorder,
+    RoundRecord,
+    RunInfo,
+    utcnow,
+)
+from core.runconfig import STORE_URL_ENV, RunConfig, load_config
 from server.checkpoints import (
     Checkpointer,
     ResumeError,
@@ -29,17 +38,9 @@ from server.checkpoints import (
     reopen_run,
     resume_server,
 )
-from server.config import STORE_URL_ENV, RunConfig, load_config
-from server.recording import (
-    ClientRoundRecord,
-    JsonlRecorder,
-    Recorder,
-    ResumableRecorder,
-    RoundRecord,
-    RunInfo,
-)
+from server.recording import JsonlRecorder
 from strategies.flower import FedSqueezeStrategy, wait_for_nodes
-from strategies.registry import FLWR_FEDAVG, make_server, settings_from_config
+from strategies.registry import ALGORITHMS, FLWR_FEDAVG, make_server, settings_from_config
 from tasks.base import Task, load_task
 
 log = logging.getLogger("flwr.fedsqueeze.server")
@@ -107,7 +108,7 @@ def run_server(
 ) -> RunOutcome:
     """The body of the ServerApp (usable with any Grid)."""
     outcome = outcome if outcome is not None else RunOutcome()
-    config = load_config(dict(context.run_config), overrides)
+    config = load_config(dict(context.run_config), overrides, algorithms=ALGORITHMS)
     n_cfg = int(config["num-partitions"])
     min_nodes = int(config["min-nodes"]) if int(config["min-nodes"]) > 0 else max(n_cfg, 1)
     nodes = wait_for_nodes(grid, min_nodes, float(config["round-timeout"]))
@@ -290,8 +291,6 @@ def _run_fedavg(
     min_nodes: int,
 ) -> None:
     import time
-
-    from server.recording import utcnow
 
     model = task.make_model()
     p = float(config["participation"])

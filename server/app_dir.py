@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.config import refused_key_message
+from core.runconfig import refused_key_message
 
 ConfigValue = bool | int | float | str
 
@@ -204,7 +204,8 @@ def check_run_config(
     """
     import sys
 
-    from server.config import KEYS, check_run
+    from core.runconfig import KEYS
+    from server.config import check_run
 
     if not set(config) <= set(KEYS):
         return

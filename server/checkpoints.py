@@ -39,12 +39,12 @@ from typing import Any
 
 import numpy as np
 
-from server.recording import (
+from core.records import (
     Recorder,
     ResumableRecorder,
     RoundRecord,
-    _to_jsonable,
     round_record_from_json,
+    to_jsonable,
 )
 from strategies import checkpoint
 from strategies.server_half import ServerHalf
@@ -115,7 +115,7 @@ class Checkpointer:
             self.server,
             round=k,
             sampler=self.sampler,
-            record=json.dumps(_to_jsonable(record)),
+            record=json.dumps(to_jsonable(record)),
         )
         self.last_bytes = checkpoint.save(state, self.path)
         self.last_seconds = time.perf_counter() - t0

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from core.flower_env import flower_env, flower_executable, terminate_then_kill
 from server.app_dir import ConfigValue, SimulationError, run_config_arg
-from server.flower_env import flower_env, flower_executable, terminate_then_kill
 from server.flwr_connection import CONNECTION_NAME, write_flower_config
 
 

@@ -40,6 +40,7 @@ from typing import Any
 
 import typer
 
+from core.runconfig import STORE_URL_ENV
 from core.secrets import redact_text
 from server.app_dir import (
     AppInfo,
@@ -50,7 +51,6 @@ from server.app_dir import (
     parse_raw_overrides,
     read_app,
 )
-from server.config import STORE_URL_ENV
 from server.local_superlink import LocalSuperLink
 from server.results_table import format_bytes, format_optional, results_table
 from server.simulation_run import RunSpec, SimulationResult, run_one

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.runconfig import STORE_URL_ENV
 from server.app_dir import AppInfo, ConfigValue
-from server.config import STORE_URL_ENV
 from server.local_superlink import LocalSuperLink
 from server.log_follower import LogFollower
 from server.memory_sampler import ServerMemorySampler

@@ -28,7 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from server.recording import ClientRoundRecord, Recorder, RoundRecord, utcnow
+from core.records import ClientRoundRecord, Recorder, RoundRecord, utcnow
 from strategies.messages import Downlink, Uplink
 from strategies.sampling import sample_clients
 from strategies.server_half import ServerHalf

@@ -22,11 +22,11 @@ from test_algorithms import (
 )
 
 from compression import decode, parse_compressor
-from server.config import load_config
+from core.runconfig import load_config
 from strategies.client_half import ClientState
 from strategies.encoding import derive_seed
 from strategies.local import LocalRun, run_local
-from strategies.registry import get_preset, settings_from_config
+from strategies.registry import ALGORITHMS, get_preset, settings_from_config
 from strategies.settings import AlgorithmSettings, resolve_settings
 
 N, D, GAMMA = 3, 12, 0.1
@@ -73,7 +73,7 @@ def _residual(run: LocalRun, i: int) -> torch.Tensor:
 
 def _settings(strategy: str, **config: Any) -> AlgorithmSettings:
     cfg = {"strategy": strategy, "server-lr": GAMMA, "seed": 7, **config}
-    return settings_from_config(load_config(cfg).as_flat(), D)
+    return settings_from_config(load_config(cfg, algorithms=ALGORITHMS).as_flat(), D)
 
 
 # ----------------------------------------------------------------------------- by hand
@@ -246,7 +246,7 @@ def test_ef_scale_option_keeps_the_scaled_variant() -> None:
 )
 def test_bad_ef_keys_are_refused(config: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        load_config({"strategy": "dore", **config})
+        load_config({"strategy": "dore", **config}, algorithms=ALGORITHMS)
 
 
 def test_settings_refuse_what_the_algorithm_lacks() -> None:

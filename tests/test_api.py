@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from api.client import HttpRecorder, RecorderHttpError
 from api.store import Store, open_store
-from server.recording import ClientRoundRecord, RoundRecord, RunInfo
+from core.records import ClientRoundRecord, RoundRecord, RunInfo
 
 pytestmark = pytest.mark.slow
 

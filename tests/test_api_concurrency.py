@@ -16,7 +16,7 @@ import pytest
 from conftest import LiveService
 
 from api.store import SqlRecorder, open_store
-from server.recording import ClientRoundRecord, RoundRecord, RunInfo
+from core.records import ClientRoundRecord, RoundRecord, RunInfo
 
 pytestmark = pytest.mark.slow
 

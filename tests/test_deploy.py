@@ -29,7 +29,8 @@ import psutil
 import pytest
 
 from client.enroll import BundleInfo, write_bundle
-from server.deploy.certs import NodeKeyPair, make_ca
+from core.keys import NodeKeyPair
+from server.deploy.certs import make_ca
 from server.deploy.registrar import SuperLinkRegistrar
 
 pytestmark = pytest.mark.slow

@@ -25,15 +25,8 @@ from flwr.supercore.run import Run
 
 from client.enroll import BundleInfo, open_bundle, write_bundle
 from client.supernode import node_config, supernode_command
-from server.deploy.certs import (
-    NodeKeyPair,
-    certificate_names,
-    ensure_tls,
-    fingerprint,
-    install_tls,
-    load_public_key,
-    make_ca,
-)
+from core.keys import NodeKeyPair, fingerprint, load_public_key
+from server.deploy.certs import certificate_names, ensure_tls, install_tls, make_ca
 from server.deploy.launcher import ServerConfig, ServerPaths, load_config, save_config
 from server.deploy.polling import FastPollGrid, poll_intervals
 from server.deploy.runs import render_run_config

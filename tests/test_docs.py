@@ -294,7 +294,7 @@ def test_benchmark_commands_use_existing_options() -> None:
 
 
 def test_run_config_table_is_the_one_server_config_gives() -> None:
-    from server.config import KEYS
+    from core.runconfig import KEYS
 
     def default(value: object) -> str:
         return json.dumps(value) if isinstance(value, str) else repr(value)

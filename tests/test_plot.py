@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from api.store import Store, open_store
+from core.records import RoundRecord, RunInfo
 from server.plot import PlotError, plot_runs
-from server.recording import RoundRecord, RunInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 START = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)

@@ -18,6 +18,7 @@ import torch
 
 from api.errors import ConflictError, NotFoundError
 from api.store import SqlRecorder
+from core.records import RoundRecord, RunInfo
 from server.checkpoints import (
     Checkpointer,
     ResumeError,
@@ -26,7 +27,6 @@ from server.checkpoints import (
     resume_server,
     stored_run_to_resume,
 )
-from server.recording import RoundRecord, RunInfo
 from strategies.registry import make_server, settings_from_config
 from strategies.server_half import ClientBook
 
@@ -180,15 +180,15 @@ def reference_losses(resume_after: int = 0) -> dict[int, float]:
     = r the server half is checkpointed after round r, restored into a fresh one, and the
     clients start again with empty state under new node ids, as in a resumed Flower run."""
     from client.training import flatten, local_update
+    from core.runconfig import load_config
     from server.app import make_evaluate
-    from server.config import load_config
     from strategies import checkpoint
     from strategies.client_half import client_round, initial_client_state
     from strategies.encoding import derive_seed
-    from strategies.registry import client_apply
+    from strategies.registry import ALGORITHMS, client_apply
     from tasks.base import load_task
 
-    config = load_config(CONFIG)
+    config = load_config(CONFIG, algorithms=ALGORITHMS)
     task = load_task("synthetic-lsq", **config.task_options(3))
     evaluate = make_evaluate(task)
     model = task.make_model()

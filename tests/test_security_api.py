@@ -36,7 +36,7 @@ from test_api import RUN_BODY as RUN
 from test_api import public_key_pem
 
 from api.store import SqlRecorder, Store, open_store
-from server.recording import RoundRecord, RunInfo
+from core.records import RoundRecord, RunInfo
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from client.enroll import BundleInfo, check_name, open_bundle, write_bundle
-from server.deploy.certs import NodeKeyPair, make_ca
+from core.keys import NodeKeyPair
+from server.deploy.certs import make_ca
 
 FEDSQUEEZE = str(Path(sys.executable).with_name("fedsqueeze"))
 ROOT = Path(__file__).resolve().parents[1]

@@ -40,7 +40,7 @@ from test_deploy import (
 )
 
 from client.enroll import BundleInfo, write_bundle
-from server.deploy.certs import NodeKeyPair
+from core.keys import NodeKeyPair
 from server.deploy.launcher import ServerConfig, ServerPaths, save_config
 from server.deploy.processes import ProcessRecord
 from server.deploy.proxy import BURST, FLEET_PATHS, NGINX_ENV, NGINX_PACKAGE, RATE_PER_S

@@ -15,6 +15,7 @@ import psutil
 import pytest
 from flwr.common.config import parse_config_args
 
+from core.records import RoundRecord, RunInfo
 from server.app_dir import (
     AppInfo,
     SimulationError,
@@ -26,7 +27,7 @@ from server.app_dir import (
 )
 from server.flwr_connection import CONNECTION_NAME
 from server.local_superlink import LocalSuperLink
-from server.recording import JsonlRecorder, RoundRecord, RunInfo
+from server.recording import JsonlRecorder
 from server.simulate import build_specs
 from server.store_watchers import JsonlWatcher, StoreWatcher, make_watcher
 

@@ -17,8 +17,8 @@ import pytest
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from core.records import RoundRecord
 from server.app import RunOutcome, run_server
-from server.recording import RoundRecord
 from strategies.registry import ALGORITHMS, FLWR_FEDAVG
 
 pytestmark = pytest.mark.slow

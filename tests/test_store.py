@@ -25,7 +25,7 @@ from api.errors import ConflictError, InvalidError, NotFoundError
 from api.models import ApiToken, Base, ClientRound, Round, Run
 from api.settings import Settings, resolve_database_url
 from api.store import SqlRecorder, Store, hash_token, open_store
-from server.recording import ClientRoundRecord, RoundRecord, RunInfo
+from core.records import ClientRoundRecord, RoundRecord, RunInfo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BIG_NODE_ID = (1 << 64) - 12345  # Flower node ids are unsigned 64-bit

@@ -12,7 +12,7 @@ import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from compression import parse_compressor
-from server.config import DEFAULTS, load_config, parse_failure, parse_options
+from core.runconfig import DEFAULTS, load_config, parse_failure, parse_options
 from strategies.client_half import initial_client_state
 from strategies.consistency import DIGEST_BYTES, state_digest
 from strategies.flower import (
@@ -24,7 +24,7 @@ from strategies.flower import (
 from strategies.local import run_local
 from strategies.memory_store import TensorStore
 from strategies.messages import Uplink
-from strategies.registry import get_preset, make_server, settings_from_config
+from strategies.registry import ALGORITHMS, get_preset, make_server, settings_from_config
 from strategies.sampling import sample_clients
 from strategies.settings import resolve_settings
 from tasks.synthetic import make_lsq_task
@@ -291,7 +291,7 @@ def test_presets_fill_defaults() -> None:
 )
 def test_bad_run_config_is_refused_with_a_clear_error(overrides, match) -> None:
     with pytest.raises(ValueError, match=match):
-        load_config({}, overrides)
+        load_config({}, overrides, algorithms=ALGORITHMS)
 
 
 @pytest.mark.parametrize(
@@ -308,7 +308,7 @@ def test_bad_run_config_is_refused_with_a_clear_error(overrides, match) -> None:
     ],
 )
 def test_bad_algorithm_settings_are_refused(overrides, match) -> None:
-    config = load_config({}, overrides)
+    config = load_config({}, overrides, algorithms=ALGORITHMS)
     with pytest.raises(ValueError, match=match):
         settings_from_config(config.values, D)
 

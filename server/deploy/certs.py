@@ -1,5 +1,4 @@
-"""Certificates and keys for a deployment: a private CA, the SuperLink's TLS certificate and
-the SuperNodes' authentication key pairs.
+"""Certificates for a deployment: a private CA and the SuperLink's TLS certificate.
 
 Everything is made with the `cryptography` package. Private keys are written with mode
 0600 (created that way, never widened afterwards) and are never logged or printed.
@@ -8,19 +7,15 @@ Everything is made with the `cryptography` package. Private keys are written wit
 * The server certificate (``server.crt``/``server.key``) is signed by that CA and lists as
   subject alternative names ``localhost``, ``127.0.0.1``, ``::1`` and whatever DNS names or
   IP addresses the operator adds (the names the SuperNodes will dial).
-* A SuperNode key is ECDSA on NIST P-384 (SECP384R1), the curve Flower's
-  ``flwr supernode register`` documents (any NIST curve is accepted by flwr 1.41's
-  ``uses_nist_ec_curve``); the private key is stored in OpenSSH format, which is what
-  ``flower-supernode --auth-supernode-private-key`` loads, the public key in OpenSSH format
-  as ``flwr supernode register`` reads it, and registration sends it as PEM
-  SubjectPublicKeyInfo (Flower's ``public_key_to_bytes``).
+
+The SuperNodes' key pairs are made on the devices (`core.keys`, shared with `client.enroll`);
+files are written with `core.files` (private ones 0600 from the start).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,30 +24,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from core.files import write_private, write_public
+from core.keys import CURVE
+
 #: default SANs of the server certificate, always present
 DEFAULT_SERVER_NAMES: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
-#: the curve of every key made here
-CURVE = ec.SECP384R1
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write `data` to `path` with mode 0600 from the start (no window with wider rights)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def write_public(path: Path, data: bytes) -> None:
-    """Write a public file (certificate, public key) with mode 0644."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    path.chmod(0o644)
 
 
 def _now() -> _dt.datetime:
@@ -226,63 +202,6 @@ def install_tls(directory: Path, ca_cert: Path, server_cert: Path, server_key: P
     return TlsFiles(files.ca_cert, None, files.server_cert, files.server_key)
 
 
-@dataclass(frozen=True)
-class NodeKeyPair:
-    """A SuperNode's authentication key pair (P-384)."""
-
-    private_openssh: bytes  # secret: write with `write_private`, never log
-    public_openssh: bytes
-    public_pem: bytes  # what the SuperLink's registry stores (SubjectPublicKeyInfo PEM)
-
-    @classmethod
-    def generate(cls) -> NodeKeyPair:
-        key = ec.generate_private_key(CURVE())
-        return cls.from_private_key(key)
-
-    @classmethod
-    def from_private_key(cls, key: ec.EllipticCurvePrivateKey) -> NodeKeyPair:
-        pub = key.public_key()
-        return cls(
-            private_openssh=key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.OpenSSH,
-                serialization.NoEncryption(),
-            ),
-            public_openssh=pub.public_bytes(
-                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-            ),
-            public_pem=public_key_pem(pub),
-        )
-
-    def __repr__(self) -> str:  # never show the private key
-        return f"NodeKeyPair(public={self.public_openssh.decode()[:40]}...)"
-
-
-def public_key_pem(pub: ec.EllipticCurvePublicKey) -> bytes:
-    """PEM SubjectPublicKeyInfo, byte-identical to flwr's ``public_key_to_bytes``."""
-    return pub.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def load_public_key(data: bytes) -> ec.EllipticCurvePublicKey:
-    """Load an EC public key given as OpenSSH or PEM; reject non-NIST curves."""
-    try:
-        if data.lstrip().startswith(b"-----BEGIN"):
-            key = serialization.load_pem_public_key(data)
-        else:
-            key = serialization.load_ssh_public_key(data)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"not a valid public key: {exc}") from exc
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise ValueError(f"not an EC public key (got {type(key).__name__})")
-    if not isinstance(
-        key.curve, ec.SECP256R1 | ec.SECP384R1 | ec.SECP521R1 | ec.SECP224R1 | ec.SECP192R1
-    ):
-        raise ValueError(f"EC curve {key.curve.name} is not a NIST curve Flower accepts")
-    return key
-
-
 def certificate_names(cert_pem: bytes) -> list[str]:
     """The DNS names and IP addresses a certificate is valid for (its SANs)."""
     cert = x509.load_pem_x509_certificate(cert_pem)
@@ -293,14 +212,3 @@ def certificate_names(cert_pem: bytes) -> list[str]:
     return [*san.get_values_for_type(x509.DNSName)] + [
         str(ip) for ip in san.get_values_for_type(x509.IPAddress)
     ]
-
-
-def fingerprint(public_pem: bytes) -> str:
-    """SHA-256 of the public key's DER encoding, hex (safe to log and show)."""
-    key = load_public_key(public_pem)
-    der = key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    digest = hashes.Hash(hashes.SHA256())
-    digest.update(der)
-    return digest.finalize().hex()

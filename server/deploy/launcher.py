@@ -42,14 +42,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from core.files import write_private
+from core.flower_env import flower_env, flower_executable
 from core.net import is_loopback
-from server.deploy.certs import (
-    TlsFiles,
-    certificate_names,
-    ensure_tls,
-    install_tls,
-    write_private,
-)
+from server.deploy.certs import TlsFiles, certificate_names, ensure_tls, install_tls
 from server.deploy.processes import (
     ForeignProcessError,
     ProcessRecord,
@@ -66,7 +62,6 @@ from server.deploy.proxy import (
     require_nginx,
     write_config,
 )
-from server.flower_env import flower_env, flower_executable
 
 DEFAULT_SUPERLINK_HOST = "127.0.0.1"
 DEFAULT_SUPERLINK_PORT = 9092

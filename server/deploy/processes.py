@@ -24,8 +24,8 @@ from pathlib import Path
 
 import psutil
 
-from server.deploy.certs import write_private
-from server.flower_env import terminate_then_kill
+from core.files import write_private
+from core.flower_env import terminate_then_kill
 
 #: how often (0.1 s apart) a command line that does not match is read again
 CMDLINE_RETRIES = 20

@@ -233,7 +233,7 @@ def nginx_command(nginx: str, files: ProxyFiles) -> list[str]:
 
 def write_config(settings: ProxySettings, files: ProxyFiles) -> None:
     """Create the prefix (0700) and its temp folder, write nginx.conf (0600)."""
-    from server.deploy.certs import write_private
+    from core.files import write_private
 
     files.prefix.mkdir(mode=0o700, parents=True, exist_ok=True)
     files.prefix.chmod(0o700)

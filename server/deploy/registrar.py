@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.deploy.certs import load_public_key, public_key_pem
+from core.keys import load_public_key, public_key_pem
 
 
 class RegistrarError(RuntimeError):

@@ -10,7 +10,7 @@ The ServerApp (which the SuperLink starts on the server host) records each round
 REST service reads it: it finds the store's URL in the SuperLink's environment
 (``DATABASE_URL``, set by `server start`), which its processes inherit. The URL is never
 part of a run config (Flower keeps run configs in its state and shows them, and the URL may
-hold a password): a ``database-url`` entry is refused (server.config.REFUSED_KEYS).
+hold a password): a ``database-url`` entry is refused (core.runconfig.REFUSED_KEYS).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.config import refused_key_message
+from core.flower_env import flower_env, flower_executable
+from core.runconfig import refused_key_message
 from server.deploy.launcher import ServerConfig, ServerPaths
-from server.flower_env import flower_env, flower_executable
 from server.flwr_connection import CONNECTION_NAME, write_flower_config
 
 RUN_ID_PATTERN = re.compile(r"Successfully started run (\d+)")

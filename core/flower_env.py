@@ -3,9 +3,9 @@
 Flower's SuperLink and SuperNode start further console scripts by name
 (`flower-superexec`, `flwr-simulation`, `flwr-clientapp`), so they must be on the PATH
 of the child even when the virtual environment was never activated
-(`.venv/bin/fedsqueeze ...`, `make demo`, CI). Every launcher builds its child
-environment here, so the rule lives in one place, and stops what it started with
-`terminate_then_kill`.
+(`.venv/bin/fedsqueeze ...`, `make demo`, CI). Every launcher, the server's and the
+device's (`client.supernode`) alike, builds its child environment here, so the rule lives
+in one place, and stops what it started with `terminate_then_kill`.
 """
 
 from __future__ import annotations
