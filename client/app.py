@@ -52,7 +52,7 @@ log = logging.getLogger("flwr.fedsqueeze.client")
 app = ClientApp()
 
 STATE_PREFIX = "fedsqueeze.state."
-_TENSORS = ("model", "down_memory", "up_memory", "up_residual")
+_TENSORS = ("model", "down_memory", "up_memory", "up_residual", "momentum")
 
 
 class InjectedFailure(RuntimeError):

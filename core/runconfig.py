@@ -20,11 +20,14 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+#: the server optimisers of ``server-opt`` (`strategies.server_opt` implements them)
+SERVER_OPTS: tuple[str, ...] = ("sgd", "momentum", "adam", "amsgrad", "yogi")
+
 #: every key, its default and what it means (tests/test_docs.py holds the table of
 #: docs/running-simulations.md, "Run-config keys", to this)
 KEYS: dict[str, tuple[Any, str]] = {
     "strategy": ("artemis", "algorithm: sgd qsgd diana biqsgd artemis dore doublesqueeze "
-                 "mcm rand-mcm ef-sgd signsgd-mv flwr-fedavg"),
+                 "mcm rand-mcm ef-sgd signsgd-mv signum-mv flwr-fedavg"),
     "uplink": ("", "uplink compressor spec, e.g. 'qsgd:s=1,bucket=4096' ('' = preset's)"),
     "downlink": ("", "downlink compressor spec ('' = preset's; 'identity' = none)"),
     "up-memory-rate": (-1.0, "α_up; -1 = 1/(2(ω_up+1)) when the preset has uplink memory, 0 = off"),
@@ -38,6 +41,15 @@ KEYS: dict[str, tuple[Any, str]] = {
     "model-step": (1.0, "β, dore's shared-model step x̂ ← x̂ + β q̂ (the paper's 1)"),
     "ef-scale": ("", "'on': scale an unbiased C's output by 1/(ω+1) where EF is on (the old "
                  "variant), and EF rates default to 1; '' or 'off': damp the residual instead"),
+    "client-momentum": (0.9, "β of signum-mv's client momentum m_i ← β m_i + (1 − β) g_i "
+                        "(Bernstein et al.'s 0.9); signum-mv only"),
+    "server-opt": ("sgd", "server optimiser turning ĝ into the step u, w ← w − γ u: sgd "
+                   "(u = ĝ), momentum, adam, amsgrad, yogi (docs: equations and sources)"),
+    "server-momentum": (0.9, "β of server-opt=momentum, m ← β m + ĝ (FedAvgM's 0.9)"),
+    "server-beta1": (0.9, "β₁ of adam/amsgrad/yogi, m ← β₁ m + (1 − β₁) ĝ (Reddi et al. "
+                     "2021); amsgrad needs β₁ < √β₂"),
+    "server-beta2": (0.99, "β₂ of adam/amsgrad/yogi's second moment v (Reddi et al. 2021)"),
+    "server-eps": (1e-3, "τ in u = m / (√v + τ), adam/amsgrad/yogi (Reddi et al. 2021's 1e-3)"),
     "participation": (1.0, "participation probability p (or fraction in 'fraction' mode)"),
     "participation-mode": ("bernoulli", "'bernoulli' (papers: each client with prob. p) or "
                            "'fraction' (fixed-size sample)"),
@@ -211,6 +223,12 @@ def load_config(
         (0 <= values["down-ef-rate"] <= 1 or values["down-ef-rate"] == -1,
          "down-ef-rate must be in [0, 1] or -1"),
         (0 < values["model-step"] <= 1, "model-step must be in (0, 1]"),
+        (0 <= values["client-momentum"] < 1, "client-momentum must be in [0, 1)"),
+        (values["strategy"] != "flwr-fedavg" or values["server-opt"] == "sgd",
+         "server-opt: flwr-fedavg is Flower's own FedAvg and takes no server optimiser "
+         "(use strategy 'sgd' for FedAvg with server-opt)"),
+        (values["server-opt"] in SERVER_OPTS,
+         f"server-opt must be one of {', '.join(SERVER_OPTS)}, got {values['server-opt']!r}"),
         (values["ef-scale"] in ("", "on", "off"), "ef-scale must be '', 'on' or 'off'"),
         (values["partitioning"] in ("dirichlet", "iid"),
          "partitioning must be 'dirichlet' or 'iid'"),

@@ -6,6 +6,11 @@ aggregation: `strategies.aggregation` (ĝ by PP1 or PP2 dividing by pN).
 
 Downlink, two model kinds:
 
+With a server optimiser (`strategies.server_opt`, run-config key ``server-opt``) ĝ is first
+turned into its step u = server_opt(ĝ) and u takes ĝ's place below, so that a broadcast
+carries the optimiser's step and every client replaying it stays equal to the server
+(u = ĝ for the default server-opt=sgd).
+
 - "exact" (no downlink compression; sgd, qsgd, diana, ef-sgd)::
 
       w ← w − γ ĝ ;  the next participants receive w (full precision).
@@ -197,14 +202,15 @@ class BroadcastServer(ServerHalf):
 
     def _advance(self, g_hat: torch.Tensor, k: int) -> None:
         s = self.settings
+        u = self.server_step(g_hat)  # u = server_opt(ĝ) (u = ĝ for server-opt=sgd)
         if s.model == "exact":
-            self.w = self.w - s.server_lr * g_hat
+            self.w = self.w - s.server_lr * u
             self.version += 1
             return
         if s.preset.model_residual:
-            self._advance_dore(g_hat, k)
+            self._advance_dore(u, k)
             return
-        to_send = g_hat if self.H is None else g_hat - self.H
+        to_send = u if self.H is None else u - self.H
         if self.e_server is not None:
             to_send = to_send + s.down_ef_rate * self.e_server
         wire, decoded = encode(self.down_compressor, to_send, derive_seed(s.seed, k, 0, 2))
@@ -215,10 +221,11 @@ class BroadcastServer(ServerHalf):
         self.version += 1
         self.log.append(self.version, wire)
 
-    def _advance_dore(self, g_hat: torch.Tensor, k: int) -> None:
-        """Dore's master step (Algorithm 1 of Liu et al.); self.w is x̂, self.e_server is e."""
+    def _advance_dore(self, u: torch.Tensor, k: int) -> None:
+        """Dore's master step (Algorithm 1 of Liu et al.); self.w is x̂, self.e_server is e,
+        u the server optimiser's step (ĝ_k itself with server-opt=sgd)."""
         s = self.settings
-        x_next = self.w - s.server_lr * g_hat  # x_{k+1} = x̂_k − γ ĝ_k
+        x_next = self.w - s.server_lr * u  # x_{k+1} = x̂_k − γ ĝ_k
         q = x_next - self.w  # the model residual
         if self.e_server is not None:
             q = q + s.down_ef_rate * self.e_server  # q_k = x_{k+1} − x̂_k + η e_k

@@ -43,12 +43,27 @@ import torch
 
 from strategies.memory_store import TensorStore
 from strategies.server_half import ServerHalf
+from strategies.server_opt import ServerOptSettings
 from strategies.settings import AlgorithmSettings
 
-FORMAT = 1
+#: 2: the server optimiser's state (`opt_state`, a NamedTuple of `strategies.server_opt`)
+#: and NamedTuples in the file; format-1 files (written before server optimisers) still
+#: restore: their runs used server-opt=sgd, whose state is empty
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
 
 #: attributes rebuilt from the run config when the server half is constructed
-REBUILT = frozenset({"settings", "up_compressor", "down_compressor", "_store_dir", "dim"})
+REBUILT = frozenset(
+    {"settings", "up_compressor", "down_compressor", "_store_dir", "dim", "optimizer"}
+)
+
+#: settings fields added after format 1, with the value every format-1 run had: left out of
+#: the fingerprint while they hold it, so that older checkpoints keep matching
+_LATER_SETTINGS: dict[str, Any] = {
+    "client_momentum": 0.0,
+    "server_opt": dataclasses.asdict(ServerOptSettings()),
+    "preset.client_momentum": False,
+}
 #: per-round scratch, cleared by `ServerHalf.begin_round` (empty or stale between rounds)
 SCRATCH = frozenset({"pending", "_received"})
 
@@ -85,8 +100,17 @@ def _keep(server: ServerHalf, name: str) -> bool:
 
 
 def settings_fingerprint(settings: AlgorithmSettings) -> dict[str, Any]:
-    """The resolved settings as plain data: a checkpoint only restores into equal settings."""
-    return json.loads(json.dumps(dataclasses.asdict(settings), default=str))
+    """The resolved settings as plain data: a checkpoint only restores into equal settings.
+    Fields added later are left out while they hold the value older runs had."""
+    plain = json.loads(json.dumps(dataclasses.asdict(settings), default=str))
+    for path, old in _LATER_SETTINGS.items():
+        *parents, name = path.split(".")
+        node = plain
+        for parent in parents:
+            node = node.get(parent, {})
+        if name in node and node[name] == old:
+            del node[name]
+    return plain
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -124,6 +148,12 @@ def encode(value: Any, where: str) -> Any:
         return {"__bytes__": data.clone()}
     if isinstance(value, list):
         return [encode(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, tuple) and hasattr(type(value), "_fields"):  # a NamedTuple
+        if not type(value).__module__.startswith(_TRUSTED_PACKAGES):
+            raise CheckpointError(f"{where}: cannot save a {_class_path(value)}")
+        names: tuple[str, ...] = type(value)._fields  # type: ignore[attr-defined]
+        fields = {k: encode(v, f"{where}.{k}") for k, v in zip(names, value, strict=True)}
+        return {"__namedtuple__": _class_path(value), "fields": fields}
     if isinstance(value, tuple):
         return {"__tuple__": [encode(v, f"{where}[{i}]") for i, v in enumerate(value)]}
     if isinstance(value, deque):
@@ -204,6 +234,13 @@ def decode(tree: Any, where: str, current: Any = None) -> Any:
         generator = current if isinstance(current, torch.Generator) else torch.Generator()
         generator.set_state(tree["__torch_generator__"])
         return generator
+    if "__namedtuple__" in tree:
+        cls = _trusted_class(str(tree["__namedtuple__"]), where)
+        fields = {k: decode(v, f"{where}.{k}") for k, v in tree["fields"].items()}
+        try:
+            return cls(**fields)
+        except TypeError as exc:
+            raise CheckpointError(f"{where}: {exc}") from None
     if "__object__" in tree:
         cls = _trusted_class(str(tree["__object__"]), where)
         fields = {k: decode(v, f"{where}.{k}") for k, v in tree["fields"].items()}
@@ -233,8 +270,10 @@ def capture(server: ServerHalf, **extra: Any) -> dict[str, Any]:
 def restore(server: ServerHalf, state: dict[str, Any]) -> dict[str, Any]:
     """Put a captured state back onto `server` (built from the same run config); return the
     decoded `extra` entries. Raises `CheckpointError` when the checkpoint does not fit."""
-    if state.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint format {state.get('format')!r}, expected {FORMAT}")
+    if state.get("format") not in READABLE_FORMATS:
+        raise CheckpointError(
+            f"checkpoint format {state.get('format')!r}, expected one of {READABLE_FORMATS}"
+        )
     if state.get("class") != _class_path(server):
         raise CheckpointError(
             f"checkpoint of a {state.get('class')}, the run config builds a {_class_path(server)}"

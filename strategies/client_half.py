@@ -3,6 +3,7 @@
 Uplink of client i ∈ S_k (ALGORITHMS.md), given its update g_i (a stochastic gradient, or
 (w_start − w_end)/η after K local steps of learning rate η)::
 
+    m_i ← β m_i + (1 − β) g_i ;  g_i ← m_i   (client momentum: signum-mv only)
     Δ_i = g_i − h_i + λ_up e_i ;  Δ̂_i = C_up(Δ_i)   (encoded and sent)
     e_i ← Δ_i − Δ̂_i          (error feedback only; λ_up = 1 for a biased C_up)
     h_i ← h_i + α_up Δ̂_i     (uplink memory only)
@@ -37,6 +38,8 @@ class ClientState:
     down_memory: torch.Tensor | None = None  # H (MCM, Artemis with memory) or H_i (Rand-MCM)
     up_memory: torch.Tensor | None = None  # h_i
     up_residual: torch.Tensor | None = None  # e_i
+    #: m_i, the client momentum of signum-mv (client-only state: not in the digest)
+    momentum: torch.Tensor | None = None
 
     def copy(self) -> ClientState:
         def c(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -49,6 +52,7 @@ class ClientState:
             c(self.down_memory),
             c(self.up_memory),
             c(self.up_residual),
+            c(self.momentum),
         )
 
 
@@ -70,10 +74,10 @@ ApplyDownlinkFn = Callable[["AlgorithmSettings", ClientState, Downlink, str], Cl
 def initial_client_state(w0: torch.Tensor, settings: AlgorithmSettings) -> ClientState:
     """The state every client starts from (and falls back to on a resync).
 
-    h_i = 0, e_i = 0; the downlink memory is H_0 = w_0 for MCM / Rand-MCM (a model-space
-    memory, as in the MCM paper's initialisation: with H_0 = 0 the first perturbed model
-    ŵ = C(w) would carry variance ω‖w‖², far larger than the model itself) and H_0 = 0 for
-    the Artemis family (a gradient-space memory).
+    h_i = 0, e_i = 0, m_i = 0 (signum-mv's momentum); the downlink memory is H_0 = w_0 for
+    MCM / Rand-MCM (a model-space memory, as in the MCM paper's initialisation: with H_0 = 0
+    the first perturbed model ŵ = C(w) would carry variance ω‖w‖², far larger than the
+    model itself) and H_0 = 0 for the Artemis family (a gradient-space memory).
     """
     zeros = torch.zeros_like(w0)
     down_memory: torch.Tensor | None = None
@@ -88,6 +92,7 @@ def initial_client_state(w0: torch.Tensor, settings: AlgorithmSettings) -> Clien
         down_memory=down_memory,
         up_memory=zeros.clone() if settings.up_memory else None,
         up_residual=zeros.clone() if settings.up_ef else None,
+        momentum=zeros.clone() if settings.preset.client_momentum else None,
     )
 
 
@@ -101,9 +106,16 @@ def client_uplink(
     """Δ_i = g_i − h_i + λ_up e_i; Δ̂_i = C_up(Δ_i); e_i ← Δ_i − Δ̂_i; h_i ← h_i + α_up Δ̂_i.
 
     (With `ef-scale=on`, Δ̂_i is the decoded C_up(Δ_i) times 1/(ω_up + 1), on both sides.)
+    With a client momentum (signum-mv, Bernstein et al.), g_i is first replaced by
+    m_i ← β m_i + (1 − β) g_i, so that Δ̂_i = sign(m_i).
     """
     new = state.copy()
     delta = g.to(torch.float32)
+    if new.momentum is not None:
+        new.momentum = settings.client_momentum * new.momentum + (
+            1.0 - settings.client_momentum
+        ) * delta.to(new.momentum.device)
+        delta = new.momentum
     if new.up_memory is not None:
         delta = delta - new.up_memory
     if new.up_residual is not None:

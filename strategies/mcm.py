@@ -4,7 +4,8 @@ Uplink and aggregation as in `strategies.client_half` and `strategies.aggregatio
 memory h_i, ĝ by PP1/PP2 over pN).
 The server keeps the exact model::
 
-    w ← w − γ ĝ                      (never degraded by downlink compression)
+    w ← w − γ ĝ                      (never degraded by downlink compression; with a server
+                                     optimiser w ← w − γ u, u = server_opt(ĝ))
 
 MCM (one downlink memory H shared by all clients)::
 
@@ -163,7 +164,7 @@ class PreservedServer(ServerHalf):
 
     def _advance(self, g_hat: torch.Tensor, k: int) -> None:
         s = self.settings
-        self.w = self.w - s.server_lr * g_hat
+        self.w = self.w - s.server_lr * self.server_step(g_hat)  # w ← w − γ server_opt(ĝ)
         self.version += 1
         if self.H_store is not None:
             self.H_store.flush()

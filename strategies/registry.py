@@ -11,7 +11,14 @@ import torch
 from strategies import artemis, mcm, signsgd
 from strategies.client_half import ApplyDownlinkFn
 from strategies.server_half import ServerHalf
-from strategies.settings import AlgorithmSettings, Preset, parse_flag, resolve_settings
+from strategies.server_opt import ServerOptSettings
+from strategies.settings import (
+    DEFAULT_CLIENT_MOMENTUM,
+    AlgorithmSettings,
+    Preset,
+    parse_flag,
+    resolve_settings,
+)
 
 PRESETS: dict[str, Preset] = {**artemis.PRESETS, **mcm.PRESETS, **signsgd.PRESETS}
 
@@ -69,6 +76,21 @@ def settings_from_config(config: dict[str, Any], dim: int) -> AlgorithmSettings:
         down_ef_rate=float(config.get("down-ef-rate", -1.0)),
         model_step=float(config.get("model-step", 1.0)),
         ef_scaled=bool(parse_flag(config.get("ef-scale", ""), "ef-scale")),
+        client_momentum=float(config.get("client-momentum", DEFAULT_CLIENT_MOMENTUM)),
+        server_opt=server_opt_from_config(config),
+    )
+
+
+def server_opt_from_config(config: dict[str, Any]) -> ServerOptSettings:
+    """The server optimiser's settings from the run-config keys server-opt, server-momentum,
+    server-beta1, server-beta2, server-eps (checked by `resolve_settings`)."""
+    default = ServerOptSettings()
+    return ServerOptSettings(
+        name=str(config.get("server-opt", default.name)),  # type: ignore[arg-type]
+        momentum=float(config.get("server-momentum", default.momentum)),
+        beta1=float(config.get("server-beta1", default.beta1)),
+        beta2=float(config.get("server-beta2", default.beta2)),
+        eps=float(config.get("server-eps", default.eps)),
     )
 
 

@@ -12,7 +12,9 @@ One round k, driven by the Flower glue (`strategies.flower`) or by `strategies.l
     4. receive(k, i, uplink)      for each reply: validate (`strategies.validation`),
                                   compare digests (`strategies.consistency`), keep Δ̂_i
     5. finish_round(k, pN)        ĝ by PP1 / PP2 (`strategies.aggregation`), then the
-                                  family moves the central model (`_advance`)
+                                  family moves the central model (`_advance`) by the
+                                  server optimiser's step u = server_opt(ĝ)
+                                  (`server_step`, `strategies.server_opt`)
 
 A family (`strategies.artemis`, `strategies.mcm`, `strategies.signsgd`) subclasses
 `ServerHalf` and implements the abstract hooks: what to send client i, the digest of the
@@ -30,7 +32,7 @@ from typing import Any
 
 import torch
 
-from strategies import aggregation
+from strategies import aggregation, server_opt
 from strategies.consistency import digest_difference, tensor_digest
 from strategies.encoding import derive_seed, get_compressor
 from strategies.memory_store import TensorStore
@@ -148,6 +150,9 @@ class ServerHalf(ABC):
             else None
         )
         self.stats = RoundStats()
+        #: the server optimiser (pure functions, rebuilt from the settings) and its state
+        self.optimizer = server_opt.from_settings(settings.server_opt)
+        self.opt_state = self.optimizer.init(self.dim)
         self._received: list[tuple[int, torch.Tensor]] = []
         self._store_dir = store_dir
         self._expected_clients = expected_clients
@@ -166,7 +171,14 @@ class ServerHalf(ABC):
 
     @abstractmethod
     def _advance(self, g_hat: torch.Tensor, k: int) -> None:
-        """Move the central model by ĝ and prepare the next downlink (the family's math)."""
+        """Move the central model by u = `server_step`(ĝ) and prepare the next downlink
+        (the family's math)."""
+
+    def server_step(self, g_hat: torch.Tensor) -> torch.Tensor:
+        """u = server_opt(ĝ), advancing the optimiser's state (u = ĝ for server-opt=sgd).
+        Families call it once per model move, where the papers' step uses ĝ."""
+        u, self.opt_state = self.optimizer.update(g_hat, self.opt_state)
+        return u
 
     # optional hooks: no-ops unless the family keeps per-client downlink state (Rand-MCM)
     def _reset_client(self, node: int) -> None:  # noqa: B027

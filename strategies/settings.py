@@ -16,10 +16,11 @@ Defaults it derives, in the papers' notation (C with variance ω, or contraction
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from strategies.encoding import Compressor, get_compressor
+from strategies.server_opt import ServerOptSettings, check_server_opt
 
 ModelKind = Literal["exact", "degraded", "preserved", "preserved-rand", "sign-vote"]
 
@@ -43,6 +44,14 @@ class Preset:
     #: Dore: the broadcast carries the compressed *model* residual q̂ and both sides step
     #: x̂ ← x̂ + β q̂ (`strategies.artemis`), instead of a gradient-space Ω
     model_residual: bool = False
+    #: signum-mv: each client keeps a momentum m_i ← β m_i + (1 − β) g_i and compresses
+    #: m_i instead of g_i (`strategies.client_half.client_uplink`)
+    client_momentum: bool = False
+
+
+#: β of signum-mv's client momentum: 0.9, the value of Bernstein et al.'s experiments
+#: (signSGD, ICML 2018, and "signSGD with majority vote", ICLR 2019)
+DEFAULT_CLIENT_MOMENTUM = 0.9
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,10 @@ class AlgorithmSettings:
     down_ef_rate: float = 1.0
     #: β, Dore's shared-model step x̂ ← x̂ + β q̂ (1 for every other preset)
     model_step: float = 1.0
+    #: β of the client momentum m_i ← β m_i + (1 − β) g_i (signum-mv; 0 for the others)
+    client_momentum: float = 0.0
+    #: the server optimiser turning ĝ into the step u, w ← w − γ u (`strategies.server_opt`)
+    server_opt: ServerOptSettings = field(default_factory=ServerOptSettings)
 
     @property
     def name(self) -> str:
@@ -122,6 +135,8 @@ def resolve_settings(
     down_ef_rate: float = -1.0,
     model_step: float = 1.0,
     ef_scaled: bool = False,
+    client_momentum: float = DEFAULT_CLIENT_MOMENTUM,
+    server_opt: ServerOptSettings | None = None,
 ) -> AlgorithmSettings:
     """Fill the preset's defaults and check every value; raise ValueError naming the key.
 
@@ -159,7 +174,15 @@ def resolve_settings(
     if down_ef_v and preset.model != "degraded":
         raise ValueError(f"down-ef: {preset.name} has no compressed broadcast to feed back")
     if preset.model == "sign-vote" and (up_rate > 0 or up_ef_v):
-        raise ValueError("signsgd-mv takes neither uplink memory nor error feedback")
+        raise ValueError(f"{preset.name} takes neither uplink memory nor error feedback")
+    if not math.isfinite(client_momentum) or not 0 <= client_momentum < 1:
+        raise ValueError(f"client-momentum must be in [0, 1), got {client_momentum}")
+    if client_momentum != DEFAULT_CLIENT_MOMENTUM and not preset.client_momentum:
+        raise ValueError(
+            f"client-momentum: only signum-mv keeps a client momentum, not {preset.name}"
+        )
+    server_opt = server_opt or ServerOptSettings()
+    check_server_opt(server_opt, preset.name, preset.model == "sign-vote", down_spec)
     if not math.isfinite(server_lr) or server_lr <= 0:
         raise ValueError(f"server-lr must be > 0, got {server_lr}")
     if not 0 < participation <= 1:
@@ -207,6 +230,8 @@ def resolve_settings(
         up_ef_rate=rates[0],
         down_ef_rate=rates[1],
         model_step=float(model_step),
+        client_momentum=float(client_momentum) if preset.client_momentum else 0.0,
+        server_opt=server_opt,
     )
 
 

@@ -1,18 +1,28 @@
-"""signSGD with majority vote (Bernstein et al.), both halves.
+"""signSGD and Signum with majority vote (Bernstein et al.), both halves.
 
-Client i ∈ S_k sends the sign of its update (1 bit per coordinate, `C_up` = sign)::
+Client i ∈ S_k sends the sign of its update (1 bit per coordinate, `C_up` = sign); under
+Signum (signum-mv) the sign of its momentum, kept in the client's state::
 
-    Δ̂_i = sign(g_i)
+    signsgd-mv:  Δ̂_i = sign(g_i)
+    signum-mv:   m_i ← β m_i + (1 − β) g_i ;  Δ̂_i = sign(m_i)     (β = client-momentum, 0.9)
 
 The server takes the coordinate-wise majority vote and broadcasts it (1 bit per coordinate)::
 
     v = sign(Σ_{i∈S_k} sign(Δ̂_i))     (ties, Σ = 0, go to +1 so that v ∈ {−1, +1}^d)
-    w ← w − γ v
+    u = server_opt(v)                   (u = v with the default server-opt=sgd)
+    w ← w − γ C_dwn(u)                  (C_dwn = sign: C_dwn(v) = v)
 
 Every client applies the same v, so client models equal the central model. An idle client
 replays the missed votes in order or receives a full-precision snapshot of w, whichever is
 smaller. Both directions use the plain `sign` operator (1 bit per coordinate, no scale); the
-vote v ∈ {−1, +1}^d crosses the wire exactly.
+vote v ∈ {−1, +1}^d crosses the wire exactly. The momentum m_i never leaves the client and
+is not part of the state digest (the server holds no copy of it); like h_i it is committed
+only when the server acknowledges the reply, and a resync resets it to 0.
+
+References: Bernstein, Wang, Azizzadenesheli, Anandkumar, "signSGD: compressed optimisation
+for non-convex problems" (ICML 2018, Signum: Algorithm 2); Bernstein, Zhao, Azizzadenesheli,
+Anandkumar, "signSGD with majority vote is communication efficient and fault tolerant"
+(ICLR 2019, Algorithm 1 with momentum).
 """
 
 from __future__ import annotations
@@ -34,6 +44,12 @@ PRESETS: dict[str, Preset] = {
         "signsgd-mv", "signsgd", "sign-vote", True, False, False, True, False, False,
         "sign", "sign",
         "1-bit signs up, 1-bit majority vote down (signSGD-MV)",
+    ),
+    "signum-mv": Preset(
+        "signum-mv", "signsgd", "sign-vote", True, False, False, True, False, False,
+        "sign", "sign",
+        "1-bit signs of a client momentum up, 1-bit majority vote down (Signum-MV)",
+        client_momentum=True,
     ),
 }  # fmt: skip
 
@@ -97,7 +113,8 @@ class MajorityVoteServer(ServerHalf):
         s = self.settings
         if not self._received:  # nobody voted: no step, nothing to broadcast
             return
-        wire, vote = encode(self.down_compressor, g_hat, derive_seed(s.seed, k, 0, 2))
+        u = self.server_step(g_hat)  # u = server_opt(v)
+        wire, vote = encode(self.down_compressor, u, derive_seed(s.seed, k, 0, 2))
         self.w = self.w - s.server_lr * vote
         self.version += 1
         self.log.append(self.version, wire)

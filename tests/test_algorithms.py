@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -22,7 +24,7 @@ from strategies.settings import resolve_settings
 from tasks.synthetic import make_lsq_task
 
 MEMORY_ALGOS = ["diana", "artemis", "dore", "mcm", "rand-mcm"]
-NO_MEMORY_ALGOS = ["sgd", "qsgd", "biqsgd", "doublesqueeze", "ef-sgd", "signsgd-mv"]
+NO_MEMORY_ALGOS = ["sgd", "qsgd", "biqsgd", "doublesqueeze", "ef-sgd", "signsgd-mv", "signum-mv"]
 
 
 def _q(spec: str, x: torch.Tensor, seed: int) -> torch.Tensor:
@@ -40,10 +42,18 @@ def reference_run(
     pp: str,
     lr: float,
     seed: int,
+    **extra: Any,
 ) -> list[torch.Tensor]:
-    """The update equations of ALGORITHMS.md, plainly. Returns the evaluated model per round."""
+    """The update equations of ALGORITHMS.md, plainly. Returns the evaluated model per round.
+    `extra` goes to `resolve_settings` (a server optimiser, signum's β)."""
     s = resolve_settings(
-        get_preset(name), w0.numel(), server_lr=lr, participation=p, pp_variant=pp, seed=seed
+        get_preset(name),
+        w0.numel(),
+        server_lr=lr,
+        participation=p,
+        pp_variant=pp,
+        seed=seed,
+        **extra,
     )
     d = w0.numel()
     a_up, a_dn = s.up_memory_rate, s.down_memory_rate
@@ -60,6 +70,9 @@ def reference_run(
     h = {i: zeros.clone() for i in range(n_clients)}  # clients' uplink memories
     e = {i: zeros.clone() for i in range(n_clients)}
     H_i = {i: w0.clone() for i in range(n_clients)}  # Rand-MCM: H_0^i = w_0
+    m = {i: zeros.clone() for i in range(n_clients)}  # signum-mv's client momenta
+    opt = s.server_opt  # the server optimiser's state: m_s, v, v̂ (v_0 = v̂_0 = τ²)
+    m_s, v, v_max = zeros.clone(), torch.full((d,), opt.eps**2), torch.full((d,), opt.eps**2)
     rng = np.random.default_rng(seed)
     models = []
     for k in range(1, rounds + 1):
@@ -81,6 +94,9 @@ def reference_run(
             else:
                 x = w
             g = grad(i, x)
+            if s.preset.client_momentum:  # m_i ← β m_i + (1 − β) g_i ; send sign(m_i)
+                m[i] = s.client_momentum * m[i] + (1 - s.client_momentum) * g
+                g = m[i]
             delta = g - (h[i] if s.up_memory else 0) + (s.up_ef_rate * e[i] if s.up_ef else 0)
             delta_hat = _q(s.uplink, delta, derive_seed(seed, k, i, 1)) * s.up_scale
             if s.up_ef:
@@ -102,6 +118,18 @@ def reference_run(
             h_server = h_server + a_up * mean
         else:
             g_hat = sum(deltas.values(), zeros) / pN
+        # server optimiser: u replaces ĝ in the model's step (and in what is broadcast)
+        if opt.name == "momentum":
+            m_s = opt.momentum * m_s + g_hat
+            g_hat = m_s
+        elif opt.name in ("adam", "amsgrad", "yogi"):
+            m_s = opt.beta1 * m_s + (1 - opt.beta1) * g_hat
+            if opt.name == "yogi":
+                v = v - (1 - opt.beta2) * g_hat**2 * torch.sign(v - g_hat**2)
+            else:
+                v = opt.beta2 * v + (1 - opt.beta2) * g_hat**2
+            v_max = torch.maximum(v_max, v)
+            g_hat = m_s / (torch.sqrt(v_max if opt.name == "amsgrad" else v) + opt.eps)
         # downlink
         if kind in ("exact", "preserved", "preserved-rand"):
             w = w - lr * g_hat

@@ -61,6 +61,9 @@ SIMULATE_CASES = [
     (("-c", "no-such-key=1"), "unknown run-config key 'no-such-key'"),
     (("-c", "database-url='sqlite:///x.db'"), "'database-url' is refused"),
     (("--database-url", "mysql://u:SECRETPW@h/db"), "--database-url"),
+    (("-c", "server-opt='nadam'"), "server-opt must be one of"),
+    (("-c", "server-momentum=0.5"), "server-momentum: server-opt='sgd' does not use it"),
+    (("-s", "signsgd-mv", "-c", "server-opt='adam'"), "server-opt='adam' with strategy"),
 ]
 
 

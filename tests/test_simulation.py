@@ -66,7 +66,7 @@ def simulated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunOutcome]
     def main(grid: Grid, context: Context) -> None:
         for name in ALGORITHMS:
             overrides = {**_base(), "strategy": name}
-            if name == "signsgd-mv":
+            if name in ("signsgd-mv", "signum-mv"):
                 overrides["server-lr"] = 0.005
             outcomes[name] = run_server(grid, context, overrides, RunOutcome())
         overrides = {
