@@ -171,11 +171,13 @@ def test_meaningless_combinations_are_refused_naming_the_keys(
 
 
 def test_flwr_fedavg_takes_no_server_optimiser() -> None:
-    from server.config import load_config
+    from core.runconfig import load_config
+    from strategies.registry import ALGORITHMS
 
     with pytest.raises(ValueError, match="server-opt: flwr-fedavg"):
-        load_config({"strategy": "flwr-fedavg", "server-opt": "adam"})
-    assert load_config({"strategy": "sgd", "server-opt": "adam"})["server-opt"] == "adam"
+        load_config({"strategy": "flwr-fedavg", "server-opt": "adam"}, algorithms=ALGORITHMS)
+    config = load_config({"strategy": "sgd", "server-opt": "adam"}, algorithms=ALGORITHMS)
+    assert config["server-opt"] == "adam"
 
 
 def test_sign_vote_with_an_adaptive_step_and_a_magnitude_downlink_is_accepted() -> None:
