@@ -868,6 +868,8 @@ class ServerHalf:
         self._store_dir = store_dir
         self._expected_clients = expected_clients
         self._round = 0
+        #: node → partition id, set by the Flower glue (`strategies.partitions`)
+        self.seed_keys: dict[int, int] = {}
 
     # ---- hooks for the families
     def _downlink_payload(
@@ -894,6 +896,12 @@ class ServerHalf:
     def evaluation_model(self) -> torch.Tensor:
         """The model to evaluate centrally (w; MCM: the preserved exact model)."""
         return self.w
+
+    def seed_key(self, node: int) -> int:
+        """Client i's key in per-client seeds: its partition id when `seed_keys` names it
+        (so a run is a function of its seed whatever ids Flower gives the nodes), else the
+        node id itself (in-process runs, whose nodes are their partitions)."""
+        return self.seed_keys.get(node, node)
 
     # ---- the clients the server counts
     def members(self) -> list[int]:
@@ -970,7 +978,7 @@ class ServerHalf:
         message, commit = self._downlink_payload(node, book, k)
         message.ack_round = book.acked_round
         message.reset = book.needs_reset
-        message.uplink_seed = derive_seed(self.settings.seed, k, node, 1)
+        message.uplink_seed = derive_seed(self.settings.seed, k, self.seed_key(node), 1)
         if message.reset:
             self.stats.resets_sent += 1
         h_i = None if self.h_store is None else self.h_store.get(node)

@@ -140,7 +140,8 @@ class PreservedServer(ServerHalf):
             return catch_up(self, book, k, self.log, self._snapshot_now, self.snapshot_nbytes), {}
         s = self.settings
         H_i = self.H_store.get(node)
-        wire, omega = encode(self.down_compressor, self.w - H_i, derive_seed(s.seed, k, node, 2))
+        seed = derive_seed(s.seed, k, self.seed_key(node), 2)
+        wire, omega = encode(self.down_compressor, self.w - H_i, seed)
         w_hat_i, H_next = perturbed_step(H_i, omega, s.down_memory_rate)
         message = Downlink(
             k, "fresh", book.version, self.version, 0, False, 0, [wire.payload],
