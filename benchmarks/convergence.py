@@ -279,6 +279,18 @@ def _record(
 
 
 # ----------------------------------------------------------------------------- output
+def figure_runs(records: Sequence[dict[str, Any]]) -> dict[str, list[int]]:
+    """The stored runs the bytes-to-accuracy figure draws, per participation ("p=1",
+    "p=0.5"): the first seed's run of every strategy. The one place where the figure is
+    made from the store (``server.plot``) takes its run ids from here."""
+    out: dict[str, list[int]] = {}
+    for r in records:
+        ids = [i for i in r["run_ids"] if i is not None]
+        if ids:
+            out.setdefault(f"p={r['participation']:g}", []).append(ids[0])
+    return out
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -586,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
     console.print(f"{len(results)} runs in {total:.0f} s")
+    for label, ids in figure_runs(records).items():
+        console.print(f"figure runs {label}: {' '.join(map(str, ids))}")
     if args.json is not None:
         write_json(args.json, records, workload, database_url, done=True, total_s=total)
         console.print(f"wrote {args.json}")
@@ -603,6 +617,7 @@ def write_json(
     extra["database_url"] = redact_url(database_url) if database_url else ""
     extra["complete"] = done
     extra["benchmark_wall_s"] = total_s
+    extra["figure_run_ids"] = figure_runs(records)
     out = [{**r, **extra} for r in records]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
