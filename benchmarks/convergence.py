@@ -72,6 +72,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -349,14 +350,19 @@ class Plan:
 
 
 def plan_runs(strategies: Sequence[str], workload: Workload, first_seed: int) -> list[Plan]:
-    """Seeds outermost, FedAvg first in each block: after each seed every strategy has a
-    result (the JSON written after every run is then usable if the benchmark is stopped)."""
+    """Seeds outermost; within a seed, FedAvg and the strategies with a target (artemis,
+    mcm, rand-mcm) at every p first, then the others. The JSON is rewritten after every
+    run, so a benchmark stopped early still answers the issue's question first."""
     order = [BASELINE, *[s for s in dict.fromkeys(strategies) if s != BASELINE]]
+    targeted = {s for goal in TARGET_STRATEGIES.values() for s in goal}
+    first = [s for s in order if s == BASELINE or s in targeted]
+    rest = [s for s in order if s not in first]
     return [
         Plan(s, p, first_seed + i)
         for i in range(workload.seeds)
+        for block in (first, rest)
         for p in workload.participations
-        for s in order
+        for s in block
     ]
 
 
@@ -401,6 +407,9 @@ def run_all(
 
     curves: list[RunCurve] = []
     server_app = ServerApp()
+    # Ctrl-C reaches this thread, not the ServerApp's: it tells the ServerApp to stop
+    # after its current run (run_server records that run to its end)
+    stop = threading.Event()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
@@ -410,6 +419,8 @@ def run_all(
         nodes = wait_for_nodes(grid, workload.clients, round_timeout)
         PartitionMap().discover(grid, nodes, round_timeout, 0.1)
         for i, plan in enumerate(plans, 1):
+            if stop.is_set():
+                break
             overrides = {**run_overrides(plan, workload, data_dir), "round-timeout": round_timeout}
             outcome = RunOutcome()
             started = time.perf_counter()
@@ -431,15 +442,19 @@ def run_all(
             curves.append(curve)
             on_run(curve, i)
 
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=workload.clients,
-        backend_config={
-            "client_resources": {"num_cpus": 1},
-            "init_args": {"num_cpus": 2, "include_dashboard": False},
-        },
-    )
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=workload.clients,
+            backend_config={
+                "client_resources": {"num_cpus": 1},
+                "init_args": {"num_cpus": 2, "include_dashboard": False},
+            },
+        )
+    except KeyboardInterrupt:
+        stop.set()
+        raise
     return curves
 
 
@@ -576,7 +591,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_all(plans, workload, args.data_dir, database_url, on_run, args.round_timeout)
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/] after {len(results)} of {len(plans)} runs")
+        console.print(
+            f"[yellow]interrupted[/] after {len(results)} of {len(plans)} runs; the run under "
+            "way is finished and recorded, then the process ends"
+        )
         return 130
     finally:
         if old_home is None:

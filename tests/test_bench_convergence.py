@@ -87,13 +87,17 @@ def test_plateau_check() -> None:
     assert plateau(flat, window=10) == (pytest.approx(0.8), pytest.approx(0.0))
 
 
-def test_plan_puts_seeds_outermost_and_fedavg_first() -> None:
-    plans = plan_runs(["artemis", BASELINE], QUICK, first_seed=4)
+def test_plan_puts_seeds_outermost_and_fedavg_and_the_targeted_strategies_first() -> None:
+    plans = plan_runs(["sgd", "artemis", BASELINE, "rand-mcm"], QUICK, first_seed=4)
     assert [(p.strategy, p.participation, p.seed) for p in plans] == [
         (BASELINE, 1.0, 4),
         ("artemis", 1.0, 4),
+        ("rand-mcm", 1.0, 4),
         (BASELINE, 0.5, 4),
         ("artemis", 0.5, 4),
+        ("rand-mcm", 0.5, 4),
+        ("sgd", 1.0, 4),
+        ("sgd", 0.5, 4),
     ]
 
 
