@@ -43,6 +43,7 @@ from strategies.flower import (
     downlink_from_record,
     uplink_to_record,
 )
+from strategies.partitions import PARTITION_ACTION, partition_reply
 from strategies.registry import ALGORITHMS, FLWR_FEDAVG, client_apply, settings_from_config
 from strategies.settings import AlgorithmSettings
 from tasks.base import Task, load_task
@@ -158,6 +159,14 @@ def _initial_state(settings: AlgorithmSettings, w0: torch.Tensor) -> ClientState
     from strategies.client_half import initial_client_state
 
     return initial_client_state(w0, settings)
+
+
+# ----------------------------------------------------------------------------- query
+@app.query(PARTITION_ACTION)
+def query_partition(msg: Message, context: Context) -> Message:
+    """Name the partition this node serves (the server samples by it, not by node id; see
+    `strategies.partitions`). Loads no data."""
+    return Message(partition_reply(context.node_config), reply_to=msg)
 
 
 # ----------------------------------------------------------------------------- train

@@ -66,6 +66,9 @@ _LATER_SETTINGS: dict[str, Any] = {
 }
 #: per-round scratch, cleared by `ServerHalf.begin_round` (empty or stale between rounds)
 SCRATCH = frozenset({"pending", "_received"})
+#: set by the Flower glue, which asks the nodes again (a resumed run's nodes have new ids):
+#: the node → partition map (`strategies.partitions`)
+GLUE = frozenset({"seed_keys"})
 
 #: plain objects and dataclasses are rebuilt only from classes of these packages
 _TRUSTED_PACKAGES = ("strategies.",)
@@ -88,7 +91,7 @@ class CheckpointError(ValueError):
 def excluded(server: ServerHalf) -> frozenset[str]:
     """The attribute names `capture` leaves out for this server half."""
     extra = getattr(type(server), "checkpoint_exclude", ())
-    return REBUILT | SCRATCH | frozenset(extra)
+    return REBUILT | SCRATCH | GLUE | frozenset(extra)
 
 
 def _keep(server: ServerHalf, name: str) -> bool:

@@ -1,8 +1,10 @@
 """The Flower side: one `Strategy` subclass for every algorithm, and the message formats.
 
 `FedSqueezeStrategy` drives a `ServerHalf` (the algorithm's math) through Flower's Message
-API: `configure_train` samples S_k and encodes each client's downlink, `aggregate_train`
-validates the replies and lets the server half form ĝ and move the model. `start` runs the
+API: `configure_train` samples S_k by partition (`strategies.partitions`: S_k depends on the
+seed, the round and the partition ids, never on Flower's node ids) and encodes each client's
+downlink, `aggregate_train` validates the replies (in partition order) and lets the server
+half form ĝ and move the model. `start` runs the
 rounds itself so that it can poll for replies every `poll_interval` seconds (Flower's own
 loop polls every 3 s in deployment), time each phase and record every round.
 
@@ -30,7 +32,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from core.records import ClientRoundRecord, Recorder, RoundRecord, utcnow
 from strategies.messages import Downlink, Uplink
-from strategies.sampling import sample_clients
+from strategies.partitions import PartitionMap, sample_partitions
 from strategies.server_half import ServerHalf
 from strategies.settings import AlgorithmSettings
 
@@ -215,7 +217,13 @@ class FedSqueezeStrategy(Strategy):
         self.checkpoint = checkpoint
         #: 1, or k + 1 when resuming after round k
         self.first_round = first_round
+        #: kept in checkpoints for resumed runs; S_k itself no longer draws from it
         self.rng = np.random.default_rng(self.settings.seed)
+        #: node → partition: S_k and per-client seeds follow partitions, not Flower's node ids
+        self.partitions = PartitionMap()
+        self.server.seed_keys = self.partitions.of
+        #: how long a partition query may take (`start` sets it to the round timeout)
+        self.query_timeout = 600.0
         self.records: list[RoundRecord] = []
         self._round = _RoundBook()
 
@@ -232,10 +240,14 @@ class FedSqueezeStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        nodes = sorted(grid.get_node_ids())
-        sampled, expected = sample_clients(
-            nodes, self.settings.participation, self.settings.participation_mode, self.rng
+        nodes = self.partitions.discover(
+            grid, grid.get_node_ids(), self.query_timeout, self.poll_interval
         )
+        s = self.settings
+        sampled, expected = sample_partitions(
+            {node: self.partitions.of[node] for node in nodes},
+            s.participation, s.participation_mode, s.seed, server_round,
+        )  # fmt: skip
         book = _RoundBook(sampled=sampled, expected=expected)
         self._round = book
         self.server.begin_round(server_round)
@@ -266,7 +278,12 @@ class FedSqueezeStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         book = self._round
         answered: set[int] = set()
-        for reply in replies:
+
+        # in partition order, not arrival order: ĝ sums the same floats in the same order
+        def order(m: Message) -> tuple[int, int]:
+            return self.server.seed_key(int(m.metadata.src_node_id)), int(m.metadata.src_node_id)
+
+        for reply in sorted(replies, key=order):
             node = int(reply.metadata.src_node_id)
             answered.add(node)
             record = ClientRoundRecord(node_id=node, outcome="failed")
@@ -345,6 +362,7 @@ class FedSqueezeStrategy(Strategy):
         """Run rounds `first_round`..`num_rounds`; `initial_arrays` is unused (the server
         half holds w0). Each round is checkpointed (if set), then stored."""
         self.summary()
+        self.query_timeout = timeout
         result = Result()
         wait_for_nodes(grid, self.min_nodes, timeout)
         if self.evaluate_fn is not None and self.eval_every and self.first_round == 1:

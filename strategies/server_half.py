@@ -157,6 +157,8 @@ class ServerHalf(ABC):
         self._store_dir = store_dir
         self._expected_clients = expected_clients
         self._round = 0
+        #: node → partition id, set by the Flower glue (`strategies.partitions`)
+        self.seed_keys: dict[int, int] = {}
 
     # ---- hooks for the families
     @abstractmethod
@@ -192,6 +194,12 @@ class ServerHalf(ABC):
         return self.w
 
     # ---- the clients the server counts
+    def seed_key(self, node: int) -> int:
+        """Client i's key in per-client seeds: its partition id when `seed_keys` names it
+        (so a run is a function of its seed whatever ids Flower gives the nodes), else the
+        node id itself (in-process runs, whose nodes are their partitions)."""
+        return self.seed_keys.get(node, node)
+
     def members(self) -> list[int]:
         """The clients C the server counts, N = |C| (those it samples from)."""
         return sorted(node for node, book in self.books.items() if book.counted)
@@ -263,7 +271,7 @@ class ServerHalf(ABC):
         message, commit = self._downlink_payload(node, book, k)
         message.ack_round = book.acked_round
         message.reset = book.needs_reset
-        message.uplink_seed = derive_seed(self.settings.seed, k, node, 1)
+        message.uplink_seed = derive_seed(self.settings.seed, k, self.seed_key(node), 1)
         if message.reset:
             self.stats.resets_sent += 1
         h_i = None if self.h_store is None else self.h_store.get(node)

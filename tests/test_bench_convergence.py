@@ -1,0 +1,163 @@
+"""benchmarks.convergence: the bytes-to-target arithmetic (fast) and a real `--quick` run (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.convergence import BASELINE, QUICK, RunCurve, plan_runs, plateau, summarize
+from tasks.fashion_mnist import data_available
+
+ROOT = Path(__file__).resolve().parents[1]
+FIELDS = (
+    "strategy",
+    "participation",
+    "seed_count",
+    "target_accuracy",
+    "bytes_to_target",
+    "bytes_ratio_vs_fedavg",
+    "rounds_to_target",
+    "final_accuracy",
+    "final_accuracy_std",
+    "wall_s_to_target",
+    "run_ids",
+)
+
+
+def _curve(strategy: str, seed: int, acc: list[float], per_round: int, p: float = 1.0) -> RunCurve:
+    return RunCurve(
+        strategy=strategy,
+        participation=p,
+        seed=seed,
+        status="finished",
+        run_id=seed + 100,
+        accuracy=list(acc),
+        bytes=[per_round] * len(acc),
+        uplink=[per_round // 2] * len(acc),
+        downlink=[per_round - per_round // 2] * len(acc),
+        elapsed=[float(i + 1) for i in range(len(acc))],
+        wall_s=float(len(acc)),
+    )
+
+
+def test_target_is_99_percent_of_fedavgs_plateau_and_bytes_are_summed_to_it() -> None:
+    fedavg = [0.5, 0.7, 0.8, 0.9, 0.9, 0.9, 0.9]
+    curves = [
+        _curve(BASELINE, 0, fedavg, 1000),
+        _curve(BASELINE, 1, fedavg, 1000),
+        # seed-mean curve 0.4, 0.6, 0.8, 0.895, 0.9, ...: reaches 0.891 in round 4
+        _curve("artemis", 0, [0.4, 0.6, 0.8, 0.89, 0.9, 0.9, 0.92], 30),
+        _curve("artemis", 1, [0.4, 0.6, 0.8, 0.90, 0.9, 0.9, 0.88], 30),
+        _curve("dore", 0, [0.1] * 7, 30),  # never gets there
+    ]
+    records = {r["strategy"]: r for r in summarize(curves)}
+    base = records[BASELINE]
+    plateau_acc = 0.9  # the last 3 rounds (window = len // 2)
+    assert base["target_accuracy"] == pytest.approx(0.99 * plateau_acc)
+    assert base["rounds_to_target"] == 4 and base["bytes_to_target"] == 4000
+    assert base["bytes_ratio_vs_fedavg"] == pytest.approx(1.0)
+    a = records["artemis"]
+    for name in FIELDS:
+        assert name in a
+    assert a["seed_count"] == 2 and a["run_ids"] == [100, 101]
+    assert a["rounds_to_target"] == 4
+    assert a["rounds_to_target_per_seed"] == [5, 4]  # 0.89 < 0.891 for seed 0
+    assert a["bytes_to_target"] == 120
+    assert a["bytes_ratio_vs_fedavg"] == pytest.approx(0.03)
+    assert a["wall_s_to_target"] == pytest.approx(4.0)
+    assert a["final_accuracy"] == pytest.approx(0.90)
+    assert a["final_accuracy_std"] == pytest.approx(0.02828, abs=1e-4)
+    assert a["target_met"] is True  # 0.03 <= 1/16
+    d = records["dore"]
+    assert d["reached"] is False and d["bytes_to_target"] is None
+    assert d["bytes_ratio_vs_fedavg"] is None and "target_met" not in d
+
+
+def test_plateau_check() -> None:
+    rising = [i / 100 for i in range(40)]
+    last, gain = plateau(rising, window=10)
+    assert last == pytest.approx(0.345) and gain == pytest.approx(0.10)
+    flat = [0.5] * 20 + [0.8] * 20
+    assert plateau(flat, window=10) == (pytest.approx(0.8), pytest.approx(0.0))
+
+
+def test_plan_puts_seeds_outermost_and_fedavg_and_the_targeted_strategies_first() -> None:
+    plans = plan_runs(["sgd", "artemis", BASELINE, "rand-mcm"], QUICK, first_seed=4)
+    assert [(p.strategy, p.participation, p.seed) for p in plans] == [
+        (BASELINE, 1.0, 4),
+        ("artemis", 1.0, 4),
+        ("rand-mcm", 1.0, 4),
+        (BASELINE, 0.5, 4),
+        ("artemis", 0.5, 4),
+        ("rand-mcm", 0.5, 4),
+        ("sgd", 1.0, 4),
+        ("sgd", 0.5, 4),
+    ]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--seeds", "0"], ["--rounds", "x"], ["--strategies", "nope"], ["--participations", "2"]],
+)
+def test_bad_arguments_exit_2_before_anything_starts(args: list[str]) -> None:
+    from benchmarks.convergence import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not data_available(), reason="Fashion-MNIST IDX files missing")
+def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "convergence.json"
+    db = tmp_path / "store.db"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.convergence",
+            "--quick",
+            "--json",
+            str(out),
+            "--database-url",
+            f"sqlite:///{db}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "FEDSQUEEZE_HOME": str(tmp_path / "fsq-home")},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    records = json.loads(out.read_text())
+    assert {(r["strategy"], r["participation"]) for r in records} == {
+        (s, p) for s in (BASELINE, "artemis", "rand-mcm") for p in (1.0, 0.5)
+    }
+    for r in records:
+        for name in FIELDS:
+            assert name in r, (r["strategy"], name)
+        assert r["seed_count"] == 1 and r["rounds"] == QUICK.rounds
+        assert r["complete"] is True
+        assert 0.0 < r["target_accuracy"] <= 1.0
+        assert 0.0 <= r["final_accuracy"] <= 1.0
+        assert r["total_bytes"] > 0
+        assert len(r["run_ids"]) == 1 and isinstance(r["run_ids"][0], int)
+        if r["strategy"] == BASELINE:
+            assert r["reached"] and r["bytes_ratio_vs_fedavg"] == pytest.approx(1.0)
+        elif r["reached"]:  # compressed: far fewer bytes than float32 FedAvg
+            assert 0 < r["bytes_ratio_vs_fedavg"] < 0.25, r
+    # every run is in the store, with all its rounds
+    run_ids = sorted(r["run_ids"][0] for r in records)
+    with sqlite3.connect(db) as con:
+        stored = con.execute("select id from runs order by id").fetchall()
+        counts = con.execute("select run_id, count(*) from rounds group by run_id").fetchall()
+    assert [i for (i,) in stored] == run_ids
+    assert {n for _, n in counts} == {QUICK.rounds}
+    assert "p = 1" in done.stderr and "[6/6]" in done.stderr  # table and progress lines
