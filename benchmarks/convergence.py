@@ -513,6 +513,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the round-history store the runs are recorded in (default: "
         "$DATABASE_URL, else the default store)",
     )
+    parser.add_argument(
+        "--figure",
+        type=Path,
+        help="write the bytes-to-accuracy figures here, one per p (convergence-p1.svg, "
+        "convergence-p0.5.svg; `fedsqueeze plot` on the stored runs of figure_runs)",
+    )
     parser.add_argument("--data-dir", default="", help="Fashion-MNIST IDX directory")
     parser.add_argument("--round-timeout", type=_positive(float, "--round-timeout"), default=600.0)
     parser.add_argument("--verbose", action="store_true", help="keep Flower's per-round log")
@@ -618,10 +624,27 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"{len(results)} runs in {total:.0f} s")
     for label, ids in figure_runs(records).items():
         console.print(f"figure runs {label}: {' '.join(map(str, ids))}")
+        if args.figure is not None and ids:
+            out = write_figure(args.figure, label, ids, database_url)
+            console.print(f"wrote {out}")
     if args.json is not None:
         write_json(args.json, records, workload, database_url, done=True, total_s=total)
         console.print(f"wrote {args.json}")
     return 0 if len(results) == len(plans) and all(c.status == "finished" for c in results) else 1
+
+
+def write_figure(folder: Path, label: str, run_ids: Sequence[int], database_url: str) -> Path:
+    """Accuracy against cumulative measured bytes (log scale) for the runs of one p, drawn by
+    `server.plot.plot_runs` from the store (so the figure shows what the store holds)."""
+    from server.plot import plot_runs
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"convergence-{label.replace('=', '')}.svg"
+    plot_runs(
+        database_url or None, list(run_ids), x="bytes", y="accuracy", out=out,
+        title=f"Fashion-MNIST, 20 clients, Dirichlet 0.5, {label}: accuracy against bytes",
+    )  # fmt: skip
+    return out
 
 
 def write_json(

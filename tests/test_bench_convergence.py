@@ -128,6 +128,8 @@ def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
             str(out),
             "--database-url",
             f"sqlite:///{db}",
+            "--figure",
+            str(tmp_path / "fig"),
         ],
         cwd=ROOT,
         capture_output=True,
@@ -161,3 +163,8 @@ def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
     assert [i for (i,) in stored] == run_ids
     assert {n for _, n in counts} == {QUICK.rounds}
     assert "p = 1" in done.stderr and "[6/6]" in done.stderr  # table and progress lines
+    # one figure per p, a line per strategy, drawn from the store
+    for label in ("p1", "p0.5"):
+        svg = (tmp_path / "fig" / f"convergence-{label}.svg").read_text()
+        for run_id in (r["run_ids"][0] for r in records if f"p{r['participation']:g}" == label):
+            assert f'id="run-{run_id}"' in svg, (label, run_id)
