@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from client.enroll import Bundle
+from core.superexec import task_poll_env
 from server.flower_env import flower_env, flower_executable, terminate_then_kill
 
 DEFAULT_CLIENTAPPIO_PORT = 9094
@@ -94,9 +95,13 @@ def supernode_command(
     return cmd
 
 
-def supernode_env(flwr_home: Path | None = None) -> dict[str, str]:
-    """The SuperNode's environment: it starts `flwr-clientapp` by name (server.flower_env)."""
-    return flower_env(flwr_home)
+def supernode_env(
+    flwr_home: Path | None = None, superexec_poll_interval: float | None = None
+) -> dict[str, str]:
+    """The SuperNode's environment: it starts `flwr-clientapp` by name (server.flower_env),
+    and its SuperExec polls for tasks every `superexec_poll_interval` seconds (default:
+    ``$FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, else 0.1 s; see core.superexec)."""
+    return flower_env(flwr_home, task_poll_env(superexec_poll_interval))
 
 
 #: what flower-supernode prints when the SuperLink refuses to activate its key

@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from core.net import is_loopback
+from core.superexec import task_poll_env
 from server.deploy.certs import (
     TlsFiles,
     certificate_names,
@@ -285,7 +286,10 @@ def port_free(host: str, port: int) -> bool:
 
 
 def base_env(paths: ServerPaths, config: ServerConfig) -> dict[str, str]:
-    return flower_env(paths.flwr_home, {"DATABASE_URL": config.database_url})
+    """Flower's environment (server.flower_env) plus the store's URL and the SuperLink's
+    SuperExec task-poll interval (core.superexec: $FLWR_SUPEREXEC_TASK_POLL_INTERVAL, else
+    0.1 s), which is how soon a submitted run's ServerApp process starts."""
+    return flower_env(paths.flwr_home, {"DATABASE_URL": config.database_url, **task_poll_env()})
 
 
 def superlink_command(paths: ServerPaths, config: ServerConfig) -> list[str]:
