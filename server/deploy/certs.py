@@ -9,7 +9,7 @@ Everything is made with the `cryptography` package. Private keys are written wit
   subject alternative names ``localhost``, ``127.0.0.1``, ``::1`` and whatever DNS names or
   IP addresses the operator adds (the names the SuperNodes will dial).
 * A SuperNode key is ECDSA on NIST P-384 (SECP384R1), the curve Flower's
-  ``flwr supernode register`` documents (any NIST curve is accepted by flwr 1.41's
+  ``flwr supernode register`` documents (any NIST curve is accepted by flwr 1.42's
   ``uses_nist_ec_curve``); the private key is stored in OpenSSH format, which is what
   ``flower-supernode --auth-supernode-private-key`` loads, the public key in OpenSSH format
   as ``flwr supernode register`` reads it, and registration sends it as PEM

@@ -15,7 +15,7 @@ Layout of the data directory (default ``$FEDSQUEEZE_HOME/server``, mode 0700)::
     run/*.pid            PID files (JSON: pid, start time, command line), 0600
     logs/*.log           process output, 0600
 
-The SuperLink (``flower-superlink`` of flwr 1.41) serves its Fleet, Control and runtime
+The SuperLink (``flower-superlink`` of flwr 1.42) serves its Fleet, Control and runtime
 APIs on one HTTPS port, with SuperNode authentication on: only keys registered through the
 Control API (see `server.deploy.registrar`) may connect. The Control API has no
 authentication in Flower's open-source edition, so the SuperLink only ever binds to
