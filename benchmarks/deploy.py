@@ -1,34 +1,54 @@
-"""Deployment benchmark: a run on local SuperNodes against the same run in simulation.
+"""Deployment benchmark: fedsqueeze against Flower's own FedAvg on the same SuperNodes.
 
-Workload: one strategy (default artemis) on the synthetic least-squares task, R rounds,
-N = 4 clients each taking part in every round (p = 1), CPU.
+Workload: the synthetic least-squares task, R rounds, N clients each taking part in every
+round (p = 1), CPU. One invocation starts one deployment, the `fedsqueeze server start`
+machinery (SuperLink with TLS and SuperNode authentication, REST service) in a throw-away
+data directory on free ports, enrols N clients over REST and starts N SuperNodes from
+their bundles (`fedsqueeze client start`, so with the project's SuperExec task-poll
+interval, core.superexec). On these same processes it submits two runs, one after the
+other, with `server.deploy.runs.submit_run` (= ``flwr run``) and the same run config:
 
-* Deployment: `fedsqueeze server start` machinery (SuperLink with TLS and SuperNode
-  authentication, REST service) in a throw-away data directory on free ports, 4 clients
-  enrolled over REST, 4 SuperNodes started from their bundles (`fedsqueeze client start`),
-  the run submitted with `server.deploy.runs.submit_run` (= ``flwr run``).
-* Simulation: the same run config in Flower's simulation engine (``server.simulate``, 4
-  simulated SuperNodes), recorded to the same store.
+* ``flwr-fedavg``: Flower's ``FedAvg`` strategy unchanged (its ``start`` loop, its
+  ``send_and_receive`` that pulls replies every 3 s), float32 arrays both ways;
+* the fedsqueeze strategy (default ``artemis``): compressed both ways, replies pulled
+  every 0.1 s (strategies.flower).
 
-Measured, from what the ServerApp recorded (rounds 2..R: round 1 also pays for installing
-the app bundle and the first ClientApp start-up and is reported apart as first_round_s):
+Measured (rounds 2..R; round 1 also pays for installing the app bundle and is reported
+apart): ``round_s_*``, the mean wall time of a round as the ServerApp recorded it
+(ended_at − started_at), and ``round_time_ratio_vs_fedavg`` = fedsqueeze / FedAvg.
 
-* ``round_s_deployment`` / ``round_s_simulation``: mean wall time of a round
-  (ended_at − started_at); their ratio.
-* ``poll_wait_share``: the share of the deployment rounds' wall time spent waiting on
-  polls along the round's critical path (the node whose reply came last): from the
-  server's push (round start + configure phase) to that node's receipt of the message
-  (the SuperNode asks the SuperLink for work every 3 s in flwr 1.41), plus from the node's
-  reply being sent to the server's poll returning with it (the ServerApp polls every
-  0.1 s). Beside it, ``node_busy_s_per_round``: that node's time from receiving the
-  message to sending its reply (the ClientApp process start-up, one per message in
-  Flower's subprocess isolation, the local training, the 0.5 s reply check). The node-side
-  times come from the SuperNodes' own log lines ("Received successfully", "Sent
-  successfully"), timestamped by running them with ``FLWR_LOG_LEVEL=DEBUG``; all
-  processes share this machine's clock.
+A round's breakdown follows its critical path, the node whose reply came last, with the
+source of every stamp (all processes share this machine's clock):
 
-    python -m benchmarks.deploy               # 8 rounds
-    python -m benchmarks.deploy --quick       # 3 rounds (smoke test)
+* ``server_configure_s``, ``server_aggregate_s``, ``server_evaluate_s``: the ServerApp's own
+  ``perf_counter`` around its phases (recorded with the round; for fedsqueeze the downlink
+  encoding is in configure and the uplink decoding in aggregate);
+* ``idle_poll_wait_s``: from the push (round start + configure) to the SuperNode's log line
+  "Receiving: train message" (its poll of the SuperLink, every 3 s when idle, returned it);
+* ``superexec_wait_s``: from there to the ClientApp process's start as the kernel has it
+  (from ``/proc/self/stat``, logged by the ClientApp: client/timing.py), i.e. SuperExec's
+  task poll and its launch of ``flwr-clientapp`` (the node downloads the message's content
+  meanwhile);
+* ``clientapp_start_s``: from the process start to the train handler's first line
+  (interpreter, imports, Flower's hand-over of the message);
+* ``client_setup_s``, ``client_training_s``: the handler's own ``perf_counter`` around the
+  task set-up (model, data partition) and the local training;
+* ``client_codec_s``: the rest of the handler (decoding the downlink, the algorithm's client
+  half, encoding the uplink, saving the state; FedAvg: loading and copying the arrays);
+* ``reply_s``: from the handler's end to the SuperNode's "Sent successfully" (the ClientApp
+  handing its reply over and exiting, the SuperNode's 0.5 s reply check, the upload);
+* ``server_pull_wait_s``: from there to the end of the ServerApp's train phase (its reply
+  polling);
+* ``unexplained_s``: the round's wall time less all of the above.
+
+The SuperNode and ClientApp stamps come from their DEBUG logs (``FLWR_LOG_LEVEL=DEBUG``).
+
+Beside it: the ClientApp's import time. In fresh interpreters (median of several), the
+time to ``import client.app`` against ``import torch, flwr`` alone: every message in
+deployment pays it, once per ClientApp process.
+
+    python -m benchmarks.deploy               # 4 nodes, 6 rounds per strategy
+    python -m benchmarks.deploy --quick       # 2 nodes, 3 rounds (CI)
     python -m benchmarks.deploy --json out.json
 """
 
@@ -46,17 +66,39 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from client.timing import parse_timing_lines
+from core.superexec import DEFAULT_TASK_POLL_INTERVAL_S, TASK_POLL_INTERVAL_ENV
+from strategies.registry import ALGORITHMS, FLWR_FEDAVG
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
+#: the issue's target for round_time_ratio_vs_fedavg
+TARGET_RATIO = 0.8
+#: and for the ClientApp's imports on top of torch + flwr
+TARGET_IMPORT_OVERHEAD_S = 0.2
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # "INFO 2026-11-22 01:12:25,123:      Receiving: train message (ID: ...)"
 _STAMPED = re.compile(r"^\w+\s+(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\s*:\s*(.*)$")
 _HEADER = re.compile(r"\[RUN (\d+)(?:, ROUND (\S+))?\]")
+#: the components of a round, in the order they happen on the critical path
+COMPONENTS = (
+    "server_configure_s",
+    "idle_poll_wait_s",
+    "superexec_wait_s",
+    "clientapp_start_s",
+    "client_setup_s",
+    "client_training_s",
+    "client_codec_s",
+    "reply_s",
+    "server_pull_wait_s",
+    "server_aggregate_s",
+    "server_evaluate_s",
+)
 
 
 def _free_port() -> int:
@@ -72,24 +114,27 @@ def _stamp(text: str) -> float:
 
 @dataclass
 class NodeEvents:
-    """Per group id (round): when the node received the message and sent its reply."""
+    """Per group id (round): when the node's poll returned the message ("Receiving:"),
+    when it had sent the reply ("Sent successfully"), and the ClientApp's own timing line
+    (client/timing.py) for it."""
 
     received: dict[str, float]
     sent: dict[str, float]
+    handler: dict[str, dict[str, float]]
 
 
 def parse_supernode_log(text: str, run_id: int) -> NodeEvents:
     """Receipt and reply times per round of `run_id` from a DEBUG SuperNode log.
 
-    Rounds are the messages' group ids when the ServerApp sets them; otherwise the k-th
-    message of the run is taken as round k (exact for this workload: every node takes part
-    in every round, one message each, and a SuperNode handles one message at a time)."""
+    Rounds are the messages' group ids when the ServerApp sets them (both strategies do);
+    otherwise the k-th message of the run is taken as round k (exact for this workload:
+    every node takes part in every round, one message each, and a SuperNode handles one
+    message at a time)."""
     received: dict[str, float] = {}
     sent: dict[str, float] = {}
     run: int | None = None
     group: str | None = None
     n_received = n_sent = 0
-    recv_key: str | None = None
     send_key: str | None = None
     for raw in text.splitlines():
         m = _STAMPED.match(_ANSI.sub("", raw).strip())
@@ -99,71 +144,159 @@ def parse_supernode_log(text: str, run_id: int) -> NodeEvents:
         if h := _HEADER.search(message):
             run, group = int(h.group(1)), h.group(2)
         elif message.startswith("Receiving:") and run == run_id:
+            # the node's poll returned the message; it has made the ClientApp task already
+            # and downloads the content while SuperExec picks the task up
             n_received += 1
-            recv_key = group or str(n_received)
-        elif message.startswith("Received successfully") and recv_key is not None:
-            received.setdefault(recv_key, when)
-            recv_key = None
+            received.setdefault(group or str(n_received), when)
         elif message.startswith("Sending:") and run == run_id:
             n_sent += 1
             send_key = group or str(n_sent)
         elif message.startswith("Sent successfully") and send_key is not None:
             sent[send_key] = when
             send_key = None
-    return NodeEvents(received, sent)
+    handler = {str(int(t["round"])): t for t in parse_timing_lines(_ANSI.sub("", text), run_id)}
+    return NodeEvents(received, sent, handler)
 
 
-def node_busy(rounds: list[dict[str, Any]], nodes: list[NodeEvents]) -> list[float | None]:
-    """Per round, the critical node's time from receiving the message to sending its reply
-    (ClientApp process start-up, local training, the SuperNode's 0.5 s reply check)."""
-    out: list[float | None] = []
-    for r in rounds:
-        key = str(r["round"])
-        candidates = [n for n in nodes if key in n.sent and key in n.received]
-        if not candidates:
-            out.append(None)
+def _iso(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+def round_breakdown(r: dict[str, Any], nodes: list[NodeEvents]) -> dict[str, float] | None:
+    """One round's components (COMPONENTS, plus round_s and unexplained_s) along the
+    critical path; None when the critical node's events are not all in its log."""
+    key = str(r["round"])
+    candidates = [n for n in nodes if key in n.sent and key in n.received]
+    if not candidates:
+        return None
+    last = max(candidates, key=lambda n: n.sent[key])
+    timing = last.handler.get(key)
+    if timing is None:
+        return None
+    start, end = _iso(r["started_at"]), _iso(r["ended_at"])
+    phases = {k: float(v) for k, v in r["phase_seconds"].items()}
+    push = start + phases.get("configure", 0.0)
+    pulled = push + phases.get("train", 0.0)
+    handler_s = timing["handler_s"]
+    parts = {
+        "server_configure_s": phases.get("configure", 0.0),
+        "idle_poll_wait_s": last.received[key] - push,
+        "superexec_wait_s": timing["process_start"] - last.received[key],
+        "clientapp_start_s": timing["handler_start"] - timing["process_start"],
+        "client_setup_s": timing["setup_s"],
+        "client_training_s": timing["train_s"],
+        "client_codec_s": handler_s - timing["setup_s"] - timing["train_s"],
+        "reply_s": last.sent[key] - timing["handler_end"],
+        "server_pull_wait_s": pulled - last.sent[key],
+        "server_aggregate_s": phases.get("aggregate", 0.0),
+        "server_evaluate_s": phases.get("evaluate", 0.0),
+    }
+    round_s = end - start
+    parts["round_s"] = round_s
+    parts["unexplained_s"] = round_s - sum(parts[c] for c in COMPONENTS)
+    return parts
+
+
+def summarize(rounds: list[dict[str, Any]], nodes: list[NodeEvents]) -> dict[str, Any]:
+    """Round time (rounds 2..R) and the mean breakdown of the rounds fully measured."""
+    seconds = [_iso(r["ended_at"]) - _iso(r["started_at"]) for r in rounds]
+    steady = rounds[1:] if len(rounds) > 1 else rounds
+    parts = [p for p in (round_breakdown(r, nodes) for r in steady) if p is not None]
+    names = (*COMPONENTS, "unexplained_s")
+    return {
+        "round_s": statistics.fmean(seconds[1:] if len(seconds) > 1 else seconds),
+        "first_round_s": seconds[0],
+        "rounds": len(rounds),
+        "replied": [r["replied"] for r in rounds],
+        "uplink_bytes": sum(r["uplink_bytes"] for r in rounds),
+        "downlink_bytes": sum(r["downlink_bytes"] for r in rounds),
+        "breakdown_rounds": len(parts),
+        "breakdown": {n: statistics.fmean(p[n] for p in parts) for n in names} if parts else {},
+    }
+
+
+# ----------------------------------------------------------------------------- imports
+_IMPORT_PROBE = (
+    "import sys, time; t, c = time.perf_counter(), time.process_time(); {stmt}; "
+    "sys.stdout.write(repr((time.perf_counter() - t, time.process_time() - c)))"
+)
+
+
+def _probe_env() -> dict[str, str]:
+    """This checkout first on the path (what a ClientApp started from it imports)."""
+    path = os.environ.get("PYTHONPATH", "")
+    return dict(os.environ, PYTHONPATH=str(REPO_ROOT) + (os.pathsep + path if path else ""))
+
+
+def _import_seconds(stmt: str) -> tuple[float, float]:
+    """(wall, CPU) seconds of `stmt` in a fresh interpreter."""
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORT_PROBE.format(stmt=stmt)],
+        capture_output=True, text=True, check=True, env=_probe_env(), cwd=REPO_ROOT,
+    )  # fmt: skip
+    wall, cpu = (float(x) for x in done.stdout.strip().strip("()").split(","))
+    return wall, cpu
+
+
+def import_times(runs: int) -> dict[str, Any]:
+    """Median seconds, over `runs` fresh interpreters each (taken alternately, so that the
+    machine's load falls on both alike), of ``import client.app`` and of
+    ``import torch, flwr``: wall time, and the importing process's CPU time (what the
+    imports cost on a machine that other processes do not share: on a loaded one the
+    wall time is mostly waiting for a core); and the packages that ``client.app`` imports
+    beyond the baseline, with their own import time from ``-X importtime``."""
+    app: list[tuple[float, float]] = []
+    base: list[tuple[float, float]] = []
+    for _ in range(runs):
+        base.append(_import_seconds("import torch, flwr"))
+        app.append(_import_seconds("import client.app"))
+    wall_app, wall_base = (statistics.median(w for w, _ in xs) for xs in (app, base))
+    cpu_app, cpu_base = (statistics.median(c for _, c in xs) for xs in (app, base))
+    return {
+        "import_runs": runs,
+        "import_s_client_app": wall_app,
+        "import_s_torch_flwr": wall_base,
+        "import_overhead_s": wall_app - wall_base,
+        "import_cpu_s_client_app": cpu_app,
+        "import_cpu_s_torch_flwr": cpu_base,
+        "import_cpu_overhead_s": cpu_app - cpu_base,
+        "import_extra_packages_s": _extra_packages(),
+    }
+
+
+def _importtime(stmt: str) -> dict[str, float]:
+    """Self time (s) per top-level package from ``python -X importtime``."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", stmt],
+        capture_output=True, text=True, check=True, cwd=REPO_ROOT, env=_probe_env(),
+    )  # fmt: skip
+    per: dict[str, float] = {}
+    for line in done.stderr.splitlines():
+        # "import time:   self [us] | cumulative | imported package"
+        fields = line.removeprefix("import time:").split("|")
+        if len(fields) != 3 or not fields[0].strip().isdigit():
             continue
-        last = max(candidates, key=lambda n: n.sent[key])
-        out.append(last.sent[key] - last.received[key])
-    return out
+        top = fields[2].strip().split(".")[0]
+        per[top] = per.get(top, 0.0) + int(fields[0]) / 1e6
+    return per
 
 
-def poll_waits(rounds: list[dict[str, Any]], nodes: list[NodeEvents]) -> list[float | None]:
-    """Critical-path poll wait per round (None when a round's events are not all known)."""
-    out: list[float | None] = []
-    for r in rounds:
-        key = str(r["round"])
-        start = datetime.fromisoformat(r["started_at"]).timestamp()
-        phases = r["phase_seconds"]
-        push = start + float(phases.get("configure", 0.0))
-        end = push + float(phases.get("train", 0.0))
-        candidates = [n for n in nodes if key in n.sent and key in n.received]
-        if not candidates:
-            out.append(None)
-            continue
-        last = max(candidates, key=lambda n: n.sent[key])
-        wait = max(0.0, last.received[key] - push) + max(0.0, end - last.sent[key])
-        out.append(wait)
-    return out
+def _extra_packages(top: int = 8) -> dict[str, float]:
+    app = _importtime("import client.app")
+    base = _importtime("import torch, flwr")
+    extra = {k: v for k, v in app.items() if k not in base}
+    return dict(sorted(extra.items(), key=lambda kv: -kv[1])[:top])
 
 
-def _round_seconds(r: dict[str, Any]) -> float:
-    return (
-        datetime.fromisoformat(r["ended_at"]) - datetime.fromisoformat(r["started_at"])
-    ).total_seconds()
-
-
-def _steady(values: list[float]) -> float:
-    tail = values[1:] if len(values) > 1 else values
-    return statistics.fmean(tail)
-
-
+# ----------------------------------------------------------------------------- deployment
 @contextlib.contextmanager
-def _deployment(root: Path, nodes: int) -> Iterator[tuple[Any, Any, list[Path]]]:
+def _deployment(
+    root: Path, nodes: int, superexec_poll: float
+) -> Iterator[tuple[Any, Any, list[Path]]]:
     """Server + `nodes` enrolled SuperNodes; everything ended by PID afterwards."""
     from client.enroll import enroll
     from server.deploy.launcher import start_server, stop_server
-    from server.deploy.processes import stop_process
+    from server.deploy.processes import ProcessRecord, stop_process
 
     data_dir = root / "server"
     result = start_server(
@@ -174,12 +307,14 @@ def _deployment(root: Path, nodes: int) -> Iterator[tuple[Any, Any, list[Path]]]
             "database_url": f"sqlite:///{root / 'store.db'}",
         },
     )
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[tuple[subprocess.Popen[bytes], list[str]]] = []
     logs: list[Path] = []
     try:
-        assert result.admin_token is not None
+        if result.admin_token is None:
+            raise RuntimeError("a fresh server data directory should have made an admin token")
         env = dict(os.environ, FLWR_LOG_LEVEL="DEBUG", PYTHONUNBUFFERED="1",
                    FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")  # fmt: skip
+        env[TASK_POLL_INTERVAL_ENV] = repr(superexec_poll)
         for i in range(nodes):
             bundle, _ = enroll(
                 name=f"bench-{i}",
@@ -193,69 +328,77 @@ def _deployment(root: Path, nodes: int) -> Iterator[tuple[Any, Any, list[Path]]]
             )
             log = root / f"node{i}.log"
             logs.append(log)
+            cmd = [
+                str(Path(sys.executable).parent / "fedsqueeze"),
+                "client",
+                "start",
+                "--bundle",
+                str(bundle),
+                "--device",
+                "cpu",
+                "--clientappio-port",
+                str(_free_port()),
+            ]
             with open(log, "wb") as fh:
-                procs.append(
-                    subprocess.Popen(
-                        [
-                            str(Path(sys.executable).parent / "fedsqueeze"),
-                            "client",
-                            "start",
-                            "--bundle",
-                            str(bundle),
-                            "--device",
-                            "cpu",
-                            "--clientappio-port",
-                            str(_free_port()),
-                        ],
-                        env=env,
-                        stdout=fh,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
+                proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+            procs.append((proc, cmd))
         yield result.paths, result.config, logs
     finally:
-        from server.deploy.processes import ProcessRecord
+        import psutil
 
-        for p in procs:
-            with contextlib.suppress(Exception):
-                import psutil
-
-                record = ProcessRecord("node", p.pid, psutil.Process(p.pid).create_time(), [], "")
-                stop_process(record)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=15)
-        stop_server(data_dir)
-
-
-def _get(api_url: str, path: str, **params: Any) -> Any:
-    import httpx
-
-    r = httpx.get(api_url + path, params=params, timeout=30)
-    r.raise_for_status()
-    return r.json()
+        try:
+            for p, cmd in procs:
+                with contextlib.suppress(psutil.Error):  # already gone
+                    created = psutil.Process(p.pid).create_time()
+                    # SIGTERM reaches `client start`, which ends its SuperNode and helpers
+                    stop_process(ProcessRecord("node", p.pid, created, cmd, ""))
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=15)
+        finally:
+            stop_server(data_dir)
 
 
-def _store_rounds(api_url: str, flower_run_id: int) -> list[dict[str, Any]]:
-    from server.deploy.runs import store_rounds
+def _run_one(
+    paths: Any, cfg: Any, config: dict[str, Any], logs: list[Path]
+) -> tuple[dict[str, Any], float]:
+    from server.deploy.runs import flower_run_status, store_rounds, submit_run
 
-    _, rounds = store_rounds(api_url, flower_run_id)
-    return rounds
+    t0 = time.perf_counter()
+    outcome = submit_run(paths, cfg, config, app_dir=REPO_ROOT)
+    wall = time.perf_counter() - t0
+    if outcome.flower_run_id is None:
+        raise RuntimeError(
+            f"{config['strategy']} run did not start:\n" + "\n".join(outcome.lines[-30:])
+        )
+    status = flower_run_status(cfg.superlink_address, paths.tls.ca_cert, outcome.flower_run_id)
+    if not status.ok:
+        raise RuntimeError(
+            f"{config['strategy']} run {status.status}/{status.sub_status}: {status.details}"
+        )
+    _, rounds = store_rounds(cfg.api_url, outcome.flower_run_id)
+    events = [parse_supernode_log(p.read_text(errors="replace"), outcome.flower_run_id)
+              for p in logs]  # fmt: skip
+    summary = summarize(rounds, events)
+    summary["flower_run_id"] = outcome.flower_run_id
+    return summary, wall
 
 
 def run_benchmark(
-    rounds: int, nodes: int, strategy: str, task: str, timeout: float, echo: Any
+    rounds: int,
+    nodes: int,
+    strategy: str,
+    task: str,
+    timeout: float,
+    superexec_poll: float,
+    import_runs: int,
+    echo: Callable[[str], Any],
 ) -> dict[str, Any]:
-    from server.app_dir import read_app
-    from server.deploy.runs import flower_run_status, submit_run
-    from server.simulate import build_specs, run_simulations
-
     root = Path(tempfile.mkdtemp(prefix="fedsqueeze-bench-deploy-"))
     old_env = {k: os.environ.get(k) for k in ("FEDSQUEEZE_HOME", "FLWR_HOME", "DATABASE_URL")}
     os.environ["FEDSQUEEZE_HOME"] = str(root / "home")
     os.environ["FLWR_HOME"] = str(root / "flwr-home")
     os.environ.pop("DATABASE_URL", None)
-    config: dict[str, bool | int | float | str] = {
-        "strategy": strategy,
+    base: dict[str, Any] = {
         "num-server-rounds": rounds,
         "task": task,
         "num-partitions": nodes,
@@ -264,45 +407,14 @@ def run_benchmark(
         "device": "cpu",
         "round-timeout": timeout,
     }
+    runs: dict[str, dict[str, Any]] = {}
+    walls: dict[str, float] = {}
     ok = False
     try:
-        with _deployment(root, nodes) as (paths, cfg, logs):
-            echo(f"deployment: {nodes} SuperNodes, {strategy}, {rounds} rounds on {task}")
-            t0 = time.perf_counter()
-            outcome = submit_run(paths, cfg, config, app_dir=REPO_ROOT)
-            wall_deploy = time.perf_counter() - t0
-            if outcome.flower_run_id is None:
-                raise RuntimeError(
-                    "deployment run did not start:\n" + "\n".join(outcome.lines[-30:])
-                )
-            status = flower_run_status(
-                cfg.superlink_address, paths.tls.ca_cert, outcome.flower_run_id
-            )
-            if not status.ok:
-                raise RuntimeError(
-                    f"deployment run {status.status}/{status.sub_status}: {status.details}"
-                )
-            dep_rounds = _store_rounds(cfg.api_url, outcome.flower_run_id)
-            events = [parse_supernode_log(p.read_text(errors="replace"), outcome.flower_run_id)
-                      for p in logs]  # fmt: skip
-
-            echo(f"simulation: {nodes} simulated SuperNodes, same run config")
-            app = read_app(REPO_ROOT)
-            specs = build_specs(app, [strategy], {}, [], nodes, 1, timeout * rounds)
-            for spec in specs:
-                spec.overrides.update({k: v for k, v in config.items() if k != "strategy"})
-            t0 = time.perf_counter()
-            (sim,) = run_simulations(
-                app,
-                specs,
-                flwr_home=root / "sim-home",
-                show_progress=False,
-                database_url=cfg.database_url,
-            )
-            wall_sim = time.perf_counter() - t0
-            if not sim.ok:
-                raise RuntimeError(f"simulation ended {sim.status}; log: {sim.log_path}")
-            sim_rounds = _store_rounds(cfg.api_url, sim.flower_run_id)
+        with _deployment(root, nodes, superexec_poll) as (paths, cfg, logs):
+            for name in (FLWR_FEDAVG, strategy):
+                echo(f"{name}: {nodes} SuperNodes, {rounds} rounds on {task}")
+                runs[name], walls[name] = _run_one(paths, cfg, {**base, "strategy": name}, logs)
         ok = True
     finally:
         for k, v in old_env.items():
@@ -314,81 +426,128 @@ def run_benchmark(
             shutil.rmtree(root, ignore_errors=True)
         else:
             echo(f"kept {root} for inspection")
-
-    dep_s = [_round_seconds(r) for r in dep_rounds]
-    sim_s = [_round_seconds(r) for r in sim_rounds]
-    waits = poll_waits(dep_rounds, events)
-    steady = [(w, s) for w, s in zip(waits[1:], dep_s[1:], strict=True) if w is not None]
-    share = sum(w for w, _ in steady) / sum(s for _, s in steady) if steady else None
-    busy = [b for b in node_busy(dep_rounds, events)[1:] if b is not None]
+    echo(f"import times: {import_runs} fresh interpreters each")
+    imports = import_times(import_runs)
+    ours, fedavg = runs[strategy], runs[FLWR_FEDAVG]
+    ratio = ours["round_s"] / fedavg["round_s"]
     return {
         "strategy": strategy,
         "task": task,
         "nodes": nodes,
         "rounds": rounds,
-        "round_s_deployment": _steady(dep_s),
-        "round_s_simulation": _steady(sim_s),
-        "deployment_vs_simulation": _steady(dep_s) / _steady(sim_s),
-        "first_round_s_deployment": dep_s[0],
-        "first_round_s_simulation": sim_s[0],
-        "poll_wait_share": share,
-        "poll_wait_s_per_round": (statistics.fmean(w for w, _ in steady) if steady else None),
-        "poll_rounds_measured": len(steady),
-        "node_busy_s_per_round": statistics.fmean(busy) if busy else None,
-        "wall_s_deployment": wall_deploy,
-        "wall_s_simulation": wall_sim,
-        "replied_deployment": [r["replied"] for r in dep_rounds],
-        "uplink_bytes_deployment": sum(r["uplink_bytes"] for r in dep_rounds),
-        "uplink_bytes_simulation": sum(r["uplink_bytes"] for r in sim_rounds),
-        "downlink_bytes_deployment": sum(r["downlink_bytes"] for r in dep_rounds),
-        "downlink_bytes_simulation": sum(r["downlink_bytes"] for r in sim_rounds),
+        "superexec_task_poll_interval_s": superexec_poll,
+        "round_s_fedsqueeze": ours["round_s"],
+        "round_s_flwr_fedavg": fedavg["round_s"],
+        "round_time_ratio_vs_fedavg": ratio,
+        "first_round_s_fedsqueeze": ours["first_round_s"],
+        "first_round_s_flwr_fedavg": fedavg["first_round_s"],
+        "wall_s_fedsqueeze": walls[strategy],
+        "wall_s_flwr_fedavg": walls[FLWR_FEDAVG],
+        "breakdown_fedsqueeze": ours["breakdown"],
+        "breakdown_flwr_fedavg": fedavg["breakdown"],
+        "breakdown_rounds_fedsqueeze": ours["breakdown_rounds"],
+        "breakdown_rounds_flwr_fedavg": fedavg["breakdown_rounds"],
+        "replied_fedsqueeze": ours["replied"],
+        "replied_flwr_fedavg": fedavg["replied"],
+        "uplink_bytes_fedsqueeze": ours["uplink_bytes"],
+        "uplink_bytes_flwr_fedavg": fedavg["uplink_bytes"],
+        "downlink_bytes_fedsqueeze": ours["downlink_bytes"],
+        "downlink_bytes_flwr_fedavg": fedavg["downlink_bytes"],
+        **imports,
+        "targets": {
+            "round_time_ratio_vs_fedavg": {"target": TARGET_RATIO, "met": ratio <= TARGET_RATIO},
+            "import_overhead_s": {
+                "target": TARGET_IMPORT_OVERHEAD_S,
+                "met": imports["import_overhead_s"] <= TARGET_IMPORT_OVERHEAD_S,
+            },
+            "import_cpu_overhead_s": {
+                "target": TARGET_IMPORT_OVERHEAD_S,
+                "met": imports["import_cpu_overhead_s"] <= TARGET_IMPORT_OVERHEAD_S,
+            },
+        },
     }
 
 
 def _table(result: dict[str, Any]) -> Any:
     from rich.table import Table
 
-    table = Table(title=f"deployment vs simulation ({result['strategy']}, {result['nodes']} "
-                  f"nodes, {result['rounds']} rounds)")  # fmt: skip
-    table.add_column("measure")
-    table.add_column("deployment", justify="right")
-    table.add_column("simulation", justify="right")
-    table.add_row("s per round (rounds 2..R)", f"{result['round_s_deployment']:.2f}",
-                  f"{result['round_s_simulation']:.2f}")  # fmt: skip
-    table.add_row("first round s", f"{result['first_round_s_deployment']:.2f}",
-                  f"{result['first_round_s_simulation']:.2f}")  # fmt: skip
-    table.add_row("uplink bytes", f"{result['uplink_bytes_deployment']:,}",
-                  f"{result['uplink_bytes_simulation']:,}")  # fmt: skip
-    table.add_row("downlink bytes", f"{result['downlink_bytes_deployment']:,}",
-                  f"{result['downlink_bytes_simulation']:,}")  # fmt: skip
-    share = result["poll_wait_share"]
-    per = result["poll_wait_s_per_round"]
-    table.add_row("poll wait share", "-" if share is None else f"{share:.1%}", "")
-    table.add_row("poll wait s per round", "-" if per is None else f"{per:.2f}", "")
-    busy = result["node_busy_s_per_round"]
-    table.add_row("node busy s per round", "-" if busy is None else f"{busy:.2f}", "")
-    table.add_row("deployment / simulation", f"{result['deployment_vs_simulation']:.2f}", "")
+    s = result["strategy"]
+    table = Table(title=f"deployment: {s} vs flwr-fedavg ({result['nodes']} nodes, "
+                  f"{result['rounds']} rounds, SuperExec poll "
+                  f"{result['superexec_task_poll_interval_s']} s)")  # fmt: skip
+    table.add_column("seconds (rounds 2..R, critical node)")
+    table.add_column(s, justify="right")
+    table.add_column("flwr-fedavg", justify="right")
+    table.add_row("round", f"{result['round_s_fedsqueeze']:.2f}",
+                  f"{result['round_s_flwr_fedavg']:.2f}")  # fmt: skip
+    table.add_row("first round", f"{result['first_round_s_fedsqueeze']:.2f}",
+                  f"{result['first_round_s_flwr_fedavg']:.2f}")  # fmt: skip
+    ours, theirs = result["breakdown_fedsqueeze"], result["breakdown_flwr_fedavg"]
+    for name in (*COMPONENTS, "unexplained_s"):
+        table.add_row(
+            f"  {name.removesuffix('_s')}",
+            f"{ours[name]:.3f}" if name in ours else "-",
+            f"{theirs[name]:.3f}" if name in theirs else "-",
+        )
+    table.add_row("uplink bytes (all rounds)", f"{result['uplink_bytes_fedsqueeze']:,}",
+                  f"{result['uplink_bytes_flwr_fedavg']:,}")  # fmt: skip
+    table.add_row("downlink bytes (all rounds)", f"{result['downlink_bytes_fedsqueeze']:,}",
+                  f"{result['downlink_bytes_flwr_fedavg']:,}")  # fmt: skip
+    ratio = result["round_time_ratio_vs_fedavg"]
+    table.add_row("round time ratio vs fedavg", f"{ratio:.2f} (target <= {TARGET_RATIO})", "")
+    for label, key in (("wall", "import_"), ("CPU", "import_cpu_")):
+        app, base = result[key + "s_client_app"], result[key + "s_torch_flwr"]
+        table.add_row(
+            f"import client.app / torch+flwr, {label} (median)",
+            f"{app:.2f} / {base:.2f}",
+            f"{result[key + 'overhead_s']:+.2f} (target <= {TARGET_IMPORT_OVERHEAD_S})",
+        )
     return table
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 rounds instead of 8")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds (overrides --quick)")
-    parser.add_argument("--nodes", type=int, default=4, help="local SuperNodes (default 4)")
-    parser.add_argument("--strategy", default="artemis")
+    from core.superexec import check_task_poll_interval
+
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 nodes, 3 rounds, 3 import runs")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per strategy (6)")
+    parser.add_argument("--nodes", type=int, default=None, help="local SuperNodes (4)")
+    parser.add_argument("--strategy", default="artemis", help="the fedsqueeze strategy")
     parser.add_argument("--task", default="synthetic-lsq")
-    parser.add_argument("--round-timeout", type=float, default=300.0)
+    parser.add_argument("--round-timeout", type=_positive, default=300.0)
+    parser.add_argument(
+        "--superexec-poll-interval", type=float, default=DEFAULT_TASK_POLL_INTERVAL_S,
+        help=f"the SuperNodes' {TASK_POLL_INTERVAL_ENV} "
+        f"(default {DEFAULT_TASK_POLL_INTERVAL_S}; Flower's own is 1.0)",
+    )  # fmt: skip
+    parser.add_argument("--import-runs", type=int, default=None, help="fresh interpreters (5)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
-    rounds = args.rounds or (3 if args.quick else 8)
-    if rounds < 2 or args.nodes < 1:
-        parser.error("need at least 2 rounds and 1 node")
+    rounds = args.rounds or (3 if args.quick else 6)
+    nodes = args.nodes or (2 if args.quick else 4)
+    import_runs = args.import_runs or (3 if args.quick else 5)
+    if rounds < 2 or nodes < 1 or import_runs < 1:
+        parser.error("need at least 2 rounds, 1 node and 1 import run")
+    if args.strategy not in ALGORITHMS:
+        parser.error(f"--strategy: unknown {args.strategy!r}; use one of {', '.join(ALGORITHMS)}")
+    if args.strategy == FLWR_FEDAVG:
+        parser.error(f"--strategy is the fedsqueeze side; {FLWR_FEDAVG} always runs beside it")
+    try:
+        check_task_poll_interval(args.superexec_poll_interval)
+    except ValueError as exc:
+        parser.error(f"--superexec-poll-interval: {exc}")
     console = Console(stderr=True)
-    result = run_benchmark(rounds, args.nodes, args.strategy, args.task, args.round_timeout,
-                           console.print)  # fmt: skip
+    result = run_benchmark(rounds, nodes, args.strategy, args.task, args.round_timeout,
+                           args.superexec_poll_interval, import_runs, console.print)  # fmt: skip
     Console().print(_table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -32,6 +32,7 @@ from flwr.clientapp import ClientApp
 from torch import nn
 from torch.utils.data import Dataset
 
+from client.timing import HandlerTiming
 from client.training import flatten, local_update, resolve_device
 from core.runconfig import RunConfig, load_config, parse_failure
 from strategies.client_half import ClientState, client_round
@@ -173,15 +174,33 @@ def query_partition(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
+    timing = HandlerTiming()
     content = msg.content
     if DOWN_KEY in content.config_records:
-        return _train_fedsqueeze(msg, context, started)
-    return _train_fedavg(msg, context)
+        reply = _train_fedsqueeze(msg, context, started, timing)
+    else:
+        reply = _train_fedavg(msg, context, timing)
+    timing.log(log, int(context.run_id), _message_round(msg))
+    return reply
 
 
-def _train_fedsqueeze(msg: Message, context: Context, started: float) -> Message:
+def _message_round(msg: Message) -> int:
+    """The server round of a train message: its group id (fedsqueeze sets it), else the
+    ``server-round`` of Flower's FedAvg config, else 0."""
+    group = msg.metadata.group_id
+    if group.isdigit():
+        return int(group)
+    config = msg.content.config_records.get("config")
+    value = config.get("server-round", 0) if config is not None else 0
+    return int(value) if isinstance(value, int) else 0
+
+
+def _train_fedsqueeze(
+    msg: Message, context: Context, started: float, timing: HandlerTiming
+) -> Message:
     content = msg.content
-    setup = _setup(content.config_records[CONFIG_KEY], context)
+    with timing.setup():
+        setup = _setup(content.config_records[CONFIG_KEY], context)
     config, device = setup.config, setup.device
     down = downlink_from_record(content.config_records[DOWN_KEY])
     settings = settings_from_config(config.values, setup.w0.numel())
@@ -196,17 +215,18 @@ def _train_fedsqueeze(msg: Message, context: Context, started: float) -> Message
 
     def compute(w: torch.Tensor) -> tuple[torch.Tensor, float, int]:
         seed = derive_seed(settings.seed, down.round, setup.partition_id, 3)
-        return local_update(
-            setup.task,
-            setup.model,
-            setup.data,
-            w,
-            float(config["client-lr"]),
-            int(config["local-steps"]),
-            int(config["batch-size"]),
-            device,
-            seed,
-        )
+        with timing.training():
+            return local_update(
+                setup.task,
+                setup.model,
+                setup.data,
+                w,
+                float(config["client-lr"]),
+                int(config["local-steps"]),
+                int(config["batch-size"]),
+                device,
+                seed,
+            )
 
     step = client_round(
         settings, committed, pending, down, w0, client_apply(settings), compute, device
@@ -218,11 +238,12 @@ def _train_fedsqueeze(msg: Message, context: Context, started: float) -> Message
     return Message(RecordDict({UP_KEY: record}), reply_to=msg)
 
 
-def _train_fedavg(msg: Message, context: Context) -> Message:
+def _train_fedavg(msg: Message, context: Context, timing: HandlerTiming) -> Message:
     """Flower's FedAvg baseline: load the arrays, K local steps, send the arrays back."""
     content = msg.content
     arrays = content.array_records["arrays"]
-    setup = _setup(content.config_records["config"], context)
+    with timing.setup():
+        setup = _setup(content.config_records["config"], context)
     config = setup.config
     if config.strategy != FLWR_FEDAVG:
         raise ValueError(f"plain FedAvg message but strategy is {config.strategy!r}")
@@ -230,17 +251,18 @@ def _train_fedavg(msg: Message, context: Context) -> Message:
     w = flatten(setup.model).to(setup.device)
     k = int(content.config_records["config"].get("server-round", 0))  # type: ignore[arg-type]
     lr = float(config["client-lr"])
-    _g, loss, n = local_update(
-        setup.task,
-        setup.model,
-        setup.data,
-        w,
-        lr,
-        int(config["local-steps"]),
-        int(config["batch-size"]),
-        setup.device,
-        derive_seed(int(config["seed"]), k, setup.partition_id, 3),
-    )
+    with timing.training():
+        _g, loss, n = local_update(
+            setup.task,
+            setup.model,
+            setup.data,
+            w,
+            lr,
+            int(config["local-steps"]),
+            int(config["batch-size"]),
+            setup.device,
+            derive_seed(int(config["seed"]), k, setup.partition_id, 3),
+        )
     _maybe_fail(config, setup.partition_id, k)
     reply = RecordDict(
         {

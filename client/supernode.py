@@ -1,6 +1,6 @@
 """Starting a Flower SuperNode on an edge device from its enrolment bundle.
 
-The command is flwr 1.41's ``flower-supernode`` with TLS (the bundle's CA verifies the
+The command is flwr 1.42's ``flower-supernode`` with TLS (the bundle's CA verifies the
 SuperLink's certificate), SuperNode authentication (the bundle's private key signs every
 Fleet request), and a node config the ClientApp reads::
 
@@ -25,6 +25,7 @@ from typing import Any
 
 from client.enroll import Bundle
 from core.flower_env import flower_env, flower_executable, terminate_then_kill
+from core.superexec import task_poll_env
 
 DEFAULT_CLIENTAPPIO_PORT = 9094
 DEVICES = ("auto", "cpu", "cuda")
@@ -94,14 +95,18 @@ def supernode_command(
     return cmd
 
 
-def supernode_env(flwr_home: Path | None = None) -> dict[str, str]:
-    """The SuperNode's environment: it starts `flwr-clientapp` by name (core.flower_env)."""
-    return flower_env(flwr_home)
+def supernode_env(
+    flwr_home: Path | None = None, superexec_poll_interval: float | None = None
+) -> dict[str, str]:
+    """The SuperNode's environment: it starts `flwr-clientapp` by name (core.flower_env),
+    and its SuperExec polls for tasks every `superexec_poll_interval` seconds (default:
+    ``$FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, else 0.1 s; see core.superexec)."""
+    return flower_env(flwr_home, task_poll_env(superexec_poll_interval))
 
 
 #: what flower-supernode prints when the SuperLink refuses to activate its key
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
-#: flwr 1.41 marks a node offline 2 heartbeats (2 x 30 s) after its last one; until then a
+#: flwr 1.42 marks a node offline 2 heartbeats (2 x 30 s) after its last one; until then a
 #: restarted SuperNode with the same key is refused as "already online"
 DEFAULT_REJOIN_WAIT_S = 75.0
 
@@ -150,7 +155,7 @@ def run_supernode(
     """Run the SuperNode in the foreground, its output passed to `out`; return its exit code.
 
     A SuperNode that crashed stays "online" at the SuperLink until two missed heartbeats
-    (up to 60 s in flwr 1.41), and a new SuperNode with the same key is refused until then.
+    (up to 60 s in flwr 1.42), and a new SuperNode with the same key is refused until then.
     So when the SuperLink refuses the activation, the start is retried every `retry_every`
     seconds for up to `rejoin_wait` seconds before giving up (a key that is not enrolled,
     or was disabled or removed, is refused the same way: after `rejoin_wait` it fails with

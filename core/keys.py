@@ -3,7 +3,7 @@
 Made with the `cryptography` package; both sides use it: a device makes its key pair at
 enrolment (`client.enroll`), the server registers the public key with the SuperLink
 (`server.deploy.registrar`). A SuperNode key is ECDSA on NIST P-384 (SECP384R1), the curve
-Flower's ``flwr supernode register`` documents (any NIST curve is accepted by flwr 1.41's
+Flower's ``flwr supernode register`` documents (any NIST curve is accepted by flwr 1.42's
 ``uses_nist_ec_curve``); the private key is stored in OpenSSH format, which is what
 ``flower-supernode --auth-supernode-private-key`` loads, the public key in OpenSSH format
 as ``flwr supernode register`` reads it, and registration sends it as PEM

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -244,10 +245,13 @@ class RecordedFedAvg(FedAvg):
         self.up_bytes = 0
         self.sampled = 0
         self.min_nodes = min_nodes
+        self.configure_s = 0.0  # this round's configure_train, seconds
+        self.aggregate_s = 0.0  # this round's aggregate_train, seconds
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        t0 = time.perf_counter()
         for key, value in self.client_config.items():
             config[key] = value
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -255,11 +259,13 @@ class RecordedFedAvg(FedAvg):
         self.down = {int(m.metadata.dst_node_id): size for m in messages}
         self.sampled = len(messages)
         self.clients, self.up_bytes = [], 0
+        self.configure_s = time.perf_counter() - t0
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        t0 = time.perf_counter()
         replies = list(replies)
         for r in replies:
             node = int(r.metadata.src_node_id)
@@ -276,7 +282,23 @@ class RecordedFedAvg(FedAvg):
                 rec.local_loss = float(loss) if loss is not None else None  # type: ignore[arg-type]
                 self.up_bytes += rec.uplink_bytes
             self.clients.append(rec)
-        return super().aggregate_train(server_round, replies)
+        aggregated = super().aggregate_train(server_round, replies)
+        self.aggregate_s = time.perf_counter() - t0
+        return aggregated
+
+
+def _fedavg_phases(strategy: RecordedFedAvg, round_s: float, evaluate_s: float) -> dict[str, float]:
+    """The phases of a FedAvg round as FedSqueezeStrategy times them: configure, train
+    (push to replies pulled: Flower's `send_and_receive`, its 3 s polls included),
+    aggregate, evaluate; "round" is the first three together."""
+    train_s = max(0.0, round_s - strategy.configure_s - strategy.aggregate_s)
+    return {
+        "round": round_s,
+        "configure": strategy.configure_s,
+        "train": train_s,
+        "aggregate": strategy.aggregate_s,
+        "evaluate": evaluate_s,
+    }
 
 
 def _run_fedavg(
@@ -290,7 +312,6 @@ def _run_fedavg(
     progress: ProgressFn | None,
     min_nodes: int,
 ) -> None:
-    import time
 
     model = task.make_model()
     p = float(config["participation"])
@@ -327,7 +348,7 @@ def _run_fedavg(
                 train_loss=(sum(a * c for a, c in losses) / n) if n else None,
                 eval_loss=ev.get("loss"),
                 eval_accuracy=ev.get("accuracy"),
-                phase_seconds={"round": t_eval - timing["t"], "evaluate": now - t_eval},  # type: ignore[operator]
+                phase_seconds=_fedavg_phases(strategy, t_eval - timing["t"], now - t_eval),  # type: ignore[operator]
                 started_at=timing["started"],  # type: ignore[arg-type]
                 clients=list(strategy.clients),
             )

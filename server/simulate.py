@@ -1,6 +1,6 @@
 """`fedsqueeze simulate`: run the Flower app of this repository in Flower's simulation engine.
 
-What it does, step by step (flwr 1.41), and the module that does each step:
+What it does, step by step (flwr 1.42), and the module that does each step:
 
 1. Reads the app's run-config defaults from ``[tool.flwr.app.config]`` of the app's
    pyproject.toml and merges the friendly flags (``--strategy``, ``--rounds``, ...) and raw

@@ -264,8 +264,13 @@ class FedSqueezeStrategy(Strategy):
                     CONFIG_KEY: self.client_config,
                 }
             )
-            messages.append(
-                Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN)
+            messages.append(  # group id = the round, as Flower's own strategies set it
+                Message(
+                    content=content,
+                    dst_node_id=node,
+                    message_type=MessageType.TRAIN,
+                    group_id=str(server_round),
+                )
             )
         log.info(
             "round %d: sampled %d of %d nodes (pN = %.2f)",

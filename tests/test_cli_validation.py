@@ -116,3 +116,23 @@ def test_good_input_gets_past_validation(tmp_path: Path) -> None:
                 "--data-dir", str(tmp_path / "no-server"))  # fmt: skip
     assert done.returncode == 1, done.stderr
     assert "no-server" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (("--superexec-poll-interval", "0"), {}),
+        (("--superexec-poll-interval", "61"), {}),
+        ((), {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "soon"}),
+    ],
+    ids=["zero", "above-60", "env-not-a-number"],
+)
+def test_client_start_refuses_a_bad_superexec_poll_interval(
+    tmp_path: Path, args: tuple[str, ...], env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checked before the bundle is even opened (there is none here) or a node starts."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    done = _run(tmp_path, "client", "start", "--bundle", str(tmp_path / "no-bundle"), *args)
+    _refused(done, "superexec-poll-interval")
+    assert not (tmp_path / "home").exists()

@@ -383,29 +383,38 @@ def test_fast_poll_grid_honours_the_timeout() -> None:
 
 
 # ----------------------------------------------------------------------- benchmark parsing
-def test_supernode_log_parsing_and_poll_wait() -> None:
+def test_supernode_log_parsing_and_round_breakdown() -> None:
     from datetime import UTC, datetime
 
-    from benchmarks.deploy import node_busy, parse_supernode_log, poll_waits
+    from benchmarks.deploy import COMPONENTS, parse_supernode_log, round_breakdown
 
     def stamp(t: float) -> str:
         local = datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S,%f")[:-3]
         return f"\x1b[92mINFO {local}\x1b[0m:      "
 
+    def timing(run: int, k: int, proc: float, start: float, end: float) -> str:
+        return (
+            stamp(start) + f"fedsqueeze-timing run={run} round={k} pid=42 "
+            f"process_start={proc:.3f} handler_start={start:.3f} setup_s=0.2500 "
+            f"train_s=1.0000 handler_s={end - start:.4f} handler_end={end:.3f}"
+        )
+
     t = 1_800_000_000.0
     log = "\n".join(
         [
-            stamp(t) + "[RUN 7]",
-            stamp(t) + "Receiving: train message (ID: a)",
-            stamp(t + 1.0) + "Received successfully",
+            stamp(t + 1.0) + "[RUN 7]",
+            stamp(t + 1.0) + "Receiving: train message (ID: a)",
+            stamp(t + 1.75) + "Received successfully",
+            timing(7, 1, t + 1.5, t + 2.5, t + 4.0),
             stamp(t + 4.0) + "[RUN 7]",
             stamp(t + 4.0) + "Sending: train message (ID: b)",
             stamp(t + 4.5) + "Sent successfully",
             stamp(t + 5.0) + "[RUN 8]",  # another run: ignored
             stamp(t + 5.0) + "Receiving: train message (ID: c)",
             stamp(t + 5.5) + "Received successfully",
+            timing(8, 1, t + 5.6, t + 5.7, t + 5.8),
             stamp(t + 9.0) + "[RUN 7, ROUND 2]",
-            stamp(t + 9.0) + "Receiving: train message (ID: d)",
+            stamp(t + 9.2) + "Receiving: train message (ID: d)",
             stamp(t + 9.2) + "Received successfully",
             "INFO:     127.0.0.1 - a uvicorn line without a Flower stamp",
         ]
@@ -413,13 +422,52 @@ def test_supernode_log_parsing_and_poll_wait() -> None:
     events = parse_supernode_log(log, 7)
     assert events.received == pytest.approx({"1": t + 1.0, "2": t + 9.2})
     assert events.sent == pytest.approx({"1": t + 4.5})
+    assert set(events.handler) == {"1"} and events.handler["1"]["process_start"] == t + 1.5
     start = datetime.fromtimestamp(t - 0.5, UTC).isoformat()
+    end = datetime.fromtimestamp(t + 5.25, UTC).isoformat()
+    phases = {"configure": 0.25, "train": 5.0, "aggregate": 0.25, "evaluate": 0.25}
     rounds = [
-        {"round": 1, "started_at": start, "phase_seconds": {"configure": 0.25, "train": 5.0}},
-        {"round": 2, "started_at": start, "phase_seconds": {"configure": 0.0, "train": 1.0}},
+        {"round": 1, "started_at": start, "ended_at": end, "phase_seconds": phases},
+        {"round": 2, "started_at": start, "ended_at": end, "phase_seconds": phases},
     ]
-    # push at t-0.25, received at t+1 (1.25 s), sent at t+4.5, server had it at t+4.75 (0.25 s)
-    waits = poll_waits(rounds, [events])
-    assert waits[0] == pytest.approx(1.5) and waits[1] is None
-    busy = node_busy(rounds, [events])
-    assert busy[0] == pytest.approx(3.5) and busy[1] is None
+    parts = round_breakdown(rounds[0], [events])
+    assert parts is not None and round_breakdown(rounds[1], [events]) is None
+    # push at t-0.25, received t+1, process t+1.5, handler t+2.5..t+4, sent t+4.5, pulled
+    # t+4.75, then aggregate and evaluate: the round ends at t+5.25
+    assert parts["server_configure_s"] == pytest.approx(0.25)
+    assert parts["idle_poll_wait_s"] == pytest.approx(1.25)
+    assert parts["superexec_wait_s"] == pytest.approx(0.5)
+    assert parts["clientapp_start_s"] == pytest.approx(1.0)
+    assert parts["client_setup_s"] == pytest.approx(0.25)
+    assert parts["client_training_s"] == pytest.approx(1.0)
+    assert parts["client_codec_s"] == pytest.approx(0.25)
+    assert parts["reply_s"] == pytest.approx(0.5)
+    assert parts["server_pull_wait_s"] == pytest.approx(0.25)
+    assert parts["round_s"] == pytest.approx(5.75)
+    assert parts["unexplained_s"] == pytest.approx(0.0, abs=1e-3)
+    assert sum(parts[c] for c in COMPONENTS) == pytest.approx(5.75, abs=1e-3)
+
+
+# ----------------------------------------------------------------------- SuperExec polling
+def test_superexec_task_poll_interval_default_override_and_refusal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flwr.supercore.superexec import run_superexec
+
+    from client.supernode import supernode_env
+    from core.superexec import DEFAULT_TASK_POLL_INTERVAL_S, TASK_POLL_INTERVAL_ENV, task_poll_env
+
+    assert task_poll_env(environ={}) == {TASK_POLL_INTERVAL_ENV: "0.1"}
+    assert DEFAULT_TASK_POLL_INTERVAL_S == 0.1
+    assert task_poll_env(environ={TASK_POLL_INTERVAL_ENV: "2.5"})[TASK_POLL_INTERVAL_ENV] == "2.5"
+    assert task_poll_env(0.05, environ={TASK_POLL_INTERVAL_ENV: "2.5"}) == {
+        TASK_POLL_INTERVAL_ENV: "0.05"
+    }
+    for bad in ("0", "61", "nan", "soon"):
+        with pytest.raises(ValueError, match=TASK_POLL_INTERVAL_ENV):
+            task_poll_env(environ={TASK_POLL_INTERVAL_ENV: bad})
+    # the SuperNode's environment carries it, and Flower's own reader accepts the value
+    env = supernode_env(superexec_poll_interval=0.25)
+    assert env[TASK_POLL_INTERVAL_ENV] == "0.25"
+    monkeypatch.setenv(TASK_POLL_INTERVAL_ENV, env[TASK_POLL_INTERVAL_ENV])
+    assert run_superexec._get_task_poll_interval() == 0.25

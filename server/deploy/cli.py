@@ -11,6 +11,14 @@ from typing import Any, NoReturn
 
 import typer
 
+from core.superexec import (
+    DEFAULT_TASK_POLL_INTERVAL_S,
+    MAX_TASK_POLL_INTERVAL_S,
+    MIN_TASK_POLL_INTERVAL_S,
+    TASK_POLL_INTERVAL_ENV,
+    task_poll_env,
+)
+
 server_app = typer.Typer(
     help="Run the deployment server: Flower SuperLink (TLS, SuperNode authentication, on "
     "loopback), its Fleet proxy for devices (nginx) and the REST service.",
@@ -120,6 +128,10 @@ def server_start(
         "server_names": list(server_name) or None,
         "database_url": database_url,
     }
+    try:  # the SuperExec setting from the environment, refused before anything starts
+        task_poll_env()
+    except ValueError as exc:
+        raise _bad_input(str(exc)) from None
     directory = _data_dir(data_dir)
     try:
         result = start_server(
@@ -342,6 +354,14 @@ def client_start(
         "restarted after a crash is refused until the SuperLink notices it went away, "
         "about 60 s); 0 = give up at once.",
     ),
+    superexec_poll_interval: float = typer.Option(
+        DEFAULT_TASK_POLL_INTERVAL_S,
+        min=MIN_TASK_POLL_INTERVAL_S,
+        max=MAX_TASK_POLL_INTERVAL_S,
+        envvar=TASK_POLL_INTERVAL_ENV,
+        help="Seconds between the SuperNode's SuperExec's polls for a message to start a "
+        "ClientApp for (Flower's default is 1.0).",
+    ),
     print_command: bool = typer.Option(
         False,
         help="Print the flower-supernode command instead of running it (checks the bundle, "
@@ -389,7 +409,8 @@ def client_start(
         f"starting SuperNode {opened.info.name} (node {opened.info.node_id}) -> "
         f"{superlink or opened.info.superlink}"
     )
-    code = run_supernode(cmd, supernode_env(), rejoin_wait=rejoin_wait)
+    env = supernode_env(superexec_poll_interval=superexec_poll_interval)
+    code = run_supernode(cmd, env, rejoin_wait=rejoin_wait)
     raise typer.Exit(code=code)
 
 

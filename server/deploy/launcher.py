@@ -15,7 +15,7 @@ Layout of the data directory (default ``$FEDSQUEEZE_HOME/server``, mode 0700)::
     run/*.pid            PID files (JSON: pid, start time, command line), 0600
     logs/*.log           process output, 0600
 
-The SuperLink (``flower-superlink`` of flwr 1.41) serves its Fleet, Control and runtime
+The SuperLink (``flower-superlink`` of flwr 1.42) serves its Fleet, Control and runtime
 APIs on one HTTPS port, with SuperNode authentication on: only keys registered through the
 Control API (see `server.deploy.registrar`) may connect. The Control API has no
 authentication in Flower's open-source edition, so the SuperLink only ever binds to
@@ -45,6 +45,7 @@ from pathlib import Path
 from core.files import write_private
 from core.flower_env import flower_env, flower_executable
 from core.net import is_loopback
+from core.superexec import task_poll_env
 from server.deploy.certs import TlsFiles, certificate_names, ensure_tls, install_tls
 from server.deploy.processes import (
     ForeignProcessError,
@@ -279,7 +280,10 @@ def port_free(host: str, port: int) -> bool:
 
 
 def base_env(paths: ServerPaths, config: ServerConfig) -> dict[str, str]:
-    return flower_env(paths.flwr_home, {"DATABASE_URL": config.database_url})
+    """Flower's environment (server.flower_env) plus the store's URL and the SuperLink's
+    SuperExec task-poll interval (core.superexec: $FLWR_SUPEREXEC_TASK_POLL_INTERVAL, else
+    0.1 s), which is how soon a submitted run's ServerApp process starts."""
+    return flower_env(paths.flwr_home, {"DATABASE_URL": config.database_url, **task_poll_env()})
 
 
 def superlink_command(paths: ServerPaths, config: ServerConfig) -> list[str]:

@@ -1,6 +1,6 @@
 """Faster reply polling for Flower's deployment grid.
 
-In flwr 1.41 the deployment grid (``flwr.superlink.grid.http_grid.HttpGrid``) implements
+In flwr 1.42 the deployment grid (``flwr.superlink.grid.http_grid.HttpGrid``) implements
 ``send_and_receive`` as: push the messages, then ``pull_messages`` in a loop with a fixed
 ``time.sleep(3)`` between attempts. A round whose replies arrive 0.2 s after the push so
 waits about 3 s. The grid's public ``push_messages`` / ``pull_messages`` calls (abstract

@@ -1,6 +1,6 @@
 """The Fleet proxy: nginx in front of the loopback SuperLink, the only port devices reach.
 
-In flwr 1.41 the SuperLink serves its Fleet API (SuperNodes), its Control API (node
+In flwr 1.42 the SuperLink serves its Fleet API (SuperNodes), its Control API (node
 registration, run submission, run and node listings) and its runtime API (ServerApp,
 SuperExec) on one HTTPS port, and the Control API has no authentication in Flower's
 open-source edition. `fedsqueeze server start` therefore binds the SuperLink to loopback
@@ -39,7 +39,7 @@ NGINX_PACKAGE = "nginx"
 #: set to an nginx executable (path or name on PATH) to use that one instead of PATH's
 NGINX_ENV = "FEDSQUEEZE_NGINX"
 
-#: Every path ``FleetHttpClient`` (flwr 1.41) calls; all POST, protobuf bodies. Checked
+#: Every path ``FleetHttpClient`` (flwr 1.42) calls; all POST, protobuf bodies. Checked
 #: against flwr's own route table by tests/test_security_proxy.py, so a Flower upgrade that
 #: adds a Fleet call fails a test instead of silently breaking SuperNodes.
 FLEET_PATHS: tuple[str, ...] = (

@@ -1,9 +1,9 @@
 """Registering SuperNode public keys with the SuperLink, from Python.
 
-This does what ``flwr supernode register`` / ``unregister`` / ``ls`` do (flwr 1.41,
+This does what ``flwr supernode register`` / ``unregister`` / ``ls`` do (flwr 1.42,
 ``flwr/cli/supernode/*.py``), with Flower's own Control API client
 (``flwr.supercore.control.ControlHttpClient``, protobuf over HTTPS): no shelling out, no
-Flower CLI configuration file needed. In flwr 1.41 the Control API shares the SuperLink's
+Flower CLI configuration file needed. In flwr 1.42 the Control API shares the SuperLink's
 single HTTPS port with the Fleet API.
 
 The REST service (api/) receives a `SuperLinkRegistrar` (it implements the
