@@ -156,22 +156,30 @@ def curves(store: Store, runs: Sequence[Run], x: str = "round", y: str = "accura
 
 def draw(lines: Sequence[Curve], x: str, y: str, title: str | None = None) -> Figure:
     """A matplotlib figure (no pyplot state) with one line per curve."""
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8.0, 5.0), layout="constrained")
+    # Up to 10 runs: one colour each (tab10); more: 20 colours (tab20) and, past 20, a
+    # line style per cycle, so no two lines look alike. The legend goes below the axes,
+    # where long labels do not cover the curves.
+    fig = Figure(figsize=(8.0, 5.0 + 0.22 * len(lines)), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for curve in lines:
+    palette = matplotlib.colormaps["tab10" if len(lines) <= 10 else "tab20"].colors
+    styles = ("-", "--", ":", "-.")
+    for i, curve in enumerate(lines):
         (line,) = ax.plot(curve.x, curve.y, marker="o" if len(curve.x) <= 30 else None,
-                          markersize=3, linewidth=1.5, label=curve.label)  # fmt: skip
+                          markersize=3, linewidth=1.5, label=curve.label,
+                          color=palette[i % len(palette)],
+                          linestyle=styles[(i // len(palette)) % len(styles)])  # fmt: skip
         line.set_gid(f"run-{curve.run_id}")  # the line's <g id> in an SVG
     if x == "bytes":
         ax.set_xscale("log")
     ax.set_xlabel(X_LABELS[x])
     ax.set_ylabel(Y_LABELS[y])
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=1)
     if title:
         ax.set_title(title)
     return fig
@@ -214,7 +222,7 @@ def plot_runs(
     if out is not None:
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format=fmt, dpi=120)
+        fig.savefig(path, format=fmt, dpi=120, bbox_inches="tight")
     return fig
 
 
