@@ -18,10 +18,11 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 #: the server optimisers of ``server-opt`` (`strategies.server_opt` implements them)
-SERVER_OPTS: tuple[str, ...] = ("sgd", "momentum", "adam", "amsgrad", "yogi")
+ServerOptName = Literal["sgd", "momentum", "adam", "amsgrad", "yogi"]
+SERVER_OPTS: tuple[ServerOptName, ...] = get_args(ServerOptName)
 
 #: every key, its default and what it means (tests/test_docs.py holds the table of
 #: docs/running-simulations.md, "Run-config keys", to this)

@@ -166,7 +166,8 @@ def draw(lines: Sequence[Curve], x: str, y: str, title: str | None = None) -> Fi
     fig = Figure(figsize=(8.0, 5.0 + 0.22 * len(lines)), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    palette = matplotlib.colormaps["tab10" if len(lines) <= 10 else "tab20"].colors
+    cmap = matplotlib.colormaps["tab10" if len(lines) <= 10 else "tab20"]
+    palette = [cmap(i) for i in range(cmap.N)]
     styles = ("-", "--", ":", "-.")
     for i, curve in enumerate(lines):
         (line,) = ax.plot(curve.x, curve.y, marker="o" if len(curve.x) <= 30 else None,

@@ -49,8 +49,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from core.runconfig import SERVER_OPTS
-
-OptName = Literal["sgd", "momentum", "adam", "amsgrad", "yogi"]
+from core.runconfig import ServerOptName as OptName
 
 
 @dataclass(frozen=True)
