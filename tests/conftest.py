@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -150,3 +151,31 @@ def live_service(database_url: str, tmp_path: Path) -> Iterator[LiveService]:
         yield service
     finally:
         service.stop()
+
+
+def simulate_in_process(server_app: Any, client_app: Any, num_supernodes: int, tmp: Path) -> None:
+    """Flower's in-process simulation engine (`flwr.simulation.run_simulation`, Ray) with
+    its own FLWR_HOME and a SQLite store under `tmp` (the ServerApp takes its store from
+    $DATABASE_URL: database-url is no run-config key); both variables are restored after,
+    even when the simulation fails."""
+    from flwr.simulation import run_simulation
+
+    env = {"FLWR_HOME": str(tmp / "flwr-home"), "DATABASE_URL": f"sqlite:///{tmp / 'history.db'}"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=num_supernodes,
+            backend_config={
+                "client_resources": {"num_cpus": 1},
+                "init_args": {"num_cpus": 2, "include_dashboard": False},
+            },
+        )
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -10,11 +10,11 @@ losses must still agree round by round.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import simulate_in_process
 
 from strategies.partitions import partition_reply, sample_partitions
 
@@ -77,7 +77,6 @@ def test_bad_input_is_named() -> None:
 def _simulate(tmp: Path) -> dict[str, Any]:
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
-    from flwr.simulation import run_simulation
 
     from client.app import app as client_app
     from server.app import RunOutcome, run_server
@@ -102,25 +101,7 @@ def _simulate(tmp: Path) -> dict[str, Any]:
             }
             outcomes[name] = run_server(grid, context, overrides, RunOutcome())
 
-    old = {k: os.environ.get(k) for k in ("FLWR_HOME", "DATABASE_URL")}
-    os.environ["FLWR_HOME"] = str(tmp / "flwr-home")
-    os.environ["DATABASE_URL"] = f"sqlite:///{tmp / 'history.db'}"
-    try:
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=N_CLIENTS,
-            backend_config={
-                "client_resources": {"num_cpus": 1},
-                "init_args": {"num_cpus": 2, "include_dashboard": False},
-            },
-        )
-    finally:
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    simulate_in_process(server_app, client_app, N_CLIENTS, tmp)
     return outcomes
 
 

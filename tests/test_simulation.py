@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import simulate_in_process
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -48,17 +49,10 @@ def _base() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunOutcome]:
-    import os
-
-    from flwr.simulation import run_simulation
 
     from client.app import app as client_app
 
     tmp = tmp_path_factory.mktemp("sim")
-    old_env = {k: os.environ.get(k) for k in ("FLWR_HOME", "DATABASE_URL")}
-    os.environ["FLWR_HOME"] = str(tmp / "flwr-home")
-    # the ServerApp takes its store from the environment (database-url is no run-config key)
-    os.environ["DATABASE_URL"] = f"sqlite:///{tmp / 'history.db'}"
     outcomes: dict[str, RunOutcome] = {}
     server_app = ServerApp()
 
@@ -79,22 +73,7 @@ def simulated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunOutcome]
         }
         outcomes["failure"] = run_server(grid, context, overrides, RunOutcome())
 
-    try:
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=N_CLIENTS,
-            backend_config={
-                "client_resources": {"num_cpus": 1},
-                "init_args": {"num_cpus": 2, "include_dashboard": False},
-            },
-        )
-    finally:
-        for key, value in old_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    simulate_in_process(server_app, client_app, N_CLIENTS, tmp)
     outcomes["_db"] = RunOutcome(status=str(tmp / "history.db"))
     return outcomes
 

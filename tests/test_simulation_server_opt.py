@@ -8,11 +8,11 @@ in Flower's context.state."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import simulate_in_process
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -39,14 +39,10 @@ def _base() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunOutcome]:
-    from flwr.simulation import run_simulation
 
     from client.app import app as client_app
 
     tmp: Path = tmp_path_factory.mktemp("sim-opt")
-    old_env = {k: os.environ.get(k) for k in ("FLWR_HOME", "DATABASE_URL")}
-    os.environ["FLWR_HOME"] = str(tmp / "flwr-home")
-    os.environ["DATABASE_URL"] = f"sqlite:///{tmp / 'history.db'}"
     outcomes: dict[str, RunOutcome] = {}
     server_app = ServerApp()
 
@@ -60,22 +56,7 @@ def simulated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunOutcome]
         for label, overrides in runs.items():
             outcomes[label] = run_server(grid, context, {**_base(), **overrides}, RunOutcome())
 
-    try:
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=N_CLIENTS,
-            backend_config={
-                "client_resources": {"num_cpus": 1},
-                "init_args": {"num_cpus": 2, "include_dashboard": False},
-            },
-        )
-    finally:
-        for key, value in old_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    simulate_in_process(server_app, client_app, N_CLIENTS, tmp)
     return outcomes
 
 
