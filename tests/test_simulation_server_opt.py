@@ -15,6 +15,7 @@ import pytest
 from conftest import simulate_in_process
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from test_simulation import _base as simulation_base
 
 from server.app import RunOutcome, run_server
 
@@ -25,16 +26,9 @@ ROUNDS = 6
 
 
 def _base() -> dict[str, Any]:
-    return {
-        "num-server-rounds": ROUNDS,
-        "task": "synthetic-lsq",
-        "task-options": "dim=24,samples_per_client=40",
-        "client-lr": 0.02,
-        "participation": 0.6,
-        "seed": 5,
-        "device": "cpu",
-        "round-timeout": 600.0,  # an upper bound only: a loaded machine starts Ray slowly
-    }
+    """test_simulation's workload, for more rounds and with a longer round timeout (an upper
+    bound only: a loaded machine starts Ray slowly)."""
+    return {**simulation_base(), "num-server-rounds": ROUNDS, "round-timeout": 600.0}
 
 
 @pytest.fixture(scope="module")
