@@ -26,11 +26,25 @@ measured in one run:
   measured in a fresh subprocess per case (Linux: the VmHWM high-water mark reset through
   /proc/self/clear_refs just before encoding; elsewhere ru_maxrss growth, a lower bound).
 
+* the presets' specs (issue 11): every compressor a preset of ``strategies.registry`` sends
+  by default (QSGD s=1, s=2 and s=4 on buckets of 64, scaled sign on buckets of 64, sign)
+  is run beside the operators above, read from the presets so that the benchmark follows
+  them; ``presets`` names the presets sending a spec.
+* the in-run 8-bit anchor: a plain torch 8-bit QSGD as GRACE implements it (one float32
+  L2 norm for the whole tensor, s = 127, stochastic rounding to int8 levels in
+  [-127, 127]; bytes = the int8 array + the norm; decode back to dense float32), timed the
+  same way on the same input (``anchor_8bit_roundtrip_mb_s`` and its CPU figure);
+  ``speedup_vs_8bit_anchor`` = roundtrip_mb_s / the anchor's (``_cpu``: per CPU-second).
+* bytes_vs_predicted: measured / predicted payload bytes.
+
 Targets (issue 2, d = 10^7): QSGD s=1 and scaled sign round trip >= 1000 MB/s (break-even
 link >= 8 Gbit/s); measured bytes within 2% (+64 header bytes) of predicted; the QSGD s=1
 dense code <= 1.6 bits per coordinate; the sparse code <= 1.2x the information limit; peak
-extra memory of encode <= 1.5x the input. The machine's load moves the throughputs: the copy
-roof measured in the same run is printed beside them.
+extra memory of encode <= 1.5x the input. Targets of issue 11, d = 10^7, for the presets'
+``qsgd:s=1,bucket=64`` and ``scaled_sign:bucket=64``: round trip >= 1000 MB/s (wall time;
+the CPU-time figure beside it), measured bytes within 2% of predicted and round trip >= 4x
+the in-run 8-bit anchor. The machine's load moves the throughputs: the copy roof and the
+anchor measured in the same run are printed beside them.
 
     python -m benchmarks.codecs                  # d = 1e5, 1e6, 1e7
     python -m benchmarks.codecs --quick          # d = 1e4, 1e5 (seconds, for CI)
@@ -63,11 +77,76 @@ OPERATORS: tuple[str, ...] = (
     "scaled_sign",
     "sign",
 )
+#: The presets' specs whose speed issue 11 targets (uplink of artemis, diana, biqsgd, dore,
+#: mcm...; EF-SGD's and DoubleSqueeze's compressor).
+PRESET_TARGETS: tuple[str, ...] = ("QSGD_S1", "SIGN_B64")
+ANCHOR_SPEEDUP = 4.0
 FULL_SIZES = (10**5, 10**6, 10**7)
 QUICK_SIZES = (10**4, 10**5)
 TARGET_SIZE = 10**7
 TARGET_MB_S = 1000.0
 SPEED_TARGETS = ("qsgd:s=1,bucket=4096,norm=l2", "scaled_sign")
+
+
+def preset_specs() -> dict[str, list[str]]:
+    """Canonical spec -> the presets sending it by default (uplink or downlink), for every
+    compressor but identity, in the presets' order."""
+    from compression import parse_compressor
+    from strategies.registry import PRESETS
+
+    out: dict[str, list[str]] = {}
+    for preset in PRESETS.values():
+        for spec in (preset.default_uplink, preset.default_downlink):
+            canonical = parse_compressor(spec).spec
+            if canonical != "identity" and preset.name not in out.setdefault(canonical, []):
+                out[canonical].append(preset.name)
+    return out
+
+
+def preset_targets() -> tuple[str, ...]:
+    """Canonical specs of the presets' compressors that the speed targets judge."""
+    from compression import parse_compressor
+    from strategies import artemis
+
+    return tuple(parse_compressor(getattr(artemis, name)).spec for name in PRESET_TARGETS)
+
+
+def anchor_8bit_encode(x: Any, seed: int) -> bytes:
+    """GRACE's QSGD with 8-bit levels (s = 127, one L2 norm for the whole tensor): level_j =
+    floor(s |x_j| / ||x|| + u_j) with u_j ~ U[0, 1), sent as int8 sign(x_j) level_j, then
+    the float32 norm."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    norm = torch.linalg.vector_norm(x)
+    level = x.abs().mul_(127 / norm)
+    level.add_(torch.rand(x.shape, generator=g)).floor_()
+    q = torch.where(x < 0, -level, level).to(torch.int8)
+    return q.numpy().tobytes() + norm.reshape(1).numpy().tobytes()
+
+
+def anchor_8bit_decode(payload: bytes, d: int) -> Any:
+    """The anchor's dense float32 C(x)_j = ||x|| q_j / s."""
+    import numpy as np
+    import torch
+
+    q = torch.frombuffer(bytearray(payload[:d]), dtype=torch.int8)
+    norm = float(np.frombuffer(payload, dtype=np.float32, count=1, offset=d)[0])
+    return q.to(torch.float32).mul_(norm / 127)
+
+
+def measure_anchor(d: int, *, budget_s: float) -> dict[str, Any]:
+    """Round trip of the 8-bit anchor on the benchmark's input of size d."""
+    x = _input(d)
+    t_enc, cpu_enc = _best_time(lambda: anchor_8bit_encode(x, 1), 3, budget_s)
+    payload = anchor_8bit_encode(x, 1)
+    t_dec, cpu_dec = _best_time(lambda: anchor_8bit_decode(payload, d), 3, budget_s)
+    return {
+        "d": d,
+        "bytes": len(payload),
+        "roundtrip_mb_s": 4 * d / (t_enc + t_dec) / 1e6,
+        "roundtrip_mb_s_cpu": 4 * d / (cpu_enc + cpu_dec) / 1e6,
+    }
 
 
 def _best_time(fn: Callable[[], object], min_reps: int, budget_s: float) -> tuple[float, float]:
@@ -141,9 +220,17 @@ def _measure_memory(spec: str, d: int, threads: int | None) -> dict[str, Any]:
 
 
 def measure(
-    spec: str, d: int, *, budget_s: float, memory: bool, threads: int | None
+    spec: str,
+    d: int,
+    *,
+    budget_s: float,
+    memory: bool,
+    threads: int | None,
+    anchor: dict[str, Any] | None = None,
+    presets: list[str] | None = None,
 ) -> dict[str, Any]:
-    """All figures for one operator and size."""
+    """All figures for one operator and size; ``anchor``: the 8-bit anchor's figures at
+    the same size (:func:`measure_anchor`)."""
     import torch
 
     from compression import decode, parse_compressor
@@ -179,8 +266,10 @@ def measure(
         "decode_mb_s_cpu": in_bytes / cpu_dec / 1e6,
         "roundtrip_mb_s_cpu": in_bytes / (cpu_enc + cpu_dec) / 1e6,
         "copy_mb_s_cpu": in_bytes / cpu_copy / 1e6,
+        "presets": presets or [],
         "bytes": len(payload),
         "predicted_bytes": m.predicted_nbytes,
+        "bytes_vs_predicted": len(payload) / m.predicted_nbytes,
         "bits_per_coord_measured": measured_bits,
         "bits_per_coord_predicted": 8 * m.predicted_nbytes / d,
         "bits_per_coord_limit": limit_bits,
@@ -195,6 +284,14 @@ def measure(
         "load_average_1min": os.getloadavg()[0],
         "thp": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
     }
+    if anchor is not None:
+        record["anchor_8bit_bytes"] = anchor["bytes"]
+        record["anchor_8bit_roundtrip_mb_s"] = anchor["roundtrip_mb_s"]
+        record["anchor_8bit_roundtrip_mb_s_cpu"] = anchor["roundtrip_mb_s_cpu"]
+        record["speedup_vs_8bit_anchor"] = roundtrip / anchor["roundtrip_mb_s"]
+        record["speedup_vs_8bit_anchor_cpu"] = (
+            record["roundtrip_mb_s_cpu"] / anchor["roundtrip_mb_s_cpu"]
+        )
     if spec.startswith(("qsgd", "dither")):
         dense_code = "base3" if c.spec.startswith("qsgd:s=1,") else "dense"
         dense_payload = m.to_bytes_with(dense_code)
@@ -246,6 +343,39 @@ def check_targets(records: list[dict[str, Any]]) -> list[tuple[str, bool | None,
                         f"break-even {r['break_even_gbit_s']:.1f} Gbit/s; per CPU-second "
                         f"{r['roundtrip_mb_s_cpu']:.0f} MB/s (copy {r['copy_mb_s_cpu']:.0f}); "
                         f"load average {r['load_average_1min']:.1f}",
+                    )
+                )
+    for spec in preset_targets():
+        for r in big:
+            if r["spec"] != spec:
+                continue
+            load = f"load average {r['load_average_1min']:.1f}"
+            if at_target_size:
+                out.append(
+                    (
+                        f"preset {spec} round trip >= {TARGET_MB_S:.0f} MB/s at d={top:.0e}",
+                        r["roundtrip_mb_s"] >= TARGET_MB_S,
+                        f"{r['roundtrip_mb_s']:.0f} MB/s wall, {r['roundtrip_mb_s_cpu']:.0f} "
+                        f"MB/s per CPU-second (copy roof {r['copy_mb_s']:.0f}); {load}",
+                    )
+                )
+            out.append(
+                (
+                    f"preset {spec} bytes within 2% of predicted at d={top:.0e}",
+                    abs(r["bytes_vs_predicted"] - 1) <= 0.02,
+                    f"{r['bytes']} B measured, {r['predicted_bytes']} B predicted "
+                    f"({r['bits_per_coord_measured']:.3f} bits/coord)",
+                )
+            )
+            if at_target_size and "speedup_vs_8bit_anchor" in r:
+                out.append(
+                    (
+                        f"preset {spec} round trip >= {ANCHOR_SPEEDUP:.0f}x the 8-bit anchor",
+                        r["speedup_vs_8bit_anchor"] >= ANCHOR_SPEEDUP,
+                        f"{r['speedup_vs_8bit_anchor']:.2f}x wall (anchor "
+                        f"{r['anchor_8bit_roundtrip_mb_s']:.0f} MB/s), "
+                        f"{r['speedup_vs_8bit_anchor_cpu']:.2f}x per CPU-second (anchor "
+                        f"{r['anchor_8bit_roundtrip_mb_s_cpu']:.0f}); {load}",
                     )
                 )
     bad = [f"{r['spec']} d={r['d']}" for r in records if not r["within_2pct_of_predicted"]]
@@ -300,6 +430,7 @@ def _print(records: list[dict[str, Any]], targets: list[tuple[str, bool | None, 
         "rt MB/s",
         "rt MB/cpu-s",
         "copy MB/s",
+        "x 8-bit",
         "bits meas",
         "bits pred",
         "bits limit",
@@ -319,6 +450,7 @@ def _print(records: list[dict[str, Any]], targets: list[tuple[str, bool | None, 
             f"{r['roundtrip_mb_s']:.0f}",
             f"{r['roundtrip_mb_s_cpu']:.0f}",
             f"{r['copy_mb_s']:.0f}",
+            "-" if "speedup_vs_8bit_anchor" not in r else f"{r['speedup_vs_8bit_anchor']:.1f}",
             f"{r['bits_per_coord_measured']:.3f}",
             f"{r['bits_per_coord_predicted']:.3f}",
             f"{r['bits_per_coord_limit']:.3f}",
@@ -329,7 +461,7 @@ def _print(records: list[dict[str, Any]], targets: list[tuple[str, bool | None, 
     console = Console(width=max(200, Console().width))
     console.print(table)
     for name, met, what in targets:
-        label = {True: "[green]MET [/]", False: "[red]MISS[/]", None: "[yellow]N/A [/]"}[met]
+        label = {True: "[green]PASS[/]", False: "[red]MISS[/]", None: "[yellow]N/A [/]"}[met]
         console.print(f"{label} {name}: {what}")
 
 
@@ -345,8 +477,12 @@ def main(argv: list[str] | None = None) -> int:
         "--sizes", type=int, nargs="+", metavar="D", help="dimensions to run (default by mode)"
     )
     parser.add_argument(
-        "--operators", nargs="+", metavar="SPEC", help="compressor specs (default: all)"
+        "--operators",
+        nargs="+",
+        metavar="SPEC",
+        help="compressor specs (default: the usual settings and the presets' specs)",
     )
+    parser.add_argument("--no-anchor", action="store_true", help="skip the in-run 8-bit anchor")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument(
         "--thp",
@@ -371,8 +507,10 @@ def main(argv: list[str] | None = None) -> int:
     sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
     if any(d < 1 for d in sizes):
         parser.error("sizes must be positive")
-    specs = args.operators or list(OPERATORS)
     from compression import parse_compressor
+
+    presets = preset_specs()
+    specs = args.operators or list(dict.fromkeys([*OPERATORS, *presets]))
 
     for spec in specs:
         try:
@@ -383,10 +521,20 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict[str, Any]] = []
     total = len(sizes) * len(specs)
     for d in sizes:
+        anchor = None if args.no_anchor else measure_anchor(d, budget_s=budget)
         for spec in specs:
             print(f"[{len(records) + 1}/{total}] {spec} d={d}", file=sys.stderr, flush=True)
+            canonical = parse_compressor(spec).spec
             records.append(
-                measure(spec, d, budget_s=budget, memory=not args.no_memory, threads=args.threads)
+                measure(
+                    spec,
+                    d,
+                    budget_s=budget,
+                    memory=not args.no_memory,
+                    threads=args.threads,
+                    anchor=anchor,
+                    presets=presets.get(canonical),
+                )
             )
     targets = check_targets(records)
     _print(records, targets)

@@ -36,6 +36,10 @@ __all__ = ["QSGD"]
 #: Block of the envelopes q of QSGD's thinning (s = 1): a block of a bucket whose size is a
 #: multiple of it; a tighter envelope than the whole bucket's leaves fewer candidates.
 _THIN_BLOCK = 256
+#: Smallest bucket for which the CPU draws s = 1 levels by thinning rather than with the
+#: one-pass kernel of :mod:`compression._buckets`: below it the envelopes q_B >= 1/sqrt(d_B)
+#: leave too many candidates.
+_THIN_MIN_BUCKET = 1024
 
 
 def _bucket_peaks(f32: torch.Tensor, b: int) -> torch.Tensor:
@@ -69,7 +73,8 @@ class QSGD(LevelQuantizer):
     name = "qsgd"
     op_code = 1
     params_help = "s=1, bucket=4096 (0 = per tensor), norm=l2|max"
-    #: thinning on the CPU with the compiled kernel (False: the torch code of other devices)
+    #: the CPU runs the compiled kernels (thinning, :mod:`compression._buckets`); False: the
+    #: torch code of other devices
     _cpu_kernel: ClassVar[bool] = True
 
     def __init__(self, s: int = 1, bucket: int = 4096, norm: str = "l2") -> None:
@@ -105,6 +110,9 @@ class QSGD(LevelQuantizer):
         d = f32.numel()
         b = bucket_size(self.bucket, d)
         thinned = self.s == 1 and self.norm == "l2"
+        on_cpu = f32.device.type == "cpu" and self._cpu_kernel
+        if on_cpu and not (thinned and b >= _THIN_MIN_BUCKET):
+            return self._compress_cpu(f32, b, seed)
         norms = bucket_reduce(f32, b, 2.0 if self.norm == "l2" else math.inf)
         if not bool(torch.isfinite(norms).all()):
             check_finite_sum(f32)
@@ -114,7 +122,28 @@ class QSGD(LevelQuantizer):
             fields = self._compress_thinned(f32, norms, b, g, seed)
             if fields is not None:
                 return fields
+        if on_cpu:  # thinning would not save draws
+            return self._compress_cpu(f32, b, seed)
         return self._compress_dense(f32, norms, b, g)
+
+    def _compress_cpu(self, f32: torch.Tensor, b: int, seed: int) -> Fields:
+        """The levels on the CPU in one compiled pass (:mod:`compression._buckets`): per
+        bucket the norm, then the levels with counter-based uniforms drawn from ``seed``;
+        for s = 1 the sparse fields (positions and signs of the non-zero levels)."""
+        from compression._buckets import qsgd_levels
+
+        out = qsgd_levels(f32.numpy(), b, self.s, self.norm == "l2", seed)
+        if out is None:
+            check_finite_sum(f32)
+            raise ValueError("the norm of a bucket overflows float32; scale the input down")
+        norms, index, levels = out
+        if index is None:
+            return {"norms": torch.from_numpy(norms), "levels": torch.from_numpy(levels)}
+        return {
+            "norms": torch.from_numpy(norms),
+            "index": torch.from_numpy(index),
+            "nzlevels": torch.from_numpy(levels),
+        }
 
     def _compress_dense(
         self, f32: torch.Tensor, norms: torch.Tensor, b: int, g: torch.Generator

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import numpy.typing as npt
 import torch
@@ -61,6 +63,9 @@ class ScaledSign(Compressor):
     op_code = 6
     params_help = "bucket=0 (per tensor) or bucket=N"
     unbiased = False
+    #: the CPU runs the compiled kernels of :mod:`compression._buckets` (False: the torch
+    #: code of other devices)
+    _cpu_kernel: ClassVar[bool] = True
 
     def __init__(self, bucket: int = 0) -> None:
         if bucket < 0:
@@ -82,6 +87,14 @@ class ScaledSign(Compressor):
     def _compress(self, f32: torch.Tensor, flat: torch.Tensor, seed: int) -> Fields:
         d = f32.numel()
         b = bucket_size(self.bucket, d)
+        if f32.device.type == "cpu" and self._cpu_kernel:
+            from compression._buckets import sign_pack
+
+            packed = sign_pack(f32.numpy(), b)
+            if packed is None:
+                check_finite_sum(f32)
+                raise ValueError("the L1 norm of a bucket overflows float32; scale the input down")
+            return {"scales": torch.from_numpy(packed[0]), "signs": packed[1]}
         l1 = bucket_reduce(f32, b, 1.0)
         if not bool(torch.isfinite(l1).all()):
             check_finite_sum(f32)
@@ -92,6 +105,10 @@ class ScaledSign(Compressor):
     def _dense(self, fields: Fields, d: int, device: torch.device) -> torch.Tensor:
         scales: torch.Tensor = fields["scales"]
         b = bucket_size(self.bucket, d)
+        if device.type == "cpu" and self._cpu_kernel and scales.numel() > 1:
+            from compression._buckets import sign_unpack
+
+            return torch.from_numpy(sign_unpack(fields["signs"], scales.numpy(), b, d))
         if scales.numel() == 1:
             return signs_dense(fields["signs"], d, device, scales)
         out = signs_dense(fields["signs"], d, device, None)
