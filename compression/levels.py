@@ -87,6 +87,12 @@ class LevelQuantizer(Compressor):
         table = self._level_table(device)
         if "levels" in fields:
             levels: torch.Tensor = fields["levels"]
+            if device.type == "cpu":  # one compiled pass (levels checked in -s..s on decode)
+                from compression._buckets import levels_dense
+
+                lev16 = levels.numpy()
+                dense = levels_dense(lev16, norms.numpy(), table.numpy(), self.s, b)
+                return torch.from_numpy(dense)
             out = torch.empty(d, dtype=torch.float32, device=device)
             for start, rows, cols, bk in segments(d, b):
                 n = rows * cols
