@@ -14,6 +14,7 @@ import torch
 from compression import QSGD, ScaledSign, decode, parse_compressor
 from compression._buckets import seed_key, uniforms
 from compression._tensors import bucket_reduce, bucket_size
+from compression.levels import LevelQuantizer
 from compression.qsgd import _THIN_MIN_BUCKET
 
 SIZES = [1, 2, 7, 63, 64, 65, 127, 1000, 4097]
@@ -167,6 +168,7 @@ def test_levels_dense_kernel_equals_the_torch_lookup() -> None:
         assert "levels" in m.fields
         kernel = m.dense()
         c = m.compressor
+        assert isinstance(c, LevelQuantizer)
         table = c._level_table(torch.device("cpu"))
         b = bucket_size(c.bucket, 1001)
         lev = m.fields["levels"].to(torch.int64) + c.s
