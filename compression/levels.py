@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from compression import bits
+from compression import _buckets, bits
 from compression._tensors import (
     bucket_size,
     bytes_tensor,
@@ -87,11 +87,10 @@ class LevelQuantizer(Compressor):
         table = self._level_table(device)
         if "levels" in fields:
             levels: torch.Tensor = fields["levels"]
-            if device.type == "cpu":  # one compiled pass (levels checked in -s..s on decode)
-                from compression._buckets import levels_dense
-
+            if device.type == "cpu" and d >= _buckets.MIN_NUMEL:
+                # one compiled pass (decode has checked the levels in -s..s)
                 lev16 = levels.numpy()
-                dense = levels_dense(lev16, norms.numpy(), table.numpy(), self.s, b)
+                dense = _buckets.levels_dense(lev16, norms.numpy(), table.numpy(), self.s, b)
                 return torch.from_numpy(dense)
             out = torch.empty(d, dtype=torch.float32, device=device)
             for start, rows, cols, bk in segments(d, b):

@@ -18,6 +18,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from compression import _buckets
 from compression._tensors import (
     bucket_lengths,
     bucket_reduce,
@@ -73,8 +74,8 @@ class QSGD(LevelQuantizer):
     name = "qsgd"
     op_code = 1
     params_help = "s=1, bucket=4096 (0 = per tensor), norm=l2|max"
-    #: the CPU runs the compiled kernels (thinning, :mod:`compression._buckets`); False: the
-    #: torch code of other devices
+    #: the CPU runs the compiled kernels (thinning; :mod:`compression._buckets` from
+    #: ``_buckets.MIN_NUMEL`` coordinates on); False: the torch code of other devices
     _cpu_kernel: ClassVar[bool] = True
 
     def __init__(self, s: int = 1, bucket: int = 4096, norm: str = "l2") -> None:
@@ -110,7 +111,7 @@ class QSGD(LevelQuantizer):
         d = f32.numel()
         b = bucket_size(self.bucket, d)
         thinned = self.s == 1 and self.norm == "l2"
-        on_cpu = f32.device.type == "cpu" and self._cpu_kernel
+        on_cpu = f32.device.type == "cpu" and self._cpu_kernel and d >= _buckets.MIN_NUMEL
         if on_cpu and not (thinned and b >= _THIN_MIN_BUCKET):
             return self._compress_cpu(f32, b, seed)
         norms = bucket_reduce(f32, b, 2.0 if self.norm == "l2" else math.inf)
@@ -130,9 +131,7 @@ class QSGD(LevelQuantizer):
         """The levels on the CPU in one compiled pass (:mod:`compression._buckets`): per
         bucket the norm, then the levels with counter-based uniforms drawn from ``seed``;
         for s = 1 the sparse fields (positions and signs of the non-zero levels)."""
-        from compression._buckets import qsgd_levels
-
-        out = qsgd_levels(f32.numpy(), b, self.s, self.norm == "l2", seed)
+        out = _buckets.qsgd_levels(f32.numpy(), b, self.s, self.norm == "l2", seed)
         if out is None:
             check_finite_sum(f32)
             raise ValueError("the norm of a bucket overflows float32; scale the input down")

@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from compression import _buckets
 from compression._tensors import (
     CHUNK,
     bucket_lengths,
@@ -63,8 +64,8 @@ class ScaledSign(Compressor):
     op_code = 6
     params_help = "bucket=0 (per tensor) or bucket=N"
     unbiased = False
-    #: the CPU runs the compiled kernels of :mod:`compression._buckets` (False: the torch
-    #: code of other devices)
+    #: the CPU runs the compiled kernels of :mod:`compression._buckets` from
+    #: ``_buckets.MIN_NUMEL`` coordinates on (False: the torch code of other devices)
     _cpu_kernel: ClassVar[bool] = True
 
     def __init__(self, bucket: int = 0) -> None:
@@ -87,10 +88,8 @@ class ScaledSign(Compressor):
     def _compress(self, f32: torch.Tensor, flat: torch.Tensor, seed: int) -> Fields:
         d = f32.numel()
         b = bucket_size(self.bucket, d)
-        if f32.device.type == "cpu" and self._cpu_kernel:
-            from compression._buckets import sign_pack
-
-            packed = sign_pack(f32.numpy(), b)
+        if f32.device.type == "cpu" and self._cpu_kernel and d >= _buckets.MIN_NUMEL:
+            packed = _buckets.sign_pack(f32.numpy(), b)
             if packed is None:
                 check_finite_sum(f32)
                 raise ValueError("the L1 norm of a bucket overflows float32; scale the input down")
@@ -105,10 +104,9 @@ class ScaledSign(Compressor):
     def _dense(self, fields: Fields, d: int, device: torch.device) -> torch.Tensor:
         scales: torch.Tensor = fields["scales"]
         b = bucket_size(self.bucket, d)
-        if device.type == "cpu" and self._cpu_kernel and scales.numel() > 1:
-            from compression._buckets import sign_unpack
-
-            return torch.from_numpy(sign_unpack(fields["signs"], scales.numpy(), b, d))
+        kernel = device.type == "cpu" and self._cpu_kernel and d >= _buckets.MIN_NUMEL
+        if kernel and scales.numel() > 1:
+            return torch.from_numpy(_buckets.sign_unpack(fields["signs"], scales.numpy(), b, d))
         if scales.numel() == 1:
             return signs_dense(fields["signs"], d, device, scales)
         out = signs_dense(fields["signs"], d, device, None)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from compression import QSGD, ScaledSign, decode, parse_compressor
+from compression import QSGD, ScaledSign, _buckets, decode, parse_compressor
 from compression._buckets import seed_key, uniforms
 from compression._tensors import bucket_reduce, bucket_size
 from compression.levels import LevelQuantizer
@@ -28,6 +28,12 @@ def _x(d: int, seed: int) -> torch.Tensor:
         x[3] = 0.0
         x[5] = -0.0
     return x
+
+
+@pytest.fixture(autouse=True)
+def kernels_from_any_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels run from d = 1 on (in production from ``_buckets.MIN_NUMEL``)."""
+    monkeypatch.setattr(_buckets, "MIN_NUMEL", 1)
 
 
 @pytest.fixture
@@ -174,3 +180,21 @@ def test_levels_dense_kernel_equals_the_torch_lookup() -> None:
         lev = m.fields["levels"].to(torch.int64) + c.s
         norms = m.fields["norms"].repeat_interleave(b)[:1001]
         assert torch.equal(kernel, table[lev] * norms)
+
+
+def test_small_messages_do_not_import_numba() -> None:
+    # below MIN_NUMEL the torch code runs: a fresh process sending a small model pays no
+    # numba import (checked in a subprocess, where nothing has imported numba yet)
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from compression import parse_compressor, decode\n"
+        "x = torch.randn(100_000)\n"
+        "for spec in ('qsgd:s=1,bucket=64', 'qsgd:s=4,bucket=64', 'scaled_sign:bucket=64'):\n"
+        "    decode(parse_compressor(spec).compress(x, seed=1).to_bytes()).dense()\n"
+        "print('numba' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from compression import QSGD, Compressed, Compressor, parse_compressor, randk_indices
+from compression import QSGD, Compressed, Compressor, _buckets, parse_compressor, randk_indices
 
 ALL_SPECS = [
     "identity",
@@ -162,24 +162,28 @@ def _qsgd_exact_variance(x: torch.Tensor, s: int, norm: str) -> torch.Tensor:
     ("s", "norm", "gaussian", "m"),
     [
         (1, "l2", True, 1024),  # thinning
-        (1, "l2", True, 1100),  # thinning, bucket size not a power of two
-        (1, "l2", True, 1000),  # the one-pass kernel, bucket size not a power of two
+        (1, "l2", True, 1000),  # thinning, bucket size not a power of two
         (1, "l2", False, 64),
         (1, "max", False, 64),
         (4, "l2", False, 64),
         (16, "max", False, 64),
     ],
 )
+@pytest.mark.parametrize("path", ["torch", "kernel"])
 def test_qsgd_is_unbiased_with_the_exact_variance(
-    s: int, norm: str, gaussian: bool, m: int
+    s: int, norm: str, gaussian: bool, m: int, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # path: the torch code (small d), or the one-pass kernel of large d forced on small d
+    monkeypatch.setattr(_buckets, "MIN_NUMEL", 1 if path == "kernel" else 1 << 62)
     x = torch.randn(m, generator=torch.Generator().manual_seed(1)) if gaussian else None
     x = x if x is not None else _heavy_tailed(m, seed=s)
     copies = 400
     c = parse_compressor(f"qsgd:s={s},bucket={m},norm={norm}")
     msg = c.compress(_tiled(x, copies), seed=11)
-    # s = 1 carries the sparse fields on the CPU (thinning when it pays, else the kernel)
-    assert ("index" in msg.fields) == (s == 1)
+    if path == "torch":  # s = 1, L2 norm: thinning when it pays (no dominant coordinate)
+        assert ("index" in msg.fields) == (s == 1 and norm == "l2" and gaussian)
+    else:  # s = 1: the kernel's sparse fields, or thinning (bucket >= 1024)
+        assert ("index" in msg.fields) == (s == 1)
     draws = msg.dense().double().view(copies, m)
     var_j = _qsgd_exact_variance(x, s, norm)
     _assert_unbiased(draws, x, var_j)
@@ -203,11 +207,11 @@ def thinning_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
     return str(request.param)
 
 
-@pytest.mark.parametrize("m", [4096, 1100])
+@pytest.mark.parametrize("m", [4096, 1000])
 def test_qsgd_thinning_paths_are_unbiased_with_the_exact_variance(
     thinning_path: str, m: int
 ) -> None:
-    # m = 4096: envelopes per block of 256; m = 1100: one envelope for the bucket
+    # m = 4096: envelopes per block of 256; m = 1000: one envelope for the bucket
     x = torch.randn(m, generator=torch.Generator().manual_seed(2))
     x[7] = 0.0
     copies = 300
