@@ -334,7 +334,7 @@ def check_targets(records: list[dict[str, Any]]) -> list[tuple[str, bool | None,
         )
     for spec in SPEED_TARGETS if at_target_size else ():
         for r in big:
-            if r["spec"] == spec or r["spec"].startswith(spec):
+            if r["spec"] == spec:
                 out.append(
                     (
                         f"{spec} round trip >= {TARGET_MB_S:.0f} MB/s at d={top:.0e}",

@@ -23,6 +23,8 @@ Compression knows nothing of Flower: it maps tensors to bytes and back. One modu
     wire.py        framing: header, sections, CRC-32; CodecError
     bits.py        bit-level codes (fixed width, base 3, Rice, LEB128)
     _tensors.py    helpers several operators share (buckets, raw bytes, decode checks)
+    _buckets.py    one-pass CPU kernels of QSGD and scaled sign for d >= 2^22 (numba,
+                   _buckets_jit.py), counter-based uniforms
 """
 
 from compression.base import Compressor
