@@ -23,8 +23,10 @@ measured in one run:
 * break_even_gbit_s: the link speed below which compressing pays off,
   roundtrip throughput x (1 - 1/compression ratio), in Gbit/s.
 * peak_extra_bytes: peak resident memory of encode above the resident memory before it,
-  measured in a fresh subprocess per case (Linux: the VmHWM high-water mark reset through
-  /proc/self/clear_refs just before encoding; elsewhere ru_maxrss growth, a lower bound).
+  measured in a fresh subprocess per case after one warm-up encode of the same size (so
+  that numba's import and machine code are not counted; Linux: the VmHWM high-water mark
+  reset through /proc/self/clear_refs just before encoding; elsewhere ru_maxrss growth, a
+  lower bound).
 
 * the presets' specs (issue 11): every compressor a preset of ``strategies.registry`` sends
   by default (QSGD s=1, s=2 and s=4 on buckets of 64, scaled sign on buckets of 64, sign)
@@ -181,7 +183,9 @@ def _memory_probe(spec: str, d: int) -> dict[str, Any]:
 
     x = _input(d)
     c = parse_compressor(spec)
-    c.compress(torch.randn(5000), seed=0).to_bytes()  # load code paths, not memory
+    # load the code paths (numba's kernels run from 2^22 coordinates on: warm up at the
+    # same size; its buffers are returned to the OS before the high-water mark is reset)
+    c.compress(x, seed=0).to_bytes()
     status = Path("/proc/self/status")
     method = "ru_maxrss"
     rss_before = 0
