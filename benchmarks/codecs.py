@@ -177,8 +177,6 @@ def _memory_probe(spec: str, d: int) -> dict[str, Any]:
     """Run in a fresh process: peak extra resident bytes of ``compress(x).to_bytes()``."""
     import resource
 
-    import torch
-
     from compression import parse_compressor
 
     x = _input(d)
