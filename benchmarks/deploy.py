@@ -6,16 +6,21 @@ machinery (SuperLink with TLS and SuperNode authentication, REST service) in a t
 data directory on free ports, enrols N clients over REST and starts N SuperNodes from
 their bundles (`fedsqueeze client start`, so with the project's SuperExec task-poll
 interval, core.superexec). On these same processes it submits two runs, one after the
-other, with `server.deploy.runs.submit_run` (= ``flwr run``) and the same run config:
+other (`--pairs`: several such pairs), with `server.deploy.runs.submit_run` (= ``flwr run``)
+and the same run config:
 
 * ``flwr-fedavg``: Flower's ``FedAvg`` strategy unchanged (its ``start`` loop, its
   ``send_and_receive`` that pulls replies every 3 s), float32 arrays both ways;
 * the fedsqueeze strategy (default ``artemis``): compressed both ways, replies pulled
   every 0.1 s (strategies.flower).
 
-Measured (rounds 2..R; round 1 also pays for installing the app bundle and is reported
-apart): ``round_s_*``, the mean wall time of a round as the ServerApp recorded it
-(ended_at − started_at), and ``round_time_ratio_vs_fedavg`` = fedsqueeze / FedAvg.
+Measured (rounds 2..R; round 1 also pays for installing the app bundle, and the fedsqueeze
+strategy's for asking every node its partition, so it is reported apart): ``round_s_*``,
+the mean wall time of a round as the ServerApp recorded it (ended_at − started_at), and
+``round_time_ratio_vs_fedavg`` = fedsqueeze / FedAvg. The runs come in ``--pairs`` pairs in
+alternating order (FedAvg first, then fedsqueeze first, ...: `run_order`), since the
+machine's load drifts during a benchmark and the second run of a pair finds warmer caches;
+``load_average`` is taken before every run and at the end.
 
 A round's breakdown follows its critical path, the node whose reply came last, with the
 source of every stamp (all processes share this machine's clock):
@@ -41,14 +46,25 @@ source of every stamp (all processes share this machine's clock):
   polling);
 * ``unexplained_s``: the round's wall time less all of the above.
 
+Beside it, figures a loaded machine does not stretch, or that show where waiting hides:
+
+* ``client_cpu_*``: per train message of rounds 2..R on every node, the ClientApp
+  process's CPU time before the handler (``startup_cpu_s``: interpreter, Flower, imports,
+  the app bundle), in it (``handler_cpu_s``), and the modules the handler imported on first
+  use (``imports``); ``client_cpu_ratio_vs_fedavg`` compares start-up + handler;
+* ``node_turnaround_s_*``: from the critical node's "Sent successfully" to its receipt of
+  the next round (`node_turnaround`): about 3 s whatever the server does in between,
+  because the SuperNode sleeps 3 s after its first empty poll; 6 s when the server's next
+  message missed that poll.
+
 The SuperNode and ClientApp stamps come from their DEBUG logs (``FLWR_LOG_LEVEL=DEBUG``).
 
 Beside it: the ClientApp's import time. In fresh interpreters (median of several), the
 time to ``import client.app`` against ``import torch, flwr`` alone: every message in
 deployment pays it, once per ClientApp process.
 
-    python -m benchmarks.deploy               # 4 nodes, 6 rounds per strategy
-    python -m benchmarks.deploy --quick       # 2 nodes, 3 rounds (CI)
+    python -m benchmarks.deploy               # 4 nodes, 6 rounds, 2 pairs of runs
+    python -m benchmarks.deploy --quick       # 2 nodes, 3 rounds, 1 pair (CI)
     python -m benchmarks.deploy --json out.json
 """
 
@@ -197,21 +213,61 @@ def round_breakdown(r: dict[str, Any], nodes: list[NodeEvents]) -> dict[str, flo
     return parts
 
 
-def summarize(rounds: list[dict[str, Any]], nodes: list[NodeEvents]) -> dict[str, Any]:
-    """Round time (rounds 2..R) and the mean breakdown of the rounds fully measured."""
-    seconds = [_iso(r["ended_at"]) - _iso(r["started_at"]) for r in rounds]
-    steady = rounds[1:] if len(rounds) > 1 else rounds
-    parts = [p for p in (round_breakdown(r, nodes) for r in steady) if p is not None]
+def node_turnaround(r: dict[str, Any], nodes: list[NodeEvents]) -> float | None:
+    """From the critical node's reply in round r ("Sent successfully") to its receipt of
+    round r + 1's message; None when either is not in its log.
+
+    The SuperNode polls the SuperLink again right after sending a reply, finds nothing (the
+    server cannot have made the next round yet), and then sleeps 3 s before the next poll
+    (flwr 1.42, fixed). So whatever the ServerApp does between pulling the reply and
+    pushing the next round, if it is done within those 3 s, the critical node's next
+    receipt comes at the same time: the server's reply polling and its own work are hidden."""
+    key, after = str(r["round"]), str(int(r["round"]) + 1)
+    candidates = [n for n in nodes if key in n.sent and key in n.received]
+    if not candidates:
+        return None
+    last = max(candidates, key=lambda n: n.sent[key])
+    if after not in last.received:
+        return None
+    return last.received[after] - last.sent[key]
+
+
+#: the ClientApp's CPU figures per message (client.timing), averaged over all nodes
+CPU_FIELDS = ("startup_cpu_s", "handler_cpu_s", "imports")
+
+
+def summarize(runs: list[tuple[list[dict[str, Any]], list[NodeEvents]]]) -> dict[str, Any]:
+    """One strategy's runs: round time (rounds 2..R of every run), the mean breakdown of the
+    rounds fully measured, the critical node's turnaround (`node_turnaround`), and the
+    ClientApp's CPU per train message of rounds 2..R on every node."""
+    seconds: list[float] = []
+    firsts: list[float] = []
+    parts: list[dict[str, float]] = []
+    turnaround: list[float] = []
+    cpu: list[dict[str, float]] = []
+    for rounds, nodes in runs:
+        times = [_iso(r["ended_at"]) - _iso(r["started_at"]) for r in rounds]
+        firsts.append(times[0])
+        seconds += times[1:] if len(times) > 1 else times
+        steady = rounds[1:] if len(rounds) > 1 else rounds
+        parts += [p for p in (round_breakdown(r, nodes) for r in steady) if p is not None]
+        turnaround += [t for t in (node_turnaround(r, nodes) for r in steady) if t is not None]
+        cpu += [t for n in nodes for k, t in n.handler.items() if int(k) > 1 and "imports" in t]
     names = (*COMPONENTS, "unexplained_s")
     return {
-        "round_s": statistics.fmean(seconds[1:] if len(seconds) > 1 else seconds),
-        "first_round_s": seconds[0],
-        "rounds": len(rounds),
-        "replied": [r["replied"] for r in rounds],
-        "uplink_bytes": sum(r["uplink_bytes"] for r in rounds),
-        "downlink_bytes": sum(r["downlink_bytes"] for r in rounds),
+        "round_s": statistics.fmean(seconds),
+        "first_round_s": statistics.fmean(firsts),
+        "rounds": [len(rounds) for rounds, _ in runs],
+        "replied": [r["replied"] for rounds, _ in runs for r in rounds],
+        # per run (every run has the same rounds and nodes)
+        "uplink_bytes": sum(r["uplink_bytes"] for rounds, _ in runs for r in rounds) // len(runs),
+        "downlink_bytes": sum(r["downlink_bytes"] for rounds, _ in runs for r in rounds)
+        // len(runs),
         "breakdown_rounds": len(parts),
         "breakdown": {n: statistics.fmean(p[n] for p in parts) for n in names} if parts else {},
+        "node_turnaround_s": statistics.fmean(turnaround) if turnaround else None,
+        "client_cpu_messages": len(cpu),
+        "client_cpu": {f: statistics.fmean(t[f] for t in cpu) for f in CPU_FIELDS} if cpu else {},
     }
 
 
@@ -358,9 +414,18 @@ def _deployment(
             stop_server(data_dir)
 
 
-def _run_one(
-    paths: Any, cfg: Any, config: dict[str, Any], logs: list[Path]
-) -> tuple[dict[str, Any], float]:
+@dataclass
+class RunRecord:
+    """One run as measured: the ServerApp's rounds (from the store) and every node's events."""
+
+    strategy: str
+    flower_run_id: int
+    wall_s: float
+    rounds: list[dict[str, Any]]
+    events: list[NodeEvents]
+
+
+def _run_one(paths: Any, cfg: Any, config: dict[str, Any], logs: list[Path]) -> RunRecord:
     from server.deploy.runs import flower_run_status, store_rounds, submit_run
 
     t0 = time.perf_counter()
@@ -378,9 +443,22 @@ def _run_one(
     _, rounds = store_rounds(cfg.api_url, outcome.flower_run_id)
     events = [parse_supernode_log(p.read_text(errors="replace"), outcome.flower_run_id)
               for p in logs]  # fmt: skip
-    summary = summarize(rounds, events)
-    summary["flower_run_id"] = outcome.flower_run_id
-    return summary, wall
+    return RunRecord(config["strategy"], outcome.flower_run_id, wall, rounds, events)
+
+
+def run_order(strategy: str, pairs: int) -> list[str]:
+    """The runs, in order: `pairs` pairs, FedAvg first in the 1st, 3rd, ... pair and the
+    fedsqueeze strategy first in the others (ABBA...), so that neither side always runs on
+    the warmer caches or the machine's later load."""
+    out: list[str] = []
+    for i in range(pairs):
+        pair = [FLWR_FEDAVG, strategy]
+        out += pair if i % 2 == 0 else pair[::-1]
+    return out
+
+
+def _load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def run_benchmark(
@@ -392,6 +470,7 @@ def run_benchmark(
     superexec_poll: float,
     import_runs: int,
     echo: Callable[[str], Any],
+    pairs: int = 1,
 ) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="fedsqueeze-bench-deploy-"))
     old_env = {k: os.environ.get(k) for k in ("FEDSQUEEZE_HOME", "FLWR_HOME", "DATABASE_URL")}
@@ -407,14 +486,16 @@ def run_benchmark(
         "device": "cpu",
         "round-timeout": timeout,
     }
-    runs: dict[str, dict[str, Any]] = {}
-    walls: dict[str, float] = {}
+    records: list[RunRecord] = []
+    loads: list[list[float]] = [_load_average()]
     ok = False
     try:
         with _deployment(root, nodes, superexec_poll) as (paths, cfg, logs):
-            for name in (FLWR_FEDAVG, strategy):
-                echo(f"{name}: {nodes} SuperNodes, {rounds} rounds on {task}")
-                runs[name], walls[name] = _run_one(paths, cfg, {**base, "strategy": name}, logs)
+            for name in run_order(strategy, pairs):
+                echo(f"{name}: {nodes} SuperNodes, {rounds} rounds on {task} "
+                     f"(load average {loads[-1][0]:.1f})")  # fmt: skip
+                records.append(_run_one(paths, cfg, {**base, "strategy": name}, logs))
+                loads.append(_load_average())
         ok = True
     finally:
         for k, v in old_env.items():
@@ -428,31 +509,46 @@ def run_benchmark(
             echo(f"kept {root} for inspection")
     echo(f"import times: {import_runs} fresh interpreters each")
     imports = import_times(import_runs)
-    ours, fedavg = runs[strategy], runs[FLWR_FEDAVG]
+    loads.append(_load_average())
+    side = {
+        name: summarize([(r.rounds, r.events) for r in records if r.strategy == name])
+        for name in (FLWR_FEDAVG, strategy)
+    }
+    ours, fedavg = side[strategy], side[FLWR_FEDAVG]
     ratio = ours["round_s"] / fedavg["round_s"]
-    return {
+    result: dict[str, Any] = {
         "strategy": strategy,
         "task": task,
         "nodes": nodes,
         "rounds": rounds,
+        "pairs": pairs,
+        "order": [r.strategy for r in records],
+        "load_average": loads,
         "superexec_task_poll_interval_s": superexec_poll,
-        "round_s_fedsqueeze": ours["round_s"],
-        "round_s_flwr_fedavg": fedavg["round_s"],
         "round_time_ratio_vs_fedavg": ratio,
-        "first_round_s_fedsqueeze": ours["first_round_s"],
-        "first_round_s_flwr_fedavg": fedavg["first_round_s"],
-        "wall_s_fedsqueeze": walls[strategy],
-        "wall_s_flwr_fedavg": walls[FLWR_FEDAVG],
-        "breakdown_fedsqueeze": ours["breakdown"],
-        "breakdown_flwr_fedavg": fedavg["breakdown"],
-        "breakdown_rounds_fedsqueeze": ours["breakdown_rounds"],
-        "breakdown_rounds_flwr_fedavg": fedavg["breakdown_rounds"],
-        "replied_fedsqueeze": ours["replied"],
-        "replied_flwr_fedavg": fedavg["replied"],
-        "uplink_bytes_fedsqueeze": ours["uplink_bytes"],
-        "uplink_bytes_flwr_fedavg": fedavg["uplink_bytes"],
-        "downlink_bytes_fedsqueeze": ours["downlink_bytes"],
-        "downlink_bytes_flwr_fedavg": fedavg["downlink_bytes"],
+    }
+    for label, s in (("fedsqueeze", ours), ("flwr_fedavg", fedavg)):
+        name = strategy if label == "fedsqueeze" else FLWR_FEDAVG
+        result |= {
+            f"round_s_{label}": s["round_s"],
+            f"first_round_s_{label}": s["first_round_s"],
+            f"wall_s_{label}": statistics.fmean(r.wall_s for r in records if r.strategy == name),
+            f"breakdown_{label}": s["breakdown"],
+            f"breakdown_rounds_{label}": s["breakdown_rounds"],
+            f"node_turnaround_s_{label}": s["node_turnaround_s"],
+            f"client_cpu_{label}": s["client_cpu"],
+            f"client_cpu_messages_{label}": s["client_cpu_messages"],
+            f"replied_{label}": s["replied"],
+            f"uplink_bytes_{label}": s["uplink_bytes"],
+            f"downlink_bytes_{label}": s["downlink_bytes"],
+        }
+    if ours["client_cpu"] and fedavg["client_cpu"]:
+        # a ClientApp process's whole CPU per train message, start-up and handler
+        per_message = {n: s["client_cpu"]["startup_cpu_s"] + s["client_cpu"]["handler_cpu_s"]
+                       for n, s in side.items()}  # fmt: skip
+        result["client_cpu_ratio_vs_fedavg"] = per_message[strategy] / per_message[FLWR_FEDAVG]
+    return {
+        **result,
         **imports,
         "targets": {
             "round_time_ratio_vs_fedavg": {"target": TARGET_RATIO, "met": ratio <= TARGET_RATIO},
@@ -472,9 +568,11 @@ def _table(result: dict[str, Any]) -> Any:
     from rich.table import Table
 
     s = result["strategy"]
+    loads = ", ".join(f"{x[0]:.1f}" for x in result["load_average"])
     table = Table(title=f"deployment: {s} vs flwr-fedavg ({result['nodes']} nodes, "
                   f"{result['rounds']} rounds, SuperExec poll "
-                  f"{result['superexec_task_poll_interval_s']} s)")  # fmt: skip
+                  f"{result['superexec_task_poll_interval_s']} s; runs in order "
+                  f"{', '.join(result['order'])}; load average {loads})")  # fmt: skip
     table.add_column("seconds (rounds 2..R, critical node)")
     table.add_column(s, justify="right")
     table.add_column("flwr-fedavg", justify="right")
@@ -489,9 +587,24 @@ def _table(result: dict[str, Any]) -> Any:
             f"{ours[name]:.3f}" if name in ours else "-",
             f"{theirs[name]:.3f}" if name in theirs else "-",
         )
-    table.add_row("uplink bytes (all rounds)", f"{result['uplink_bytes_fedsqueeze']:,}",
+    for name, label in (("node_turnaround_s", "critical node: reply to next receipt"),):
+        a, b = result[f"{name}_fedsqueeze"], result[f"{name}_flwr_fedavg"]
+        table.add_row(label, f"{a:.3f}" if a is not None else "-",
+                      f"{b:.3f}" if b is not None else "-")  # fmt: skip
+    ours_cpu, theirs_cpu = result["client_cpu_fedsqueeze"], result["client_cpu_flwr_fedavg"]
+    for name in CPU_FIELDS:
+        fmt = "{:.0f}" if name == "imports" else "{:.3f}"
+        table.add_row(
+            f"ClientApp {name.removesuffix('_s')} (per message, all nodes)",
+            fmt.format(ours_cpu[name]) if name in ours_cpu else "-",
+            fmt.format(theirs_cpu[name]) if name in theirs_cpu else "-",
+        )
+    if "client_cpu_ratio_vs_fedavg" in result:
+        cpu_ratio = result["client_cpu_ratio_vs_fedavg"]
+        table.add_row("ClientApp CPU ratio vs fedavg", f"{cpu_ratio:.2f}", "")
+    table.add_row("uplink bytes (a run)", f"{result['uplink_bytes_fedsqueeze']:,}",
                   f"{result['uplink_bytes_flwr_fedavg']:,}")  # fmt: skip
-    table.add_row("downlink bytes (all rounds)", f"{result['downlink_bytes_fedsqueeze']:,}",
+    table.add_row("downlink bytes (a run)", f"{result['downlink_bytes_fedsqueeze']:,}",
                   f"{result['downlink_bytes_flwr_fedavg']:,}")  # fmt: skip
     ratio = result["round_time_ratio_vs_fedavg"]
     table.add_row("round time ratio vs fedavg", f"{ratio:.2f} (target <= {TARGET_RATIO})", "")
@@ -530,13 +643,19 @@ def main(argv: list[str] | None = None) -> int:
         f"(default {DEFAULT_TASK_POLL_INTERVAL_S}; Flower's own is 1.0)",
     )  # fmt: skip
     parser.add_argument("--import-runs", type=int, default=None, help="fresh interpreters (5)")
+    parser.add_argument(
+        "--pairs", type=int, default=None,
+        help="runs per strategy, in alternating order: FedAvg first, then fedsqueeze first, "
+        "... (1 with --quick, else 2)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 6)
     nodes = args.nodes or (2 if args.quick else 4)
     import_runs = args.import_runs or (3 if args.quick else 5)
-    if rounds < 2 or nodes < 1 or import_runs < 1:
-        parser.error("need at least 2 rounds, 1 node and 1 import run")
+    pairs = args.pairs or (1 if args.quick else 2)
+    if rounds < 2 or nodes < 1 or import_runs < 1 or pairs < 1:
+        parser.error("need at least 2 rounds, 1 node, 1 import run and 1 pair")
     if args.strategy not in ALGORITHMS:
         parser.error(f"--strategy: unknown {args.strategy!r}; use one of {', '.join(ALGORITHMS)}")
     if args.strategy == FLWR_FEDAVG:
@@ -547,7 +666,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--superexec-poll-interval: {exc}")
     console = Console(stderr=True)
     result = run_benchmark(rounds, nodes, args.strategy, args.task, args.round_timeout,
-                           args.superexec_poll_interval, import_runs, console.print)  # fmt: skip
+                           args.superexec_poll_interval, import_runs, console.print,
+                           pairs)  # fmt: skip
     Console().print(_table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -6,12 +6,16 @@ subprocess isolation), so a message's cost on the device is: the process start-u
 data partition), the local training, and the rest of the handler (decoding the downlink,
 the algorithm's client half, encoding the uplink, saving the state). `HandlerTiming`
 measures the last three with ``time.perf_counter`` and takes the process's start from the
-kernel (`process_start_time`, to 10 ms); `log` writes one DEBUG line
-(shown with ``FLWR_LOG_LEVEL=DEBUG``, which the SuperNode's log then carries, stamped in
-wall-clock time like Flower's own lines):
+kernel (`process_start_time`, to 10 ms). Beside the wall times it keeps what a loaded
+machine does not stretch: the process's CPU time before the handler (``startup_cpu_s``:
+interpreter, Flower, imports) and in it (``handler_cpu_s``), and how many modules the
+handler imported on first use (``imports``: each is paid again by every message). `log`
+writes one DEBUG line (shown with ``FLWR_LOG_LEVEL=DEBUG``, which the SuperNode's log then
+carries, stamped in wall-clock time like Flower's own lines):
 
     fedsqueeze-timing run=7 round=3 pid=4242 process_start=1764662400.120 handler_start=...
-    setup_s=0.052 train_s=0.004 handler_s=0.071 handler_end=...
+    setup_s=0.052 train_s=0.004 handler_s=0.071 handler_end=... startup_cpu_s=3.41
+    handler_cpu_s=0.065 imports=2
 
 `parse_timing_lines` reads them back (``benchmarks.deploy``).
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +41,9 @@ class HandlerTiming:
 
     handler_start: float = field(default_factory=time.time)
     _t0: float = field(default_factory=time.perf_counter)
+    #: the process's CPU time (user + system, all threads) when the handler started
+    startup_cpu_s: float = field(default_factory=time.process_time)
+    _modules0: int = field(default_factory=lambda: len(sys.modules))
     setup_s: float = 0.0
     train_s: float = 0.0
 
@@ -60,11 +68,14 @@ class HandlerTiming:
         if not logger.isEnabledFor(logging.DEBUG):
             return
         handler_s = time.perf_counter() - self._t0
+        handler_cpu_s = time.process_time() - self.startup_cpu_s
         logger.debug(
             "%s run=%d round=%d pid=%d process_start=%.3f handler_start=%.3f setup_s=%.4f "
-            "train_s=%.4f handler_s=%.4f handler_end=%.3f",
+            "train_s=%.4f handler_s=%.4f handler_end=%.3f startup_cpu_s=%.3f "
+            "handler_cpu_s=%.4f imports=%d",
             TAG, run_id, server_round, os.getpid(), process_start_time(), self.handler_start,
             self.setup_s, self.train_s, handler_s, self.handler_start + handler_s,
+            self.startup_cpu_s, handler_cpu_s, len(sys.modules) - self._modules0,
         )  # fmt: skip
 
 

@@ -8,6 +8,12 @@ so K = 1 gives a stochastic gradient (a full gradient for full-batch tasks) and 
 the FedAvg / FedPAQ pseudo-gradient. The model's parameters, flattened in
 `model.parameters()` order, are the vector w of the algorithms (buffers are not
 communicated; the built-in models have none).
+
+The SGD step is written out (``p -= η · ∇p``, what ``torch.optim.SGD`` does without
+momentum or weight decay) rather than taken from ``torch.optim``: constructing a torch
+optimizer imports ``torch._dynamo`` (800-odd modules, sympy among them: about 1.4 s of CPU),
+and in deployment every train message runs in a fresh ClientApp process that would pay it
+again.
 """
 
 from __future__ import annotations
@@ -52,6 +58,15 @@ def load_flat(model: nn.Module, w: torch.Tensor) -> None:
             offset += n
 
 
+def _sgd_step(params: list[nn.Parameter], lr: float) -> None:
+    """One plain SGD step in place: p ← p − lr · p.grad (parameters without a gradient,
+    i.e. unused by the loss, stay as they are, as with torch.optim.SGD)."""
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                p.add_(p.grad, alpha=-lr)
+
+
 def local_update(
     task: Task,
     model: nn.Module,
@@ -74,7 +89,7 @@ def local_update(
         batch_size = n
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(data, batch_size=min(batch_size, n), shuffle=True, generator=gen)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    params = [p for p in model.parameters() if p.requires_grad]
     losses: list[float] = []
     seen = 0
     it = iter(loader)
@@ -85,10 +100,11 @@ def local_update(
             it = iter(loader)
             inputs, targets = next(it)
         inputs, targets = inputs.to(device), targets.to(device)
-        optimizer.zero_grad(set_to_none=True)
+        for p in params:
+            p.grad = None
         loss = task.loss(model(inputs), targets)
         loss.backward()
-        optimizer.step()
+        _sgd_step(params, lr)
         losses.append(float(loss.detach()))
         seen += int(targets.shape[0])
     w_end = flatten(model)

@@ -30,6 +30,7 @@ def test_quick_benchmark_runs_both_strategies_on_the_same_nodes(tmp_path: Path) 
     result = json.loads(out.read_text())
     nodes, rounds = result["nodes"], result["rounds"]
     assert (nodes, rounds) == (2, 3)
+    assert result["order"] == ["flwr-fedavg", "artemis"] and len(result["load_average"]) == 4
     for side in ("fedsqueeze", "flwr_fedavg"):
         assert result[f"replied_{side}"] == [nodes] * rounds
         assert result[f"round_s_{side}"] > 0
@@ -39,6 +40,10 @@ def test_quick_benchmark_runs_both_strategies_on_the_same_nodes(tmp_path: Path) 
         parts = result[f"breakdown_{side}"]
         assert set(COMPONENTS) <= set(parts)
         assert parts["client_training_s"] > 0 and parts["clientapp_start_s"] > 0
+        # every train message of rounds 2..R logged its ClientApp's CPU time
+        assert result[f"client_cpu_messages_{side}"] == nodes * (rounds - 1)
+        assert result[f"client_cpu_{side}"]["startup_cpu_s"] > 0
+        assert result[f"node_turnaround_s_{side}"] > 0
         assert sum(parts[c] for c in COMPONENTS) + parts["unexplained_s"] == pytest.approx(
             result[f"round_s_{side}"]
         )

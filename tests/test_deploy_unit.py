@@ -386,7 +386,13 @@ def test_fast_poll_grid_honours_the_timeout() -> None:
 def test_supernode_log_parsing_and_round_breakdown() -> None:
     from datetime import UTC, datetime
 
-    from benchmarks.deploy import COMPONENTS, parse_supernode_log, round_breakdown
+    from benchmarks.deploy import (
+        COMPONENTS,
+        node_turnaround,
+        parse_supernode_log,
+        round_breakdown,
+        summarize,
+    )
 
     def stamp(t: float) -> str:
         local = datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S,%f")[:-3]
@@ -396,7 +402,8 @@ def test_supernode_log_parsing_and_round_breakdown() -> None:
         return (
             stamp(start) + f"fedsqueeze-timing run={run} round={k} pid=42 "
             f"process_start={proc:.3f} handler_start={start:.3f} setup_s=0.2500 "
-            f"train_s=1.0000 handler_s={end - start:.4f} handler_end={end:.3f}"
+            f"train_s=1.0000 handler_s={end - start:.4f} handler_end={end:.3f} "
+            f"startup_cpu_s={k + 2.5:.3f} handler_cpu_s=0.1250 imports={10 * k}"
         )
 
     t = 1_800_000_000.0
@@ -416,19 +423,22 @@ def test_supernode_log_parsing_and_round_breakdown() -> None:
             stamp(t + 9.0) + "[RUN 7, ROUND 2]",
             stamp(t + 9.2) + "Receiving: train message (ID: d)",
             stamp(t + 9.2) + "Received successfully",
+            timing(7, 2, t + 9.3, t + 10.0, t + 10.5),
             "INFO:     127.0.0.1 - a uvicorn line without a Flower stamp",
         ]
     )
     events = parse_supernode_log(log, 7)
     assert events.received == pytest.approx({"1": t + 1.0, "2": t + 9.2})
     assert events.sent == pytest.approx({"1": t + 4.5})
-    assert set(events.handler) == {"1"} and events.handler["1"]["process_start"] == t + 1.5
+    assert set(events.handler) == {"1", "2"} and events.handler["1"]["process_start"] == t + 1.5
+    assert events.handler["2"]["startup_cpu_s"] == 4.5 and events.handler["2"]["imports"] == 20
     start = datetime.fromtimestamp(t - 0.5, UTC).isoformat()
     end = datetime.fromtimestamp(t + 5.25, UTC).isoformat()
     phases = {"configure": 0.25, "train": 5.0, "aggregate": 0.25, "evaluate": 0.25}
+    sizes = {"replied": 1, "uplink_bytes": 10, "downlink_bytes": 20}
     rounds = [
-        {"round": 1, "started_at": start, "ended_at": end, "phase_seconds": phases},
-        {"round": 2, "started_at": start, "ended_at": end, "phase_seconds": phases},
+        {"round": 1, "started_at": start, "ended_at": end, "phase_seconds": phases, **sizes},
+        {"round": 2, "started_at": start, "ended_at": end, "phase_seconds": phases, **sizes},
     ]
     parts = round_breakdown(rounds[0], [events])
     assert parts is not None and round_breakdown(rounds[1], [events]) is None
@@ -446,6 +456,26 @@ def test_supernode_log_parsing_and_round_breakdown() -> None:
     assert parts["round_s"] == pytest.approx(5.75)
     assert parts["unexplained_s"] == pytest.approx(0.0, abs=1e-3)
     assert sum(parts[c] for c in COMPONENTS) == pytest.approx(5.75, abs=1e-3)
+    # the critical node sent round 1's reply at t+4.5 and received round 2's at t+9.2
+    assert node_turnaround(rounds[0], [events]) == pytest.approx(4.7)
+    assert node_turnaround(rounds[1], [events]) is None
+    # a strategy's summary: steady rounds only (round 2 has no reply in this log, so no
+    # breakdown), and the ClientApp's CPU of round 2's message (round 1's is left out)
+    summary = summarize([(rounds, [events]), (rounds, [events])])
+    assert summary["round_s"] == pytest.approx(5.75) and summary["breakdown_rounds"] == 0
+    assert summary["uplink_bytes"] == 20 and summary["replied"] == [1, 1, 1, 1]
+    assert summary["client_cpu_messages"] == 2
+    assert summary["client_cpu"] == pytest.approx(
+        {"startup_cpu_s": 4.5, "handler_cpu_s": 0.125, "imports": 20}
+    )
+    assert summary["node_turnaround_s"] is None  # round 2 is the last one in `rounds`
+
+
+def test_benchmark_runs_alternate_in_order() -> None:
+    from benchmarks.deploy import run_order
+
+    assert run_order("artemis", 1) == ["flwr-fedavg", "artemis"]
+    assert run_order("artemis", 2) == ["flwr-fedavg", "artemis", "artemis", "flwr-fedavg"]
 
 
 # ----------------------------------------------------------------------- SuperExec polling
