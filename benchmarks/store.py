@@ -354,8 +354,10 @@ def main(argv: list[str] | None = None) -> int:
         verdict = (
             "" if target is None else f">= {target:.0f} {'ok' if r['meets_target'] else 'MISSED'}"
         )
-        appends.add_row(r["backend"], str(r["writers"]), f"{r['append_rounds_per_s']:.0f}",
-                        f"{r['cpu_ms_per_round']:.2f}", f"{r['load_average']:.1f}", verdict)  # fmt: skip
+        appends.add_row(
+            r["backend"], str(r["writers"]), f"{r['append_rounds_per_s']:.0f}",
+            f"{r['cpu_ms_per_round']:.2f}", f"{r['load_average']:.1f}", verdict,
+        )  # fmt: skip
     reads = Table(title="participation: grouped query (before) vs counters (now), ms")
     for col in ("backend", "client-rounds", "read", "grouped p50 / p99", "counters p50 / p99",
                 "speed-up p50", "identical", "backfill s", "load avg"):  # fmt: skip
