@@ -255,8 +255,15 @@ UPSERT_PARTICIPATION_SQLITE = _upsert_participation(sqlite.insert(PARTICIPATION_
 
 def participation_rows(run_id: int, record: RoundRecord) -> list[dict[str, Any]]:
     """The rows of `UPSERT_PARTICIPATION_SQLITE` for this round (one per node)."""
+    # a node's sums over one round may pass 2^63 - 1, more than SQLite binds as an integer:
+    # bound as a REAL then, as SQLite's own integer overflow would make it
     return [
-        {"node_id": node, "run_id": run_id, "last_round_at": record.ended_at, **vars(t)}
+        {
+            "node_id": node,
+            "run_id": run_id,
+            "last_round_at": record.ended_at,
+            **{k: float(v) if v > MAX_TOTAL else v for k, v in vars(t).items()},
+        }
         for node, t in node_totals(record).items()
     ]
 

@@ -222,14 +222,14 @@ def seed_client_rounds(database_url: str, client_rounds: int) -> dict[str, Any]:
 
 
 def grouped_participation(engine: Any, node_ids: Sequence[int]) -> dict[int, tuple[Any, ...]]:
-    """`GROUPED_QUERY` for `node_ids` (below 2^63): node id -> (rounds, ok, failed,
+    """`GROUPED_QUERY` for `node_ids`: node id -> (rounds, ok, failed,
     uplink, downlink, examples, last round end), as the clients endpoints answered it."""
     from sqlalchemy import BigInteger, column, text
 
-    from api.models import UInt64, UTCDateTime
+    from api.models import UInt64, UTCDateTime, u64_to_i64
 
     big_sum = "total" if engine.dialect.name == "sqlite" else "sum"
-    sql = GROUPED_QUERY.format(sum=big_sum, ids=", ".join(str(int(i)) for i in node_ids))
+    sql = GROUPED_QUERY.format(sum=big_sum, ids=", ".join(str(u64_to_i64(i)) for i in node_ids))
     typed = text(sql).columns(
         column("node_id", UInt64), column("n", BigInteger), column("ok", BigInteger),
         column("up"), column("down"), column("examples"), column("last", UTCDateTime),
