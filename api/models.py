@@ -1,13 +1,16 @@
 """SQLAlchemy 2 models of the round-history store.
 
 Tables: ``runs`` (one federated run), ``rounds`` (one finished round of a run),
-``client_rounds`` (one client's part in a round), ``clients`` (enrolled edge clients) and
+``client_rounds`` (one client's part in a round), ``client_participation`` (per run and
+node, running totals over its client-rounds), ``clients`` (enrolled edge clients) and
 ``api_tokens`` (hashed REST tokens). The schema is created and changed only by the Alembic
 migrations in ``migrations/``; a test checks that they agree with these models.
 
 A run carries running totals over its rounds (``rounds_done``, byte sums, best accuracy),
 updated in the same transaction that appends a round, so that a run summary is one row
-read rather than an aggregate over its rounds.
+read rather than an aggregate over its rounds; ``client_participation`` does the same for
+a client's participation (a few rows per node, one per run, rather than a grouped query
+over every client-round it took part in).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Numeric,
     String,
     Text,
     UniqueConstraint,
@@ -42,6 +46,14 @@ _U64 = 1 << 64
 _I64_MAX = (1 << 63) - 1
 
 
+def u64_to_i64(value: int) -> int:
+    """The signed BIGINT that stores the unsigned 64-bit `value` (see `UInt64`)."""
+    value = int(value)
+    if not 0 <= value < _U64:
+        raise ValueError(f"{value} is not an unsigned 64-bit integer")
+    return value - _U64 if value > _I64_MAX else value
+
+
 class UInt64(TypeDecorator[int]):
     """An unsigned 64-bit integer (Flower node and run ids) kept in a signed BIGINT.
 
@@ -53,12 +65,7 @@ class UInt64(TypeDecorator[int]):
     cache_ok = True
 
     def process_bind_param(self, value: int | None, dialect: Dialect) -> int | None:
-        if value is None:
-            return None
-        value = int(value)
-        if not 0 <= value < _U64:
-            raise ValueError(f"{value} is not an unsigned 64-bit integer")
-        return value - _U64 if value > _I64_MAX else value
+        return None if value is None else u64_to_i64(value)
 
     def process_result_value(self, value: int | None, dialect: Dialect) -> int | None:
         if value is None:
@@ -204,6 +211,31 @@ class ClientRound(Base):
         Index("ix_client_rounds_round_id", "round_id"),
         Index("ix_client_rounds_node_id", "node_id"),
     )
+
+
+#: a sum of byte or example counts: one node's client-rounds of a run may together pass
+#: 2^63 - 1 (each is bounded, their number is not), so PostgreSQL keeps an exact NUMERIC;
+#: SQLite's integers turn into REALs on overflow, as its total() does
+BigSum = BigInteger().with_variant(Numeric(38, 0), "postgresql")
+
+
+class ClientParticipation(Base):
+    """One node's part in one run: running totals over its client-rounds, updated in the
+    transaction that appends a round (``rounds`` = ``ok`` + ``failed`` + ``other``, where
+    ``other`` counts dropped and timed-out client-rounds)."""
+
+    __tablename__ = "client_participation"
+
+    node_id: Mapped[int] = mapped_column(UInt64, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    rounds: Mapped[int] = mapped_column(BigInteger)
+    ok: Mapped[int] = mapped_column(BigInteger)
+    failed: Mapped[int] = mapped_column(BigInteger)
+    other: Mapped[int] = mapped_column(BigInteger)
+    uplink_bytes: Mapped[int] = mapped_column(BigSum)
+    downlink_bytes: Mapped[int] = mapped_column(BigSum)
+    num_examples: Mapped[int] = mapped_column(BigSum)
+    last_round_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class Client(Base):

@@ -2,7 +2,9 @@
 
 `SqlRecorder` implements `core.records.ResumableRecorder`: ``start_run`` inserts a run,
 ``record_round`` appends one round with its client-rounds and updates the run's running
-totals in a single transaction (a crash loses at most the round in flight), and
+totals and its nodes' participation counters in a single transaction (`api.appends`: a
+crash of the process loses at most the round in flight; on PostgreSQL a crash of the
+database server may lose the last ~0.6 s of rounds, see there), and
 ``finish_run`` closes the run. `Store` holds the read and write operations shared by the
 recorder, the REST service and the command line.
 
@@ -20,7 +22,6 @@ import atexit
 import contextlib
 import hashlib
 import logging
-import math
 import os
 import secrets
 import socket
@@ -34,16 +35,10 @@ from typing import Any
 
 from sqlalchemy import (
     Engine,
-    Float,
-    Integer,
     Table,
     and_,
-    bindparam,
-    case,
-    cast,
     delete,
     func,
-    insert,
     or_,
     select,
     update,
@@ -51,6 +46,24 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from api.appends import (
+    APPEND_POSTGRESQL,
+    BYTE_FIELDS,
+    INSERT_CLIENT_ROUND,
+    INSERT_ROUND,
+    ROUND_FIELDS,
+    ROUNDS_TABLE,
+    RUNS_TABLE,
+    UPDATE_TOTALS,
+    UPSERT_PARTICIPATION_SQLITE,
+    client_row,
+    finite,
+    participation_rows,
+    postgresql_params,
+    seen_nodes,
+    seen_update,
+    totals_params,
+)
 from api.db import ensure_schema, get_engine, session_factory
 from api.errors import ConflictError, ForbiddenError, InvalidError, NotFoundError, StoreError
 from api.models import (
@@ -60,13 +73,13 @@ from api.models import (
     TOKEN_SCOPES,
     ApiToken,
     Client,
+    ClientParticipation,
     ClientRound,
     Round,
     Run,
-    UTCDateTime,
 )
 from api.validation import MAX_TOTAL, check_json, check_text
-from core.records import ClientRoundRecord, ResumableRecorder, RoundRecord, RunInfo
+from core.records import ResumableRecorder, RoundRecord, RunInfo
 from core.secrets import redact_mapping
 
 log = logging.getLogger("fedsqueeze.api.store")
@@ -86,13 +99,6 @@ def utcnow() -> datetime:
 def hash_token(token: str) -> str:
     """SHA-256 hex digest of a token (tokens are 256-bit random, so no salt is needed)."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-def _finite(value: float | None) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
 
 
 def _check_nonneg(name: str, value: int, top: int = MAX_TOTAL) -> None:
@@ -165,68 +171,6 @@ class Participation:
     downlink_bytes: int = 0
     num_examples: int = 0
     last_round_at: datetime | None = None
-
-
-RUNS_TABLE = typing.cast(Table, Run.__table__)
-ROUNDS_TABLE = typing.cast(Table, Round.__table__)
-CLIENT_ROUNDS_TABLE = typing.cast(Table, ClientRound.__table__)
-CLIENTS_TABLE = typing.cast(Table, Client.__table__)
-
-
-_BYTES = (
-    "uplink_bytes",
-    "downlink_bytes",
-    "predicted_uplink_bytes",
-    "predicted_downlink_bytes",
-)
-
-
-def _build_append_statements() -> tuple[Any, Any, Any]:
-    """The statements of `Store.append_round`, built once (compiled once per dialect).
-
-    The run's totals are updated in SQL (x = x + :v) so concurrent appends cannot lose an
-    update, and only while x <= 2^63 - 1 - v (no total overflows a BIGINT); the best
-    accuracy and its round change only when the new accuracy is higher.
-    """
-    runs = RUNS_TABLE.c
-    acc = cast(bindparam("p_acc", type_=Float), Float)
-    rnd = bindparam("p_round", type_=Integer)
-    better = and_(
-        acc.is_not(None), or_(runs.best_eval_accuracy.is_(None), runs.best_eval_accuracy < acc)
-    )
-    update_totals = (
-        update(RUNS_TABLE)
-        .where(
-            runs.id == bindparam("p_run_id"),
-            runs.status == "running",
-            # no total may pass 2^63 - 1: the rooms are MAX_TOTAL minus this round's bytes
-            *(getattr(runs, f"{name}_total") <= bindparam(f"room_{name}") for name in _BYTES),
-        )
-        .values(
-            rounds_done=runs.rounds_done + 1,
-            sampled_total=runs.sampled_total + bindparam("p_sampled"),
-            replied_total=runs.replied_total + bindparam("p_replied"),
-            failed_total=runs.failed_total + bindparam("p_failed"),
-            uplink_bytes_total=runs.uplink_bytes_total + bindparam("p_up"),
-            downlink_bytes_total=runs.downlink_bytes_total + bindparam("p_down"),
-            predicted_uplink_bytes_total=runs.predicted_uplink_bytes_total + bindparam("p_pred_up"),
-            predicted_downlink_bytes_total=runs.predicted_downlink_bytes_total
-            + bindparam("p_pred_down"),
-            last_round=case(
-                (or_(runs.last_round.is_(None), runs.last_round < rnd), rnd),
-                else_=runs.last_round,
-            ),
-            best_eval_accuracy=case((better, acc), else_=runs.best_eval_accuracy),
-            best_eval_round=case((better, rnd), else_=runs.best_eval_round),
-            updated_at=bindparam("p_now", type_=UTCDateTime()),
-        )
-    )
-    insert_round = insert(ROUNDS_TABLE).returning(ROUNDS_TABLE.c.id)
-    insert_client_round = insert(CLIENT_ROUNDS_TABLE)
-    return update_totals, insert_round, insert_client_round
-
-
-_UPDATE_TOTALS, _INSERT_ROUND, _INSERT_CLIENT_ROUND = _build_append_statements()
 
 
 def _page(
@@ -344,85 +288,63 @@ class Store:
         or already has this round number, `InvalidError` for a bad record.
         """
         validate_round(record)
-        accuracy = _finite(record.eval_accuracy)
+        accuracy = finite(record.eval_accuracy)
         extra = dict(record.extra)
         non_finite = {
             name: repr(getattr(record, name))
             for name in ("train_loss", "eval_loss", "eval_accuracy")
-            if getattr(record, name) is not None and _finite(getattr(record, name)) is None
+            if getattr(record, name) is not None and finite(getattr(record, name)) is None
         }
         if non_finite:
             extra["non_finite"] = non_finite
+        round_row = {
+            **{name: getattr(record, name) for name in ROUND_FIELDS},
+            "train_loss": finite(record.train_loss),
+            "eval_loss": finite(record.eval_loss),
+            "eval_accuracy": accuracy,
+            "phase_seconds": dict(record.phase_seconds),
+            "extra": extra,
+        }
+        totals = totals_params(run_id, record, accuracy, utcnow())
+        if self.engine.dialect.name == "postgresql":
+            return self._append_in_one_statement(run_id, record, totals, round_row)
         with self.engine.begin() as conn:
             # the UPDATE comes first: it takes the write lock (SQLite) / the run's row lock
             # (PostgreSQL) so concurrent appends to one run serialize cleanly
-            result = conn.execute(
-                _UPDATE_TOTALS,
-                {
-                    "p_run_id": run_id,
-                    "p_sampled": record.sampled,
-                    "p_replied": record.replied,
-                    "p_failed": record.failed,
-                    "p_up": record.uplink_bytes,
-                    "p_down": record.downlink_bytes,
-                    "p_pred_up": record.predicted_uplink_bytes,
-                    "p_pred_down": record.predicted_downlink_bytes,
-                    "p_round": record.round,
-                    "p_acc": accuracy,
-                    "p_now": utcnow(),
-                    **{f"room_{n}": MAX_TOTAL - getattr(record, n) for n in _BYTES},
-                },
-            )
-            if result.rowcount == 0:
-                row = conn.execute(select(RUNS_TABLE).where(RUNS_TABLE.c.id == run_id)).first()
-                if row is None:
-                    raise NotFoundError(f"run {run_id} not found")
-                if row.status != "running":
-                    raise ConflictError(
-                        f"run {run_id} is {row.status}; rounds can no longer be added"
-                    )
-                over = [
-                    n for n in _BYTES if getattr(row, f"{n}_total") > MAX_TOTAL - getattr(record, n)
-                ]
-                raise InvalidError(
-                    f"run {run_id}'s {over[0] if over else 'byte'} total would pass 2^63 - 1 "
-                    "with this round"
-                )
+            if conn.execute(UPDATE_TOTALS, totals).rowcount == 0:
+                _raise_refusal(conn, run_id, record)
             try:  # on a duplicate the whole transaction (totals update too) rolls back
-                round_id = conn.execute(
-                    _INSERT_ROUND,
-                    {
-                        "run_id": run_id,
-                        "round": record.round,
-                        "sampled": record.sampled,
-                        "replied": record.replied,
-                        "failed": record.failed,
-                        "uplink_bytes": record.uplink_bytes,
-                        "downlink_bytes": record.downlink_bytes,
-                        "predicted_uplink_bytes": record.predicted_uplink_bytes,
-                        "predicted_downlink_bytes": record.predicted_downlink_bytes,
-                        "train_loss": _finite(record.train_loss),
-                        "eval_loss": _finite(record.eval_loss),
-                        "eval_accuracy": accuracy,
-                        "phase_seconds": dict(record.phase_seconds),
-                        "started_at": record.started_at,
-                        "ended_at": record.ended_at,
-                        "extra": extra,
-                    },
-                ).scalar_one()
+                round_id = conn.execute(INSERT_ROUND, {"run_id": run_id, **round_row}).scalar_one()
             except IntegrityError as exc:
                 raise ConflictError(f"run {run_id} already has round {record.round}") from exc
             if record.clients:
                 conn.execute(
-                    _INSERT_CLIENT_ROUND, [_client_row(round_id, c) for c in record.clients]
+                    INSERT_CLIENT_ROUND,
+                    [{"round_id": round_id, **client_row(c)} for c in record.clients],
                 )
-                seen = sorted({c.node_id for c in record.clients if c.outcome == "ok"})
+                conn.execute(UPSERT_PARTICIPATION_SQLITE, participation_rows(run_id, record))
+                seen = seen_nodes(record)
                 if seen:
-                    conn.execute(
-                        update(CLIENTS_TABLE)
-                        .where(CLIENTS_TABLE.c.node_id.in_(seen))
-                        .values(last_seen_at=record.ended_at)
-                    )
+                    conn.execute(seen_update(seen, record.ended_at))
+            return int(round_id)
+
+    def _append_in_one_statement(
+        self,
+        run_id: int,
+        record: RoundRecord,
+        totals: dict[str, Any],
+        round_row: dict[str, Any],
+    ) -> int:
+        """`append_round` on PostgreSQL: one statement, one round trip (`api.appends`)."""
+        params = postgresql_params(run_id, record, totals, round_row)
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            try:
+                round_id = conn.execute(APPEND_POSTGRESQL, params).scalar()
+            except IntegrityError as exc:
+                raise ConflictError(f"run {run_id} already has round {record.round}") from exc
+            if round_id is None:
+                _raise_refusal(conn, run_id, record)
             return int(round_id)
 
     def finish_run(self, run_id: int, status: str) -> None:
@@ -710,41 +632,42 @@ class Store:
             return _page(session, Client, conditions, [Client.id], limit, offset)
 
     def participation(self, node_ids: Sequence[int]) -> dict[int, Participation]:
-        """Client-round totals per node id, in one grouped query."""
+        """Client-round totals per node id, from the participation counters (a row per
+        run the node took part in; `api.appends` keeps them with every appended round)."""
         ids = sorted(set(node_ids))
         if not ids:
             return {}
         # SQLite's sum() of integers fails on overflow; total() is a float that cannot
-        # (PostgreSQL's sum() of BIGINT is an exact NUMERIC): per-node sums over many
-        # rounds may pass 2^63 even though each client-round is bounded
+        # (PostgreSQL's sum() of NUMERIC is exact): per-node sums over many runs may pass
+        # 2^63 even though each client-round is bounded
         big_sum = func.total if self.engine.dialect.name == "sqlite" else func.sum
+        p = ClientParticipation
         with self._sessions() as session:
             rows = session.execute(
                 select(
-                    ClientRound.node_id,
-                    func.count(),
-                    func.sum(case((ClientRound.outcome == "ok", 1), else_=0)),
-                    big_sum(ClientRound.uplink_bytes),
-                    big_sum(ClientRound.downlink_bytes),
-                    big_sum(ClientRound.num_examples),
-                    func.max(Round.ended_at),
+                    p.node_id,
+                    func.sum(p.rounds),
+                    func.sum(p.ok),
+                    big_sum(p.uplink_bytes),
+                    big_sum(p.downlink_bytes),
+                    big_sum(p.num_examples),
+                    func.max(p.last_round_at),
                 )
-                .join(Round, Round.id == ClientRound.round_id)
-                .where(ClientRound.node_id.in_(ids))
-                .group_by(ClientRound.node_id)
+                .where(p.node_id.in_(ids))
+                .group_by(p.node_id)
             ).all()
-        out: dict[int, Participation] = {}
-        for node_id, n, ok, up, down, examples, last in rows:
-            out[int(node_id)] = Participation(
+        return {
+            int(node_id): Participation(
                 int(n),
-                int(ok or 0),
-                int(n) - int(ok or 0),
-                int(up or 0),
-                int(down or 0),
-                int(examples or 0),
+                int(ok),
+                int(n) - int(ok),
+                int(up),
+                int(down),
+                int(examples),
                 last,
             )
-        return out
+            for node_id, n, ok, up, down, examples, last in rows
+        }
 
     # ------------------------------------------------------------------ tokens
     def create_token(
@@ -824,18 +747,18 @@ class Store:
                 raise NotFoundError(f"no active token with id {token_id}")
 
 
-def _client_row(round_id: int, c: ClientRoundRecord) -> dict[str, Any]:
-    return {
-        "round_id": round_id,
-        "node_id": c.node_id,
-        "outcome": c.outcome,
-        "uplink_bytes": c.uplink_bytes,
-        "downlink_bytes": c.downlink_bytes,
-        "num_examples": c.num_examples,
-        "local_loss": _finite(c.local_loss),
-        "duration_s": _finite(c.duration_s),
-        "error": c.error,
-    }
+def _raise_refusal(conn: Any, run_id: int, record: RoundRecord) -> typing.NoReturn:
+    """Why the run's totals UPDATE matched no row: an unknown or closed run, or a byte
+    total this round would push past 2^63 - 1."""
+    row = conn.execute(select(RUNS_TABLE).where(RUNS_TABLE.c.id == run_id)).first()
+    if row is None:
+        raise NotFoundError(f"run {run_id} not found")
+    if row.status != "running":
+        raise ConflictError(f"run {run_id} is {row.status}; rounds can no longer be added")
+    over = [n for n in BYTE_FIELDS if getattr(row, f"{n}_total") > MAX_TOTAL - getattr(record, n)]
+    raise InvalidError(
+        f"run {run_id}'s {over[0] if over else 'byte'} total would pass 2^63 - 1 with this round"
+    )
 
 
 def open_store(database_url: str | None = None, stale_after_s: float | None = None) -> Store:
