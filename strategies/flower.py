@@ -6,7 +6,10 @@ seed, the round and the partition ids, never on Flower's node ids) and encodes e
 downlink, `aggregate_train` validates the replies (in partition order) and lets the server
 half form ĝ and move the model. `start` runs the
 rounds itself so that it can poll for replies every `poll_interval` seconds (Flower's own
-loop polls every 3 s in deployment), time each phase and record every round.
+loop polls every 3 s in deployment), time each phase and record every round. With
+``max-staleness`` τ > 0 it also keeps the message ids of replies that missed their round and
+pulls them in the next τ rounds, handing them to the server half as delayed updates
+(`strategies.consistency`); clients with such a reply outstanding are not sampled.
 
 Downlink content (RecordDict): ``"fedsqueeze.down"`` (ConfigRecord: round, kind, versions,
 ack round, reset flag, uplink seed, ``payloads``: list of codec bytes) and
