@@ -29,7 +29,7 @@ from strategies.client_half import ClientState, client_round, initial_client_sta
 from strategies.encoding import derive_seed
 from strategies.local import FaultKind, run_local
 from strategies.messages import Uplink
-from strategies.registry import client_apply, get_preset, make_server
+from strategies.registry import PRESETS, client_apply, get_preset, make_server
 from strategies.sampling import sample_clients
 from strategies.server_half import RoundStats, ServerHalf
 from strategies.settings import AlgorithmSettings, resolve_settings
@@ -234,6 +234,23 @@ def test_delayed_updates_match_the_equations(name: str, p: float, pp: str) -> No
         if s.up_memory:
             state = t.pending[i] or t.committed[i]
             assert torch.equal(t.server.client_memory(i), state.up_memory), i  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_applies_late_replies_with_agreeing_digests(name: str) -> None:
+    """Every family (and its error-feedback residuals, Dore's shared model, signum's
+    momentum, which the client promotes with its pending state) takes late replies of
+    staleness 1 and 2, and both sides stay in step to the end."""
+    lr = 0.01 if name.startswith("sign") else LR
+    s = resolve_settings(
+        get_preset(name), D, server_lr=lr, participation=1.0, seed=SEED, max_staleness=2
+    )
+    t = drive(s, 9, DELAYS)
+    assert t.late_outcomes == ["ok", "ok"]
+    assert sum(st.late_applied for st in t.stats) == 2
+    assert sum(st.digest_mismatches + st.resyncs + st.rejected for st in t.stats) == 0
+    assert sum(st.digest_checks for st in t.stats) == sum(len(x) for x in t.sampled)
+    assert bool(torch.isfinite(t.models[-1]).all()) and not torch.equal(t.models[-1], W0)
 
 
 def test_a_late_client_promotes_its_pending_state_on_the_next_downlink() -> None:
