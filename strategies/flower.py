@@ -341,8 +341,6 @@ class FedSqueezeStrategy(Strategy):
             record.duration_s = duration
             if record.outcome != "ok":
                 record.error = uplink.detail or "invalid payload or state digest (see log)"
-            elif late:
-                record.error = None  # applied late: its staleness is in extra.late_replies
             book.up_bytes += uplink.nbytes
             self.server.count_payloads(received=1 if uplink.payload else 0)
             book.predicted_up += uplink.predicted_nbytes
