@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 
 from client.timing import HandlerTiming
 from client.training import flatten, local_update, resolve_device
-from core.runconfig import RunConfig, load_config, parse_failure
+from core.runconfig import RunConfig, load_config, parse_delay, parse_failure
 from strategies.client_half import ClientState, client_round
 from strategies.encoding import derive_seed
 from strategies.flower import (
@@ -121,6 +121,14 @@ def _maybe_fail(config: RunConfig, pid: int, k: int) -> None:
     failure = parse_failure(config["test-fail"])
     if failure is not None and failure == (pid, k):
         raise InjectedFailure(f"test-fail: partition {pid} fails in round {k} (as configured)")
+
+
+def _maybe_delay(config: RunConfig, pid: int, k: int) -> None:
+    """TEST ONLY (`test-delay`): sleep before replying, so that the reply arrives late."""
+    delay = parse_delay(config["test-delay"])
+    if delay is not None and delay[:2] == (pid, k):
+        log.info("test-delay: partition %d replies to round %d %.1f s late", pid, k, delay[2])
+        time.sleep(delay[2])
 
 
 # ----------------------------------------------------------------------------- state I/O
@@ -234,6 +242,7 @@ def _train_fedsqueeze(
     _save_state(context, prefix + "committed", step.committed)
     _save_state(context, prefix + "pending", step.pending)
     _maybe_fail(config, setup.partition_id, down.round)
+    _maybe_delay(config, setup.partition_id, down.round)
     record = uplink_to_record(step.uplink, time.perf_counter() - started)
     return Message(RecordDict({UP_KEY: record}), reply_to=msg)
 

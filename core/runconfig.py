@@ -71,6 +71,8 @@ KEYS: dict[str, tuple[Any, str]] = {
     "device": ("auto", "client device: 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'"),
     "eval-every": (1, "central evaluation every this many rounds (and the last); 0 = never"),
     "round-timeout": (600.0, "seconds to wait for replies in a round"),
+    "max-staleness": (0, "τ: a reply of round k arriving in round j, 1 ≤ j − k ≤ τ, is folded "
+                      "into round j's ĝ (docs: delayed updates); 0 = late replies are dropped"),
     "min-nodes": (-1, "wait for this many connected nodes before round 1; -1 = num-partitions"),
     "store-dir": ("", "directory for per-client memories (h_i, Rand-MCM H_i) when spilled to disk"),
     "run-name": ("", "free-form label stored with the run"),
@@ -78,6 +80,8 @@ KEYS: dict[str, tuple[Any, str]] = {
                        "SQLite store (else $FEDSQUEEZE_HOME/checkpoints), a directory, or 'off'"),
     "resume-run": (0, "store run id to resume from its checkpoint (set by --resume); 0 = new run"),
     "test-fail": ("", "TEST ONLY: 'partition:round' makes that client raise after training"),
+    "test-delay": ("", "TEST ONLY: 'partition:round:seconds' makes that client sleep after "
+                   "training, before it replies"),
     "test-server-exit": (0, "TEST ONLY: the ServerApp process exits hard after this round is "
                          "stored (0 = never)"),
 }  # fmt: skip
@@ -163,6 +167,24 @@ def parse_failure(text: str) -> tuple[int, int] | None:
         raise ValueError(f"test-fail: expected 'partition:round', got {text!r}") from None
 
 
+def parse_delay(text: str) -> tuple[int, int, float] | None:
+    """'3:2:40' → (partition 3, round 2, 40.0 seconds)."""
+    if not text:
+        return None
+    parts = text.split(":")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        seconds = float(parts[2])
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError
+        return int(parts[0]), int(parts[1]), seconds
+    except ValueError:
+        raise ValueError(
+            f"test-delay: expected 'partition:round:seconds' (seconds >= 0), got {text!r}"
+        ) from None
+
+
 def load_config(
     user: Mapping[str, Any],
     overrides: Mapping[str, Any] | None = None,
@@ -212,6 +234,10 @@ def load_config(
         (values["dirichlet-alpha"] > 0, "dirichlet-alpha must be > 0"),
         (values["eval-every"] >= 0, "eval-every must be >= 0"),
         (values["round-timeout"] > 0, "round-timeout must be > 0"),
+        (values["max-staleness"] >= 0, "max-staleness must be >= 0"),
+        (values["strategy"] != "flwr-fedavg" or values["max-staleness"] == 0,
+         "max-staleness: flwr-fedavg is Flower's own FedAvg, whose loop drops late replies "
+         "(use strategy 'sgd' for FedAvg with delayed updates)"),
         (values["min-nodes"] >= 1 or values["min-nodes"] == -1, "min-nodes must be >= 1 or -1"),
         (values["resume-run"] >= 0, "resume-run must be >= 0"),
         (values["test-server-exit"] >= 0, "test-server-exit must be >= 0"),
@@ -246,4 +272,5 @@ def load_config(
         )
     parse_options(values["task-options"])
     parse_failure(values["test-fail"])
+    parse_delay(values["test-delay"])
     return RunConfig(values)

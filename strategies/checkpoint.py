@@ -17,7 +17,8 @@ Anything else raises `CheckpointError` naming the attribute, so new state of an 
 kind is noticed by the round-trip tests instead of being silently lost. Not saved, because
 the run config rebuilds them (`REBUILT`, and any attribute holding a compressor of the
 `compression` package): the settings and the compressors; nor the per-round scratch that
-`begin_round` clears (`SCRATCH`), nor caches (attributes ending in ``_cache``) which are
+`begin_round` clears (`SCRATCH`), nor the replies still in flight (`IN_FLIGHT`: dropped on
+resume, as timed out), nor caches (attributes ending in ``_cache``) which are
 recomputed on demand. A family may add names to exclude in a class attribute
 ``checkpoint_exclude``.
 
@@ -63,9 +64,14 @@ _LATER_SETTINGS: dict[str, Any] = {
     "client_momentum": 0.0,
     "server_opt": dataclasses.asdict(ServerOptSettings()),
     "preset.client_momentum": False,
+    "max_staleness": 0,
 }
 #: per-round scratch, cleared by `ServerHalf.begin_round` (empty or stale between rounds)
 SCRATCH = frozenset({"pending", "_received"})
+#: replies in flight (max-staleness τ > 0: `ServerHalf.outstanding`): dropped on resume, as
+#: if they had timed out, since a resumed run is a new Flower run that cannot pull the old
+#: run's replies; the clients roll back (the next downlink acks an older round)
+IN_FLIGHT = frozenset({"outstanding"})
 #: set by the Flower glue, which asks the nodes again (a resumed run's nodes have new ids):
 #: the node → partition map (`strategies.partitions`)
 GLUE = frozenset({"seed_keys"})
@@ -91,7 +97,7 @@ class CheckpointError(ValueError):
 def excluded(server: ServerHalf) -> frozenset[str]:
     """The attribute names `capture` leaves out for this server half."""
     extra = getattr(type(server), "checkpoint_exclude", ())
-    return REBUILT | SCRATCH | GLUE | frozenset(extra)
+    return REBUILT | SCRATCH | IN_FLIGHT | GLUE | frozenset(extra)
 
 
 def _keep(server: ServerHalf, name: str) -> bool:
@@ -290,7 +296,7 @@ def restore(server: ServerHalf, state: dict[str, Any]) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint attributes {unknown} are not on {_class_path(server)}")
     for name, tree in attributes.items():
         setattr(server, name, decode(tree, name, getattr(server, name, None)))
-    for name in SCRATCH & set(vars(server)):
+    for name in (SCRATCH | IN_FLIGHT) & set(vars(server)):
         value = getattr(server, name)
         if hasattr(value, "clear"):
             value.clear()

@@ -6,7 +6,10 @@ seed, the round and the partition ids, never on Flower's node ids) and encodes e
 downlink, `aggregate_train` validates the replies (in partition order) and lets the server
 half form ĝ and move the model. `start` runs the
 rounds itself so that it can poll for replies every `poll_interval` seconds (Flower's own
-loop polls every 3 s in deployment), time each phase and record every round.
+loop polls every 3 s in deployment), time each phase and record every round. With
+``max-staleness`` τ > 0 it also keeps the message ids of replies that missed their round and
+pulls them in the next τ rounds, handing them to the server half as delayed updates
+(`strategies.consistency`); clients with such a reply outstanding are not sampled.
 
 Downlink content (RecordDict): ``"fedsqueeze.down"`` (ConfigRecord: round, kind, versions,
 ack round, reset flag, uplink seed, ``payloads``: list of codec bytes) and
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,20 +136,26 @@ def uplink_from_record(record: ConfigRecord) -> tuple[Uplink, float]:
         raise ValueError(f"uplink message lacks {exc}") from None
 
 
-def send_and_receive_fast(
-    grid: Grid, messages: list[Message], timeout: float, poll_interval: float
+def pull_replies(
+    grid: Grid,
+    ids: Collection[str],
+    wait_for: Collection[str],
+    timeout: float,
+    poll_interval: float,
 ) -> list[Message]:
-    """Push, then pull every `poll_interval` s until every reply is in or `timeout` passes."""
-    if not messages:
-        return []
-    ids = set(grid.push_messages(messages))
+    """Pull the replies to the messages `ids` every `poll_interval` s until the replies to
+    `wait_for` (a subset of `ids`) are all in or `timeout` passes; every reply pulled is
+    returned (those to the other ids too: replies of earlier rounds, see `start`)."""
+    wanted, waiting = set(ids), set(wait_for)
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
-    while ids:
-        got = list(grid.pull_messages(ids))
+    while wanted:
+        got = list(grid.pull_messages(wanted))
         replies.extend(got)
-        ids.difference_update(m.metadata.reply_to_message_id for m in got)
-        if not ids or time.monotonic() >= deadline:
+        answered = {m.metadata.reply_to_message_id for m in got}
+        wanted.difference_update(answered)
+        waiting.difference_update(answered)
+        if not waiting or time.monotonic() >= deadline:
             break
         time.sleep(poll_interval)
     return replies
@@ -180,6 +189,8 @@ class _RoundBook:
     up_bytes: int = 0
     predicted_up: int = 0
     losses: list[tuple[float, int]] = field(default_factory=list)
+    #: message id → node of this round's downlinks (set once pushed)
+    message_ids: dict[str, int] = field(default_factory=dict)
 
 
 class FedSqueezeStrategy(Strategy):
@@ -226,6 +237,9 @@ class FedSqueezeStrategy(Strategy):
         self.query_timeout = 600.0
         self.records: list[RoundRecord] = []
         self._round = _RoundBook()
+        #: message id → (node, round) of the downlinks whose reply is outstanding (τ > 0):
+        #: pulled again in later rounds until the server half applies, refuses or drops it
+        self._in_flight: dict[str, tuple[int, int]] = {}
 
     def summary(self) -> None:
         s = self.settings
@@ -252,6 +266,7 @@ class FedSqueezeStrategy(Strategy):
         self._round = book
         self.server.begin_round(server_round)
         self.server.set_members(nodes)  # N: the clients counted in h = (1/(pN)) Σ h_i
+        sampled = book.sampled = self.server.skip_busy(sampled)  # τ > 0: reply outstanding
         messages = []
         for node in sampled:
             down = self.server.downlink_for(server_round, node)
@@ -290,12 +305,18 @@ class FedSqueezeStrategy(Strategy):
 
         for reply in sorted(replies, key=order):
             node = int(reply.metadata.src_node_id)
-            answered.add(node)
+            late = self._in_flight.pop(reply.metadata.reply_to_message_id, None)
+            if late is None:
+                answered.add(node)
             record = ClientRoundRecord(node_id=node, outcome="failed")
-            record.downlink_bytes = book.down_bytes.get(node, 0)
+            record.downlink_bytes = 0 if late else book.down_bytes.get(node, 0)
             if reply.has_error():
                 record.error = str(reply.error.reason)
-                record.outcome = self.server.receive(server_round, node, None, record.error)
+                record.outcome = (
+                    self.server.late_failed(server_round, node, record.error)
+                    if late
+                    else self.server.receive(server_round, node, None, record.error)
+                )
                 book.clients.append(record)
                 continue
             try:
@@ -304,7 +325,12 @@ class FedSqueezeStrategy(Strategy):
                     raise ValueError(f"reply has no {UP_KEY!r} record")
                 uplink, duration = uplink_from_record(content.config_records[UP_KEY])
             except (ValueError, TypeError) as exc:
-                record.outcome = self.server.reject(server_round, node, f"malformed reply: {exc}")
+                reason = f"malformed reply: {exc}"
+                record.outcome = (
+                    self.server.late_failed(server_round, node, reason)
+                    if late
+                    else self.server.reject(server_round, node, reason)
+                )
                 record.error = str(exc)
                 book.clients.append(record)
                 continue
@@ -318,12 +344,15 @@ class FedSqueezeStrategy(Strategy):
             book.up_bytes += uplink.nbytes
             self.server.count_payloads(received=1 if uplink.payload else 0)
             book.predicted_up += uplink.predicted_nbytes
-            if record.outcome == "ok":
+            if record.outcome == "ok" and not late:
                 book.losses.append((uplink.loss, uplink.num_examples))
             book.clients.append(record)
+        ids_of = {node: mid for mid, node in book.message_ids.items()}
         for node in book.sampled:
             if node not in answered:
-                outcome = self.server.receive(server_round, node, None, "no reply (timeout)")
+                outcome = self.server.timeout(server_round, node)
+                if outcome == "timeout" and node in ids_of:  # outstanding: pull it later
+                    self._in_flight[ids_of[node]] = (node, server_round)
                 book.clients.append(
                     ClientRoundRecord(
                         node_id=node,
@@ -333,6 +362,12 @@ class FedSqueezeStrategy(Strategy):
                     )
                 )
         stats = self.server.finish_round(server_round, book.expected)
+        outstanding = self.server.outstanding
+        self._in_flight = {  # drop those the server half no longer waits for
+            mid: (node, k)
+            for mid, (node, k) in self._in_flight.items()
+            if node in outstanding and outstanding[node].round == k
+        }
         metrics: dict[str, Any] = {
             "accepted": stats.accepted,
             "dropped": stats.dropped,
@@ -379,7 +414,7 @@ class FedSqueezeStrategy(Strategy):
             t0 = time.perf_counter()
             messages = list(self.configure_train(k, initial_arrays, ConfigRecord(), grid))
             t1 = time.perf_counter()
-            replies = send_and_receive_fast(grid, messages, timeout, self.poll_interval)
+            replies = self._exchange(grid, messages, k, timeout)
             t2 = time.perf_counter()
             _, metrics = self.aggregate_train(k, replies)
             t3 = time.perf_counter()
@@ -413,6 +448,22 @@ class FedSqueezeStrategy(Strategy):
             )  # fmt: skip
         result.arrays = ArrayRecord([self.server.evaluation_model().numpy()])
         return result
+
+    def _exchange(
+        self, grid: Grid, messages: list[Message], k: int, timeout: float
+    ) -> list[Message]:
+        """Push round k's messages and pull their replies until all are in or `timeout`
+        passes; replies outstanding from earlier rounds (τ > 0) are pulled alongside, and
+        those whose last chance is this round (round + τ = k) are waited for as well."""
+        ids = list(grid.push_messages(messages)) if messages else []
+        self._round.message_ids = {
+            mid: int(m.metadata.dst_node_id) for mid, m in zip(ids, messages, strict=True)
+        }
+        tau = self.server.max_staleness
+        expiring = [mid for mid, (_, r) in self._in_flight.items() if k - r >= tau]
+        return pull_replies(
+            grid, [*ids, *self._in_flight], [*ids, *expiring], timeout, self.poll_interval
+        )
 
     def _round_record(
         self,

@@ -40,7 +40,8 @@ FaultKind = Literal["crash", "lost", "corrupt", "crafted", "late", "state-loss"]
 #: - ``corrupt``: the reply arrives with bytes of its payload flipped.
 #: - ``crafted``: the reply carries a hostile payload with a valid header and CRC
 #:   (`crafted_payload`).
-#: - ``late``: the reply arrives after the round's timeout, during the next round.
+#: - ``late``: the reply arrives after the round's timeout, during the next round (refused
+#:   with max-staleness τ = 0, folded into that round's ĝ with τ ≥ 1).
 #: - ``state-loss``: the client lost its state (a restart without its ``context.state``)
 #:   before the round, and starts over from the initial state.
 FAULT_KINDS: tuple[FaultKind, ...] = ("crash", "lost", "corrupt", "crafted", "late", "state-loss")
@@ -148,8 +149,9 @@ def run_local(
         nodes, expected = sample_clients(
             connected, settings.participation, settings.participation_mode, rng
         )
-        run.sampled.append(nodes)
         server.begin_round(k)
+        nodes = server.skip_busy(nodes)  # τ > 0: clients with a reply outstanding wait
+        run.sampled.append(nodes)
         arriving_late, late = late, []
         for i in nodes:
 
@@ -183,8 +185,10 @@ def run_local(
             if kind in ("crash", "lost", "late"):
                 if kind == "late":
                     late.append((i, uplink))
-                server.receive(k, i, None, "crashed after training" if kind == "crash" else
-                               "no reply before the round timeout")  # fmt: skip
+                if kind == "crash":
+                    server.receive(k, i, None, "crashed after training")
+                else:  # no reply before the round's deadline (τ > 0: it becomes outstanding)
+                    server.timeout(k, i)
                 if not revert_lost_state and step.pending is not None:
                     # the bug: keep the unacknowledged uplink memory and residual
                     run.committed[i] = replace(

@@ -78,6 +78,7 @@ def settings_from_config(config: dict[str, Any], dim: int) -> AlgorithmSettings:
         ef_scaled=bool(parse_flag(config.get("ef-scale", ""), "ef-scale")),
         client_momentum=float(config.get("client-momentum", DEFAULT_CLIENT_MOMENTUM)),
         server_opt=server_opt_from_config(config),
+        max_staleness=int(config.get("max-staleness", 0)),
     )
 
 

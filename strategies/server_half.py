@@ -10,7 +10,11 @@ One round k, driven by the Flower glue (`strategies.flower`) or by `strategies.l
                                   snapshot or fresh), stamped for the consistency protocol,
                                   and the state digest the server expects back
     4. receive(k, i, uplink)      for each reply: validate (`strategies.validation`),
-                                  compare digests (`strategies.consistency`), keep Δ̂_i
+                                  compare digests (`strategies.consistency`), keep Δ̂_i;
+                                  a reply of an earlier round k' is a delayed update,
+                                  kept when 1 ≤ k − k' ≤ τ and still outstanding
+       timeout(k, i)              for each sampled client that did not reply in time:
+                                  with τ > 0 its reply becomes outstanding
     5. finish_round(k, pN)        ĝ by PP1 / PP2 (`strategies.aggregation`), then the
                                   family moves the central model (`_advance`) by the
                                   server optimiser's step u = server_opt(ĝ)
@@ -77,6 +81,15 @@ class PendingReply:
 
 
 @dataclass
+class OutstandingReply:
+    """A reply of round `round` that missed its round's deadline (τ > 0): what the server
+    expected from the client then, kept until the reply arrives or τ rounds have passed."""
+
+    round: int
+    expected: PendingReply
+
+
+@dataclass
 class RoundStats:
     """Counters of one round (go to RoundRecord.extra)."""
 
@@ -97,9 +110,20 @@ class RoundStats:
     joined: int = 0  # clients added to the counted set C this round
     left: int = 0  # clients removed from C this round
     members: int = 0  # N = |C| after this round's changes
+    #: delayed updates (`strategies.consistency`): late replies folded into this round's ĝ,
+    #: late replies refused (no longer outstanding, staleness > τ, or a failed check),
+    #: outstanding replies dropped after τ rounds, sampled clients skipped because a reply
+    #: of theirs was outstanding, and one entry per late reply that arrived this round
+    late_applied: int = 0
+    late_refused: int = 0
+    late_expired: int = 0
+    busy_skipped: int = 0
+    late_replies: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        out["late_replies"] = [dict(entry) for entry in self.late_replies]
+        return out
 
 
 class ServerHalf(ABC):
@@ -138,6 +162,9 @@ class ServerHalf(ABC):
         self.version = 0
         self.books: dict[int, ClientBook] = {}
         self.pending: dict[int, PendingReply] = {}
+        #: τ, and the replies that missed their round and may still be applied (τ > 0)
+        self.max_staleness = settings.max_staleness
+        self.outstanding: dict[int, OutstandingReply] = {}
         self.up_compressor = get_compressor(settings.uplink)
         self.down_compressor = get_compressor(settings.downlink)
         self.max_uplink_bytes = max_uplink_bytes or default_max_uplink_bytes(self.dim)
@@ -243,6 +270,8 @@ class ServerHalf(ABC):
             self.h_global = aggregation.pp2_leave(self.h_global, h_j, n, self.expected_participants)
         self.books[node].counted = False
         self.stats.left += 1
+        if self.outstanding.pop(node, None) is not None:  # its h_i must not move outside C
+            log.info("round %d: node %d left with a reply outstanding: dropped", self._round, node)
         log.info("round %d: node %d leaves (N = %d)", self._round, node, n - 1)
 
     def _reset_uplink_memory(self, node: int) -> None:
@@ -261,8 +290,32 @@ class ServerHalf(ABC):
         self._received = []
         self._round = k
 
+    def skip_busy(self, sampled: Iterable[int]) -> list[int]:
+        """S_k without the clients whose reply of an earlier round is outstanding: a newer
+        downlink would make them drop the state that reply was computed at (its ack round
+        is older), so it could never be applied. Counted (`RoundStats.busy_skipped`); the
+        draw of S_k itself is unchanged (same seed, round and partitions)."""
+        kept = []
+        for node in sampled:
+            late = self.outstanding.get(node)
+            if late is None:
+                kept.append(node)
+                continue
+            self.stats.busy_skipped += 1
+            log.info(
+                "round %d: node %d skipped: its reply of round %d is outstanding",
+                self._round, node, late.round,
+            )  # fmt: skip
+        return kept
+
     def downlink_for(self, k: int, node: int) -> Downlink:
         book = self.books.setdefault(node, ClientBook())
+        late = self.outstanding.pop(node, None)
+        if late is not None:  # the newer downlink acks an older round: that reply is void
+            log.warning(
+                "round %d: node %d sampled with its reply of round %d outstanding: that "
+                "reply can no longer be applied", k, node, late.round,
+            )  # fmt: skip
         if not book.counted:  # sampled without `set_members` saying so: it joins
             self._join(node)
         if book.needs_reset:
@@ -288,8 +341,10 @@ class ServerHalf(ABC):
         rejected, logged and counted (`RoundStats.rejected`), and the round goes on. A reply
         for another round leaves the client's pending reply of this round in place.
         """
-        if uplink is not None and getattr(uplink, "round", None) != k:
-            stamp = getattr(uplink, "round", None)
+        stamp = getattr(uplink, "round", None)
+        if uplink is not None and isinstance(stamp, int) and stamp < k:
+            return self._receive_late(k, node, uplink)
+        if uplink is not None and stamp != k:
             return self.reject(k, node, f"reply for round {stamp!r}, expected {k}", pop=False)
         pending = self.pending.pop(node, None)
         if pending is None:
@@ -299,6 +354,70 @@ class ServerHalf(ABC):
         if uplink is None:
             log.warning("round %d: node %d failed (%s); its state stays as before", k, node, error)
             return "failed"
+        outcome = self._take(k, node, uplink, pending)
+        if outcome == "ok":
+            self.stats.accepted += 1
+        return outcome
+
+    def timeout(self, k: int, node: int) -> str:
+        """Client `node` sampled in round k did not reply before the round's deadline.
+        With τ = 0 its reply is dropped ('failed', as `receive(k, node, None)`); with τ > 0
+        what the server expected from it becomes outstanding, to be applied if the reply
+        arrives within τ rounds ('timeout'), and the client is not sampled meanwhile."""
+        if self.max_staleness == 0 or node not in self.pending:
+            return self.receive(k, node, None, "no reply (timeout)")
+        self.outstanding[node] = OutstandingReply(k, self.pending.pop(node))
+        log.info(
+            "round %d: node %d did not reply in time; its reply may still be applied "
+            "until round %d", k, node, k + self.max_staleness,
+        )  # fmt: skip
+        return "timeout"
+
+    def late_failed(self, j: int, node: int, error: str) -> str:
+        """Client `node`'s outstanding reply arrived in round j as an error or a malformed
+        message: nothing more will come for it, so it is no longer outstanding ('failed')."""
+        late = self.outstanding.pop(node, None)
+        k = late.round if late is not None else -1
+        self.stats.late_replies.append(
+            {"node_id": node, "round": k, "staleness": j - k if late else -1,
+             "applied": False, "reason": error}
+        )  # fmt: skip
+        self.stats.late_refused += 1
+        log.warning("round %d: node %d's late reply of round %d failed: %s", j, node, k, error)
+        return "failed"
+
+    def _receive_late(self, j: int, node: int, uplink: Uplink) -> str:
+        """A reply of round k < j arriving in round j: a delayed update of staleness j − k,
+        taken (as a timely reply, into this round's ĝ) when it is client `node`'s outstanding
+        reply of round k and j − k ≤ τ, else refused (`late_refused`)."""
+        k = uplink.round
+        staleness = j - k
+        entry: dict[str, Any] = {"node_id": node, "round": k, "staleness": staleness}
+        self.stats.late_replies.append(entry)
+        late = self.outstanding.get(node)
+        if late is None or late.round != k or staleness > self.max_staleness:
+            if staleness > self.max_staleness:
+                why = f"staleness {staleness} > max-staleness {self.max_staleness}"
+            else:
+                why = "no longer outstanding (a newer downlink was sent, or the client left)"
+            entry.update(applied=False, reason=why)
+            self.stats.late_refused += 1
+            return self.reject(j, node, f"reply for round {k}, expected {j}: {why}", pop=False)
+        del self.outstanding[node]
+        outcome = self._take(k, node, uplink, late.expected)
+        entry["applied"] = outcome == "ok"
+        if outcome == "ok":
+            self.stats.late_applied += 1
+            log.info("round %d: node %d's reply of round %d applied (staleness %d)",
+                     j, node, k, staleness)  # fmt: skip
+        else:
+            entry["reason"] = uplink.detail or "invalid payload or state digest (see log)"
+            self.stats.late_refused += 1
+        return outcome
+
+    def _take(self, k: int, node: int, uplink: Uplink, pending: PendingReply) -> str:
+        """Check and keep client `node`'s reply of round k (`pending`: what the server
+        expected from it); the Δ̂_i goes into the current round's ĝ."""
         book = self.books[node]
         try:
             if uplink.status == "resync":
@@ -330,7 +449,6 @@ class ServerHalf(ABC):
         book.needs_reset = False
         self._commit_client(node, pending.commit)
         self._received.append((node, delta_hat))
-        self.stats.accepted += 1
         return "ok"
 
     def reject(self, k: int, node: int, reason: str, pop: bool = True) -> str:
@@ -370,6 +488,14 @@ class ServerHalf(ABC):
         self.stats.expected_participants = expected
         for node in list(self.pending):  # sampled but never answered
             self.pending.pop(node)
+        for node, late in list(self.outstanding.items()):  # k + τ was its last round
+            if k - late.round >= self.max_staleness:
+                del self.outstanding[node]
+                self.stats.late_expired += 1
+                log.warning(
+                    "round %d: node %d's reply of round %d did not arrive within "
+                    "max-staleness %d: dropped", k, node, late.round, self.max_staleness,
+                )  # fmt: skip
         g_hat = self.aggregate(expected)
         self._advance(g_hat, k)
         if self.h_store is not None:

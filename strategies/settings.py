@@ -84,6 +84,9 @@ class AlgorithmSettings:
     client_momentum: float = 0.0
     #: the server optimiser turning ĝ into the step u, w ← w − γ u (`strategies.server_opt`)
     server_opt: ServerOptSettings = field(default_factory=ServerOptSettings)
+    #: τ, the staleness bound of delayed updates: a reply of round k that arrives in round j,
+    #: 1 ≤ j − k ≤ τ, is folded into round j's ĝ (`strategies.consistency`); 0 = dropped
+    max_staleness: int = 0
 
     @property
     def name(self) -> str:
@@ -137,6 +140,7 @@ def resolve_settings(
     ef_scaled: bool = False,
     client_momentum: float = DEFAULT_CLIENT_MOMENTUM,
     server_opt: ServerOptSettings | None = None,
+    max_staleness: int = 0,
 ) -> AlgorithmSettings:
     """Fill the preset's defaults and check every value; raise ValueError naming the key.
 
@@ -195,6 +199,8 @@ def resolve_settings(
         raise ValueError(f"pp-variant must be 'pp1' or 'pp2', got {pp_variant!r}")
     if preset.model_residual and down_rate > 0:
         raise ValueError(f"down-memory-rate: {preset.name} has no downlink memory")
+    if int(max_staleness) != max_staleness or max_staleness < 0:
+        raise ValueError(f"max-staleness must be an integer >= 0, got {max_staleness}")
     if not math.isfinite(model_step) or not 0 < model_step <= 1:
         raise ValueError(f"model-step must be in (0, 1], got {model_step}")
     if model_step != 1 and not preset.model_residual:
@@ -232,6 +238,7 @@ def resolve_settings(
         model_step=float(model_step),
         client_momentum=float(client_momentum) if preset.client_momentum else 0.0,
         server_opt=server_opt,
+        max_staleness=int(max_staleness),
     )
 
 

@@ -12,7 +12,7 @@ import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from compression import parse_compressor
-from core.runconfig import DEFAULTS, load_config, parse_failure, parse_options
+from core.runconfig import DEFAULTS, load_config, parse_delay, parse_failure, parse_options
 from strategies.client_half import initial_client_state
 from strategies.consistency import DIGEST_BYTES, state_digest
 from strategies.flower import (
@@ -287,6 +287,11 @@ def test_presets_fill_defaults() -> None:
         ({"task-options": "dim"}, "task-options"),
         ({"test-fail": "x"}, "test-fail"),
         ({"client-lr": math.inf}, "client-lr"),
+        ({"max-staleness": -1}, "max-staleness"),
+        ({"max-staleness": 1.5}, "max-staleness"),
+        ({"strategy": "flwr-fedavg", "max-staleness": 2}, "max-staleness"),
+        ({"test-delay": "1:2"}, "test-delay"),
+        ({"test-delay": "1:2:-5"}, "test-delay"),
     ],
 )
 def test_bad_run_config_is_refused_with_a_clear_error(overrides, match) -> None:
@@ -325,6 +330,7 @@ def test_config_defaults_match_pyproject() -> None:
 def test_option_parsing() -> None:
     assert parse_options("dim=50, noise=0.1,name=x") == {"dim": 50, "noise": 0.1, "name": "x"}
     assert parse_failure("3:2") == (3, 2) and parse_failure("") is None
+    assert parse_delay("3:2:40") == (3, 2, 40.0) and parse_delay("") is None
 
 
 # ----------------------------------------------------------------------------- formats
