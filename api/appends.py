@@ -15,11 +15,11 @@ counters for the run (``client_participation``, an upsert) and the enrolled clie
   executed on an autocommit connection: one round trip and one implicit transaction per
   round. Each CTE reads the one before it, so nothing is inserted unless the run's UPDATE
   matched (a running run whose totals stay below 2^63); a duplicate round number fails
-  the whole statement. The statement also sets ``synchronous_commit = off`` for its own
-  transaction: the commit does not wait for the WAL flush (2.6 ms on the development
-  machine, which alone limits a writer to ~390 rounds/s). A crash of the database server
-  may then lose the last appended rounds (at most 3 x ``wal_writer_delay``, 0.6 s by
-  default), never part of one, as SQLite's ``synchronous=NORMAL`` may on a power loss.
+  the whole statement. Its commit waits for the write-ahead-log flush like every other
+  commit: an appended round survives a crash of the database server. That flush (2.6 ms
+  on the development machine) alone limits one writer to ~390 rounds/s; committing without
+  it (``synchronous_commit = off``) would be faster but could lose the last rounds a run
+  reported, so the store does not.
 """
 
 from __future__ import annotations
@@ -359,10 +359,7 @@ def _build_append_postgresql() -> Any:
         .values(last_seen_at=ended_at)
         .cte("s")
     )
-    # set_config(..., true) lasts until the end of this statement's implicit transaction,
-    # whose commit then does not wait for the WAL flush (see the module docstring)
-    no_flush: Any = literal_column("set_config('synchronous_commit', 'off', true)")
-    return select(new_round.c.id, no_flush).add_cte(counters, seen)
+    return select(new_round.c.id).add_cte(counters, seen)
 
 
 APPEND_POSTGRESQL = _build_append_postgresql()
