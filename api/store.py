@@ -167,6 +167,18 @@ class Participation:
     last_round_at: datetime | None = None
 
 
+class RunVersion(typing.NamedTuple):
+    """The columns of a run that change whenever anything a read shows of it changes: an
+    appended round (rounds_done, updated_at), finishing, resuming, a stale mark (status).
+    A ``finished`` run never changes again (no append or resume is allowed on it)."""
+
+    status: str
+    rounds_done: int
+    last_round: int | None
+    updated_at: datetime
+    ended_at: datetime | None
+
+
 RUNS_TABLE = typing.cast(Table, Run.__table__)
 ROUNDS_TABLE = typing.cast(Table, Round.__table__)
 CLIENT_ROUNDS_TABLE = typing.cast(Table, ClientRound.__table__)
@@ -529,6 +541,19 @@ class Store:
             if run is None:
                 raise NotFoundError(f"run {run_id} not found")
             return run
+
+    def run_version(self, run_id: int) -> RunVersion:
+        """The run's `RunVersion` (one primary-key read; `NotFoundError` if none)."""
+        c = RUNS_TABLE.c
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(c.status, c.rounds_done, c.last_round, c.updated_at, c.ended_at).where(
+                    c.id == run_id
+                )
+            ).first()
+        if row is None:
+            raise NotFoundError(f"run {run_id} not found")
+        return RunVersion(*row)
 
     def list_runs(
         self,

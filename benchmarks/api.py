@@ -420,9 +420,9 @@ def sweep(
 
 def summary(points: list[dict[str, Any]]) -> dict[str, Any]:
     """An endpoint's result: the highest-rate point whose p99 is within the limit and that
-    had no errors (rate_rps None when even one connection missed: then p50/p99 are those
+    had answers and no errors (rate_rps None when even one connection missed: then p50/p99 are those
     of one connection)."""
-    ok = [p for p in points if p["p99_ms"] <= P99_LIMIT_MS and p["errors"] == 0]
+    ok = [p for p in points if p["requests"] and not p["errors"] and p["p99_ms"] <= P99_LIMIT_MS]
     best = max(ok, key=lambda p: p["rate_rps"]) if ok else None
     shown = best or points[0]
     return {

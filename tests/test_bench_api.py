@@ -20,6 +20,7 @@ FIELDS = ("backend", "endpoint", "loadgen", "connections", "rate_rps", "p50_ms",
 def _point(c: int, rate: float, p99: float, errors: int = 0) -> dict[str, float]:
     return {
         "connections": c,
+        "requests": 5 * rate,
         "rate_rps": rate,
         "p50_ms": p99 / 3,
         "p99_ms": p99,
@@ -36,6 +37,8 @@ def test_summary_takes_the_highest_rate_within_the_p99_limit() -> None:
     # a point with errors does not count, however fast
     best = summary([_point(1, 100, 5), _point(2, 900, 10, errors=3)])
     assert best["connections"] == 1
+    # nor does one that finished no request within the run (wrk then reports p99 0)
+    assert summary([_point(1, 0, 0)])["meets_limit"] is False
 
 
 def test_summary_of_a_miss_shows_one_connection() -> None:
