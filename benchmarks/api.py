@@ -389,8 +389,8 @@ def sweep(
     url: str, pid: int, endpoint: str, sizes: Sizes, workdir: Path, progress: Any
 ) -> list[dict[str, Any]]:
     """wrk at 1, 2, 4, ... connections until the p99 passes the limit (more connections
-    only queue longer) or the list ends; one record per point, with the service's CPU
-    milliseconds per request beside the wall-clock rate."""
+    only queue longer), no request finished within a point, or the list ends; one record
+    per point, with the service's CPU milliseconds per request beside the wall-clock rate."""
     import httpx
 
     script = workdir / f"{endpoint}.lua"
@@ -413,7 +413,7 @@ def sweep(
             f"  {endpoint} c={c} {point['rate_rps']:.0f} req/s p50 {point['p50_ms']:.1f}"
             f" ms p99 {point['p99_ms']:.1f} ms errors {point['errors']}"
         )
-        if point["p99_ms"] > P99_LIMIT_MS:
+        if point["p99_ms"] > P99_LIMIT_MS or not point["requests"]:
             break
     return points
 
