@@ -11,7 +11,9 @@ request; ``GET /health`` measured the same way is the framework's floor. The app
 of rounds is `benchmarks.store`'s.
 
 `--quick`: 10 x 100 x 20, 1 s per point at 1, 4, 16 connections. `--json PATH` writes the
-per-endpoint results and every point of the sweeps.
+per-endpoint results and every point of the sweeps. `--baseline-tree DIR` (a checkout of
+other code) measures that code's service too, on the same database, endpoint by endpoint
+right after this one's, so both see the same machine load.
 """
 
 from __future__ import annotations
@@ -231,17 +233,24 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def service(database_url: str, home: Path, workers: int) -> Iterator[tuple[str, int]]:
-    """The service on a free port: yields its URL and process id."""
+def service(
+    database_url: str, home: Path, workers: int, root: Path = REPO_ROOT
+) -> Iterator[tuple[str, int]]:
+    """The service of the code under `root` on a free port: yields its URL and pid."""
     import httpx
 
     port = free_port()
+    home.mkdir(parents=True, exist_ok=True)
     log = (home / "api.log").open("ab")
-    env = os.environ | {"FEDSQUEEZE_HOME": str(home), "DATABASE_URL": database_url}
+    env = os.environ | {
+        "FEDSQUEEZE_HOME": str(home),
+        "DATABASE_URL": database_url,
+        "PYTHONPATH": str(root),
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "api", "serve", "--port", str(port),
          "--database-url", database_url, "--log-level", "warning", "--workers", str(workers)],
-        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
@@ -459,6 +468,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--duration", type=float, help="seconds of wrk per point")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    parser.add_argument(
+        "--baseline-tree",
+        type=Path,
+        help="a checkout of other code (e.g. `git archive COMMIT | tar -x -C DIR`): its "
+        "service is started on the same database and measured right after this one's, "
+        "endpoint by endpoint (code = baseline)",
+    )
     args = parser.parse_args(argv)
 
     sizes = (
@@ -480,6 +496,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("wrk is not installed (Debian: apt-get install wrk)")
     if args.workers < 1:
         parser.error("--workers must be >= 1")
+    trees = {"current": REPO_ROOT}
+    if args.baseline_tree is not None:
+        if not (args.baseline_tree / "api" / "app.py").is_file():
+            parser.error(f"--baseline-tree {args.baseline_tree} holds no api/app.py")
+        trees["baseline"] = args.baseline_tree.resolve()
     console = Console(width=max(120, shutil.get_terminal_size().columns))
     context = {
         "runs": sizes.runs,
@@ -504,15 +525,22 @@ def main(argv: list[str] | None = None) -> int:
                     f"{backend}: seeded {sizes.runs} runs, {seeded['rounds']:,} rounds, "
                     f"{seeded['client_rounds']:,} client-rounds in {seeded['seed_seconds']:.1f} s"
                 )
-                with (
-                    service(database_url, workdir, args.workers) as (url, pid),
-                    Progress(console=console, transient=True) as progress,
-                ):
+                with contextlib.ExitStack() as stack:
+                    served = {
+                        code: stack.enter_context(
+                            service(database_url, workdir / code, args.workers, root)
+                        )
+                        for code, root in trees.items()
+                    }
+                    progress = stack.enter_context(Progress(console=console, transient=True))
                     for endpoint in endpoints:
-                        swept = sweep(url, pid, endpoint, sizes, workdir, progress)
-                        common = {"backend": backend, "endpoint": endpoint, "loadgen": "wrk"}
-                        points += [common | p for p in swept]
-                        records.append(common | summary(swept) | context | seeded)
+                        # the trees one after the other per endpoint: the same machine load
+                        for code, (url, pid) in served.items():
+                            swept = sweep(url, pid, endpoint, sizes, workdir / code, progress)
+                            common = {"backend": backend, "endpoint": endpoint, "code": code,
+                                      "loadgen": "wrk"}  # fmt: skip
+                            points += [common | p for p in swept]
+                            records.append(common | summary(swept) | context | seeded)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -521,12 +549,12 @@ def main(argv: list[str] | None = None) -> int:
         f"({sizes.runs} runs x {sizes.rounds} rounds x {sizes.clients} client-rounds, "
         f"{sizes.duration_s:.0f} s per point, {args.workers} worker(s))"
     )
-    for col in ("backend", "endpoint", "conns", "req/s", "p50 ms", "p99 ms", "CPU ms/req",
-                "1 conn req/s", "load avg"):  # fmt: skip
+    for col in ("backend", "endpoint", "code", "conns", "req/s", "p50 ms", "p99 ms",
+                "CPU ms/req", "1 conn req/s", "load avg"):  # fmt: skip
         table.add_column(col, justify="right")
     for r in records:
         table.add_row(
-            r["backend"], r["endpoint"],
+            r["backend"], r["endpoint"], r["code"],
             str(r["connections"]) if r["meets_limit"] else "-",
             f"{r['rate_rps']:.0f}" if r["meets_limit"] else "MISSED",
             f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}",

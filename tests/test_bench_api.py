@@ -64,7 +64,7 @@ def test_quick_benchmark_writes_every_endpoint(tmp_path: Path) -> None:
     for r in results:
         for name in FIELDS:
             assert name in r, (r["endpoint"], name)
-        assert r["backend"] == "sqlite" and r["loadgen"] == "wrk"
+        assert r["backend"] == "sqlite" and r["loadgen"] == "wrk" and r["code"] == "current"
         assert r["p50_ms"] <= r["p99_ms"]
         assert (r["rate_rps"] is None) == (not r["meets_limit"])
     for p in data["points"]:
