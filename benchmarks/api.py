@@ -348,7 +348,7 @@ def wrk_script(url: str, endpoint: str, sizes: Sizes) -> str:
     paths = paths_for(endpoint, sizes)
     etags: list[str] = []
     if endpoint == "series_304":
-        with httpx.Client(base_url=url, timeout=60) as client:
+        with httpx.Client(base_url=url, timeout=600) as client:
             known = {p: client.get(p).headers.get("etag", '"none"') for p in set(paths)}
         etags = [known[p] for p in paths]
 
@@ -405,7 +405,7 @@ def sweep(
     script = workdir / f"{endpoint}.lua"
     script.write_text(wrk_script(url, endpoint, sizes))
     first = paths_for(endpoint, sizes, 1)[0]
-    status = httpx.get(url + first, timeout=60).status_code
+    status = httpx.get(url + first, timeout=600).status_code
     if status != 200:
         raise RuntimeError(f"{endpoint}: GET {first} answered {status}")
     points = []
