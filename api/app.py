@@ -36,10 +36,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
+from pydantic_core import to_json
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import schemas as s
+from api.caching import cache_headers, matches, not_modified, run_etag
 from api.dashboard import mount_dashboard
 from api.db import current_revision, ensure_schema, get_engine, head_revision
 from api.errors import InvalidError, NotFoundError, StoreError
@@ -342,16 +344,35 @@ def _client_out(client: Client, part: Participation | None) -> s.ClientOut:
 
 
 def _series(run_id: int, rows: list[tuple[Any, ...]]) -> s.Series:
-    return s.Series(
-        run_id=run_id,
-        rounds=[r[0] for r in rows],
-        train_loss=[r[1] for r in rows],
-        eval_loss=[r[2] for r in rows],
-        eval_accuracy=[r[3] for r in rows],
-        uplink_bytes_cumulative=list(accumulate(r[4] for r in rows)),
-        downlink_bytes_cumulative=list(accumulate(r[5] for r in rows)),
-        ended_at=[r[6] for r in rows],
-    )
+    return s.Series(**_series_fields(run_id, rows))
+
+
+def _series_fields(run_id: int, rows: list[tuple[Any, ...]]) -> dict[str, Any]:
+    """The Series fields, in the model's order, of `Store.series` rows."""
+    return {
+        "run_id": run_id,
+        "rounds": [r[0] for r in rows],
+        "train_loss": [r[1] for r in rows],
+        "eval_loss": [r[2] for r in rows],
+        "eval_accuracy": [r[3] for r in rows],
+        "uplink_bytes_cumulative": list(accumulate(r[4] for r in rows)),
+        "downlink_bytes_cumulative": list(accumulate(r[5] for r in rows)),
+        "ended_at": [r[6] for r in rows],
+    }
+
+
+#: RoundOut's fields in its order: the keys of a round in a page's JSON
+ROUND_FIELDS = tuple(s.RoundOut.model_fields)
+
+
+def _round_json_fields(row: Any) -> dict[str, Any]:
+    """A row of the rounds table as RoundOut's fields, ready for `to_json` without a
+    model: the columns already have the model's types (ints, floats or None, UTC
+    datetimes, JSON objects) but for phase times, which the model makes floats."""
+    m = row._mapping
+    out = {k: m[k] for k in ROUND_FIELDS}
+    out["phase_seconds"] = {k: float(v) for k, v in out["phase_seconds"].items()}
+    return out
 
 
 def _page_meta(page: Page) -> dict[str, Any]:
@@ -497,6 +518,21 @@ def create_app(settings: Settings | None = None, registrar: Registrar | None = N
     Limit = Annotated[int, Query(ge=1, le=max_page, description=f"page size, at most {max_page}")]
     Offset = Annotated[int, Query(ge=0, le=1_000_000_000)]
 
+    def run_read(run_id: int, request: Request, body: Callable[[], bytes | str]) -> Response:
+        """A read of one run with its validators (`api.caching`), after the route's
+        authentication: 304 without a body when If-None-Match names the current ETag,
+        else `body()` (404 for an unknown run either way). A run that changed while the
+        body was built gets no ETag (the body may be newer than the version read first)."""
+        version = store.run_version(run_id)
+        etag = run_etag(version, request, app.version)
+        headers = cache_headers(version, etag)
+        if matches(request.headers.get("if-none-match"), etag):
+            return not_modified(headers)
+        content = body()
+        if version.status != "finished" and store.run_version(run_id) != version:
+            headers = {"Cache-Control": "private, no-cache"}
+        return Response(content, media_type="application/json", headers=headers)
+
     # ------------------------------------------------------------ health
     @app.get("/health", response_model=s.Health, tags=["health"])
     def health() -> s.Health:
@@ -560,9 +596,10 @@ def create_app(settings: Settings | None = None, registrar: Registrar | None = N
         responses=ERROR_RESPONSES,
         dependencies=Reads,
     )
-    def get_run(run_id: RunId) -> Response:
-        """One run with its summary: rounds done, best accuracy, bytes, compression ratios."""
-        return _json(_run_out(store.get_run(run_id)))
+    def get_run(run_id: RunId, request: Request) -> Response:
+        """One run with its summary: rounds done, best accuracy, bytes, compression ratios.
+        With an ETag; `If-None-Match` answers 304 while the run is unchanged."""
+        return run_read(run_id, request, lambda: _run_out(store.get_run(run_id)).model_dump_json())
 
     @app.get(
         "/runs/{run_id}/rounds",
@@ -573,22 +610,26 @@ def create_app(settings: Settings | None = None, registrar: Registrar | None = N
     )
     def list_rounds(
         run_id: RunId,
+        request: Request,
         from_round: Annotated[int | None, Query(ge=0, le=s.INT32_MAX)] = None,
         to_round: Annotated[int | None, Query(ge=0, le=s.INT32_MAX)] = None,
         limit: Limit = 100,
         offset: Offset = 0,
     ) -> Response:
-        """A run's rounds in order, optionally within [from_round, to_round]."""
+        """A run's rounds in order, optionally within [from_round, to_round]. With an
+        ETag; `If-None-Match` answers 304 while the run is unchanged."""
         if from_round is not None and to_round is not None and from_round > to_round:
             raise InvalidError("from_round must not exceed to_round")
-        page = store.list_rounds(
-            run_id, from_round=from_round, to_round=to_round, limit=limit, offset=offset
-        )
-        return _json(
-            s.Page[s.RoundOut](
-                items=[s.RoundOut(**_round_fields(r)) for r in page.items], **_page_meta(page)
+
+        def body() -> bytes:
+            page = store.list_rounds(
+                run_id, from_round=from_round, to_round=to_round, limit=limit, offset=offset
             )
-        )
+            # rows straight to JSON: the same bytes as Page[RoundOut] without a model per row
+            items = [_round_json_fields(r) for r in page.items]
+            return to_json({"items": items, **_page_meta(page)})
+
+        return run_read(run_id, request, body)
 
     @app.get(
         "/runs/{run_id}/rounds/{round_number}",
@@ -598,9 +639,13 @@ def create_app(settings: Settings | None = None, registrar: Registrar | None = N
         dependencies=Reads,
     )
     def get_round(
-        run_id: RunId, round_number: Annotated[int, Path(ge=0, le=s.INT32_MAX)]
+        run_id: RunId, round_number: Annotated[int, Path(ge=0, le=s.INT32_MAX)], request: Request
     ) -> Response:
-        """One round with every client's part in it."""
+        """One round with every client's part in it. With an ETag; `If-None-Match`
+        answers 304 while the run is unchanged."""
+        return run_read(run_id, request, lambda: round_detail(run_id, round_number))
+
+    def round_detail(run_id: int, round_number: int) -> str:
         rnd, clients = store.get_round(run_id, round_number)
         detail = s.RoundDetail(
             **_round_fields(rnd),
@@ -618,7 +663,7 @@ def create_app(settings: Settings | None = None, registrar: Registrar | None = N
                 for c in clients
             ],
         )
-        return _json(detail)
+        return detail.model_dump_json()
 
     @app.get(
         "/runs/{run_id}/series",
@@ -627,9 +672,13 @@ def create_app(settings: Settings | None = None, registrar: Registrar | None = N
         responses=ERROR_RESPONSES,
         dependencies=Reads,
     )
-    def get_series(run_id: RunId) -> Response:
-        """Curves for plotting: losses, accuracy and cumulative bytes per round."""
-        return _json(_series(run_id, store.series([run_id])[run_id]))
+    def get_series(run_id: RunId, request: Request) -> Response:
+        """Curves for plotting: losses, accuracy and cumulative bytes per round. With an
+        ETag; `If-None-Match` answers 304 while the run is unchanged."""
+        # lists straight to JSON: the same bytes as Series without validating each item
+        return run_read(
+            run_id, request, lambda: to_json(_series_fields(run_id, store.series([run_id])[run_id]))
+        )
 
     @app.get(
         "/compare",

@@ -173,6 +173,18 @@ class Participation:
     last_round_at: datetime | None = None
 
 
+class RunVersion(typing.NamedTuple):
+    """The columns of a run that change whenever anything a read shows of it changes: an
+    appended round (rounds_done, updated_at), finishing, resuming, a stale mark (status).
+    A ``finished`` run never changes again (no append or resume is allowed on it)."""
+
+    status: str
+    rounds_done: int
+    last_round: int | None
+    updated_at: datetime
+    ended_at: datetime | None
+
+
 def _page(
     session: Session,
     entity: Any,
@@ -452,6 +464,19 @@ class Store:
                 raise NotFoundError(f"run {run_id} not found")
             return run
 
+    def run_version(self, run_id: int) -> RunVersion:
+        """The run's `RunVersion` (one primary-key read; `NotFoundError` if none)."""
+        c = RUNS_TABLE.c
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(c.status, c.rounds_done, c.last_round, c.updated_at, c.ended_at).where(
+                    c.id == run_id
+                )
+            ).first()
+        if row is None:
+            raise NotFoundError(f"run {run_id} not found")
+        return RunVersion(*row)
+
     def list_runs(
         self,
         *,
@@ -519,27 +544,29 @@ class Store:
             return rnd, clients
 
     def series(self, run_ids: Sequence[int]) -> dict[int, list[tuple[Any, ...]]]:
-        """Per run: (round, train_loss, eval_loss, eval_accuracy, up, down, t_end) rows."""
+        """Per run: (round, train_loss, eval_loss, eval_accuracy, up, down, t_end) rows
+        (Core rows, no ORM loading: a series is many small read-only rows)."""
         ids = list(dict.fromkeys(run_ids))
         out: dict[int, list[tuple[Any, ...]]] = {i: [] for i in ids}
-        with self._sessions() as session:
-            found = set(session.scalars(select(Run.id).where(Run.id.in_(ids))))
+        c = ROUNDS_TABLE.c
+        with self.engine.connect() as conn:
+            found = set(conn.scalars(select(RUNS_TABLE.c.id).where(RUNS_TABLE.c.id.in_(ids))))
             missing = [i for i in ids if i not in found]
             if missing:
                 raise NotFoundError(f"run(s) {missing} not found")
-            rows = session.execute(
+            rows = conn.execute(
                 select(
-                    Round.run_id,
-                    Round.round,
-                    Round.train_loss,
-                    Round.eval_loss,
-                    Round.eval_accuracy,
-                    Round.uplink_bytes,
-                    Round.downlink_bytes,
-                    Round.ended_at,
+                    c.run_id,
+                    c.round,
+                    c.train_loss,
+                    c.eval_loss,
+                    c.eval_accuracy,
+                    c.uplink_bytes,
+                    c.downlink_bytes,
+                    c.ended_at,
                 )
-                .where(Round.run_id.in_(ids))
-                .order_by(Round.run_id, Round.round)
+                .where(c.run_id.in_(ids))
+                .order_by(c.run_id, c.round)
             ).all()
         for row in rows:
             out[row[0]].append(tuple(row[1:]))

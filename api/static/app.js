@@ -97,12 +97,14 @@
     }
   }
 
-  /** GET a path of the REST service (relative: works behind a path prefix). */
+  /** GET a path of the REST service (relative: works behind a path prefix). "no-cache":
+   * the browser always asks, with the ETag of its copy, and reuses that copy on a 304
+   * (a finished run's rounds and series are not sent again). */
   async function api(path) {
     const headers = { Accept: "application/json" };
     const token = sessionStorage.getItem(TOKEN_KEY);
     if (token) headers.Authorization = `Bearer ${token}`;
-    const response = await fetch(path, { headers, cache: "no-store" });
+    const response = await fetch(path, { headers, cache: "no-cache" });
     if (!response.ok) {
       let message = `${response.status} ${response.statusText}`;
       try {
