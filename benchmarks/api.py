@@ -93,7 +93,8 @@ def postgres_reachable() -> bool:
 
 
 def seed(database_url: str, sizes: Sizes, progress: Any) -> dict[str, Any]:
-    """Bulk-insert the runs, rounds and client-rounds; return counts and seconds."""
+    """Bulk-insert the runs, rounds and client-rounds at revision 0002, then upgrade to head
+    (the participation counters backfilled); return counts and seconds."""
     from sqlalchemy import insert, text
 
     from api.db import make_engine, upgrade
@@ -101,7 +102,9 @@ def seed(database_url: str, sizes: Sizes, progress: Any) -> dict[str, Any]:
 
     rng = random.Random(0)
     engine = make_engine(database_url)
-    upgrade(engine)
+    # seeded at revision 0002 (before the participation counters), then upgraded: migration
+    # 0003 backfills the counters from the client-rounds as it would for a user's store
+    upgrade(engine, "0002")
     t0 = time.perf_counter()
     start = datetime(2026, 1, 1, tzinfo=UTC)
     run_rows: list[dict[str, Any]] = []
@@ -208,6 +211,7 @@ def seed(database_url: str, sizes: Sizes, progress: Any) -> dict[str, Any]:
                         f"(SELECT max(id) FROM {table}))"
                     )
                 )
+    upgrade(engine)
     with engine.connect() as conn:
         if is_pg:
             conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
