@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -94,32 +93,18 @@ def _input(d: int) -> Any:
 
 def _memory_probe(spec: str, d: int) -> dict[str, Any]:
     """Run in a fresh process: peak extra resident bytes of ``compress(x).to_bytes()``."""
-    import resource
-
     import torch
 
+    from benchmarks.memory import PeakMemory
     from compression import parse_compressor
 
     x = _input(d)
     c = parse_compressor(spec)
     c.compress(torch.randn(5000), seed=0).to_bytes()  # load code paths, not memory
-    status = Path("/proc/self/status")
-    method = "ru_maxrss"
-    rss_before = 0
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        rss_before = int(re.findall(r"VmRSS:\s+(\d+)", status.read_text())[0]) * 1024
-        method = "vmhwm"
-    except (OSError, IndexError):
-        pass
-    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = PeakMemory()
     payload = c.compress(x, seed=1).to_bytes()
-    if method == "vmhwm":
-        hwm = int(re.findall(r"VmHWM:\s+(\d+)", status.read_text())[0]) * 1024
-        extra = hwm - rss_before
-    else:
-        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - maxrss_before
-    return {"peak_extra_bytes": max(0, extra), "memory_method": method, "nbytes": len(payload)}
+    extra = peak.extra_bytes()
+    return {"peak_extra_bytes": extra, "memory_method": peak.method, "nbytes": len(payload)}
 
 
 def _measure_memory(spec: str, d: int, threads: int | None) -> dict[str, Any]:
