@@ -65,7 +65,7 @@ _LATER_SETTINGS: dict[str, Any] = {
     "preset.client_momentum": False,
 }
 #: per-round scratch, cleared by `ServerHalf.begin_round` (empty or stale between rounds)
-SCRATCH = frozenset({"pending", "_received"})
+SCRATCH = frozenset({"pending", "_sum"})
 #: set by the Flower glue, which asks the nodes again (a resumed run's nodes have new ids):
 #: the node → partition map (`strategies.partitions`)
 GLUE = frozenset({"seed_keys"})
