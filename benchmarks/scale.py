@@ -63,12 +63,12 @@ from typing import Any
 #: real uplink payloads made per (d, strategy) and reused by every reply
 POOL_SIZE = 4
 MIN_ROUNDS = 3
-MAX_ROUNDS = 20
+MAX_ROUNDS = 10
 #: participant-coordinates (R·|S_k|·d) one case may cost, full grid / quick
-WORK_PER_CASE = 3 * 10**9
-QUICK_WORK_PER_CASE = 2 * 10**8
+WORK_PER_CASE = 6 * 10**8
+QUICK_WORK_PER_CASE = 10**7
 #: a case whose rounds cost more than this per round (pN·d) is skipped for time
-MAX_WORK_PER_ROUND = 2 * 10**9
+MAX_WORK_PER_ROUND = 2 * 10**8
 #: share of the free RAM / disk a case may plan to use (the machine is shared)
 RAM_SHARE = 0.5
 DISK_SHARE = 0.5
@@ -276,6 +276,7 @@ def run_case(case: Case, pool: Sequence[tuple[bytes, int]], store_dir: Path) -> 
     return {
         **asdict(case),
         "participants": mean_participants,
+        "participants_total": sum(participants),
         "round_s": round_s,
         "round_s_cpu": sum(warm_cpus) / len(warm_cpus),
         "first_round_s": walls[0],
