@@ -372,23 +372,24 @@ def fit_exponent(xs: Sequence[float], ys: Sequence[float]) -> float | None:
 
 
 def growth(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Fitted exponents per pp-variant: round_s against the work |S_k|·d (1 when the cost is
-    O(pN·d)); at the smallest p, round_s against N for each d (0 when no per-round cost grows
-    with the idle clients); peak extra RAM against d (1: O(d)) and against N (0)."""
+    """Fitted exponents per pp-variant: round_s_cpu (CPU time: on a shared machine wall time
+    measures the queue for the cores) against the work |S_k|·d (1 when the cost is O(pN·d));
+    at the smallest p, round_s_cpu against N for each d (0 when no per-round cost grows with
+    the idle clients); peak extra RAM against d (1: O(d)) and against N (0)."""
     done = [r for r in records if not r.get("skipped")]
     out: dict[str, Any] = {}
     for variant in sorted({r["pp_variant"] for r in done}):
         rs = [r for r in done if r["pp_variant"] == variant]
-        work = [(r["participants"] * r["d"], r["round_s"]) for r in rs]
+        work = [(r["participants"] * r["d"], r["round_s_cpu"]) for r in rs]
         big = [(w, t) for w, t in work if w >= 10**7] or work
         fits: dict[str, Any] = {
-            "round_s_vs_work": fit_exponent([w for w, _ in big], [t for _, t in big]),
+            "round_s_cpu_vs_work": fit_exponent([w for w, _ in big], [t for _, t in big]),
         }
         p_min = min(r["participation"] for r in rs)
         for d in sorted({r["d"] for r in rs}):
             sub = [r for r in rs if r["d"] == d and r["participation"] == p_min]
-            fits[f"round_s_vs_N_at_p{p_min:g}_d{d:.0e}"] = fit_exponent(
-                [r["clients"] for r in sub], [r["round_s"] for r in sub]
+            fits[f"round_s_cpu_vs_N_at_p{p_min:g}_d{d:.0e}"] = fit_exponent(
+                [r["clients"] for r in sub], [r["round_s_cpu"] for r in sub]
             )
             fits[f"peak_extra_vs_N_at_p{p_min:g}_d{d:.0e}"] = fit_exponent(
                 [r["clients"] for r in sub], [max(r["peak_extra_mb"], 1e-3) for r in sub]

@@ -160,6 +160,8 @@ class ServerHalf(ABC):
         self._round = 0
         #: (the `books` it was built from, C): see `_counted`
         self._counted_cache: tuple[dict[int, ClientBook], set[int]] | None = None
+        #: (h, whether h is +0.0 everywhere): see `_h_is_positive_zero`
+        self._zero_h_cache: tuple[torch.Tensor | None, bool] | None = None
         #: node → partition id, set by the Flower glue (`strategies.partitions`)
         self.seed_keys: dict[int, int] = {}
 
@@ -246,7 +248,13 @@ class ServerHalf(ABC):
         book = self.books.setdefault(node, ClientBook())
         counted = self._counted()
         n = len(counted)
-        if self.h_global is not None and self.h_store is not None:  # Σ h_i += h_j
+        # Σ h_i += h_j; skipped when h = +0 and h_j = 0 (a new client): (pN·0 + 0)/(pN)' = +0,
+        # h stays as it is, without O(d) work per client (O(N·d) when N clients join at once)
+        if (
+            self.h_global is not None
+            and self.h_store is not None
+            and (node in self.h_store or not self._h_is_positive_zero())
+        ):
             h_j = self.h_store.get(node)
             self.h_global = aggregation.pp2_join(self.h_global, h_j, n, self.expected_participants)
         book.counted = True
@@ -254,6 +262,16 @@ class ServerHalf(ABC):
         self.stats.joined += 1
         if self._round > 1:
             log.info("round %d: node %d joins (N = %d)", self._round, node, n + 1)
+
+    def _h_is_positive_zero(self) -> bool:
+        """h (PP2) is +0.0 everywhere; checked once per h tensor (h is replaced, never changed
+        in place, so the answer is cached by the tensor's identity)."""
+        h = self.h_global
+        cache = self._zero_h_cache
+        if cache is None or cache[0] is not h:
+            zero = h is not None and not bool(h.any()) and not bool(torch.signbit(h).any())
+            cache = self._zero_h_cache = (h, zero)
+        return cache[1]
 
     def _leave(self, node: int) -> None:
         counted = self._counted()

@@ -285,6 +285,17 @@ def test_counted_members_follow_joins_leaves_and_replaced_books() -> None:
     assert server.members() == [1, 2, 3, 7, 9]
 
 
+def test_pp2_new_clients_join_a_zero_h_without_work_per_client() -> None:
+    server = make_server(_settings("artemis", pp_variant="pp2", participation=0.5), torch.zeros(D))
+    h0 = server.h_global
+    server.begin_round(1)
+    server.set_members(range(50))
+    assert server.h_global is h0  # h = +0, h_j = 0: nothing to add, no O(d) per client
+    server.h_global = torch.full((D,), 2.0)
+    server.set_members(range(51))  # a non-zero h is rescaled: (pN·h + 0)/(pN)'
+    assert torch.allclose(server.h_global, torch.full((D,), 2.0 * 25 / 25.5))
+
+
 def test_server_memories_use_the_store() -> None:
     settings = _settings("artemis", participation=1.0)
     server = make_server(settings, torch.zeros(D))
