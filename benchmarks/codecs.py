@@ -58,7 +58,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -175,8 +174,7 @@ def _input(d: int) -> Any:
 
 def _memory_probe(spec: str, d: int) -> dict[str, Any]:
     """Run in a fresh process: peak extra resident bytes of ``compress(x).to_bytes()``."""
-    import resource
-
+    from benchmarks.memory import PeakMemory
     from compression import parse_compressor
 
     x = _input(d)
@@ -184,23 +182,10 @@ def _memory_probe(spec: str, d: int) -> dict[str, Any]:
     # load the code paths (numba's kernels run from 2^22 coordinates on: warm up at the
     # same size; its buffers are returned to the OS before the high-water mark is reset)
     c.compress(x, seed=0).to_bytes()
-    status = Path("/proc/self/status")
-    method = "ru_maxrss"
-    rss_before = 0
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        rss_before = int(re.findall(r"VmRSS:\s+(\d+)", status.read_text())[0]) * 1024
-        method = "vmhwm"
-    except (OSError, IndexError):
-        pass
-    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = PeakMemory()
     payload = c.compress(x, seed=1).to_bytes()
-    if method == "vmhwm":
-        hwm = int(re.findall(r"VmHWM:\s+(\d+)", status.read_text())[0]) * 1024
-        extra = hwm - rss_before
-    else:
-        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - maxrss_before
-    return {"peak_extra_bytes": max(0, extra), "memory_method": method, "nbytes": len(payload)}
+    extra = peak.extra_bytes()
+    return {"peak_extra_bytes": extra, "memory_method": peak.method, "nbytes": len(payload)}
 
 
 def _measure_memory(spec: str, d: int, threads: int | None) -> dict[str, Any]:

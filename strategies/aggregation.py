@@ -30,7 +30,7 @@ whatever the h_i.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
@@ -40,36 +40,50 @@ from strategies.memory_store import TensorStore
 ExpectedFn = Callable[[int], float]
 
 
-def aggregate_uplinks(
-    received: Sequence[tuple[int, torch.Tensor]],
-    expected: float,
-    dim: int,
+def add_uplink(
+    total: torch.Tensor,
+    node: int,
+    delta_hat: torch.Tensor,
     alpha: float,
     h_store: TensorStore | None,
-    h_global: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """ĝ from the accepted (i, Δ̂_i), and the new single memory h (PP2; None otherwise).
+    pp1: bool,
+) -> None:
+    """Take in one accepted reply (i, Δ̂_i) as it arrives: Σ += Δ̂_i (PP1: Δ̂_i + h_i), then
+    h_i ← h_i + α_up Δ̂_i (PP1 and PP2). The round's aggregate is this running sum, so the
+    server holds O(d) of it, not the pN decoded replies (O(pN·d)); summed in the order the
+    replies are taken in, it is the same floats as summing them all at the end.
 
     Args:
-        received: the accepted replies of the round, in the order they arrived.
-        expected: pN, the expected number of participants (> 0).
-        dim: the model size d.
+        total: Σ so far, updated in place.
+        node: i.
+        delta_hat: Δ̂_i.
         alpha: α_up.
-        h_store: every client's h_i, updated in place (h_i ← h_i + α_up Δ̂_i); None when
-            the algorithm has no uplink memory.
+        h_store: every client's h_i, updated in place; None without uplink memory.
+        pp1: add h_i to the sum (PP1; ignored without uplink memory).
+    """
+    if h_store is not None:  # h_i ← h_i + α Δ̂_i (PP1 and PP2)
+        h_i = h_store.get(node)
+        h_store.set(node, h_i + alpha * delta_hat)
+        if pp1:  # PP1: ĝ sums Δ̂_i + h_i
+            delta_hat = delta_hat + h_i
+    total += delta_hat
+
+
+def finish_aggregate(
+    total: torch.Tensor, expected: float, alpha: float, h_global: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ĝ from the round's sum (`add_uplink`), and the new single memory h (PP2; None otherwise).
+
+    Args:
+        total: Σ_{i∈S_k} Δ̂_i (PP1: Σ (Δ̂_i + h_i)) over the accepted replies.
+        expected: pN, the expected number of participants (> 0).
+        alpha: α_up.
         h_global: PP2's h, or None (PP1, or no uplink memory).
 
     Returns:
-        (ĝ, h') with h' = h + α_up (1/(pN)) Σ Δ̂_i under PP2, else (ĝ, None).
+        (ĝ, h') with ĝ = Σ/(pN) (+ h under PP2) and h' = h + α_up Σ/(pN) under PP2, else
+        (ĝ, None).
     """
-    total = torch.zeros(dim)
-    for node, delta_hat in received:
-        if h_store is not None:  # h_i ← h_i + α Δ̂_i (PP1 and PP2)
-            h_i = h_store.get(node)
-            h_store.set(node, h_i + alpha * delta_hat)
-            if h_global is None:  # PP1: ĝ sums Δ̂_i + h_i
-                delta_hat = delta_hat + h_i
-        total += delta_hat
     mean = total / expected
     if h_global is not None:  # PP2: ĝ = mean + h, h ← h + α mean
         return mean + h_global, h_global + alpha * mean

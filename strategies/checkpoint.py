@@ -67,7 +67,7 @@ _LATER_SETTINGS: dict[str, Any] = {
     "max_staleness": 0,
 }
 #: per-round scratch, cleared by `ServerHalf.begin_round` (empty or stale between rounds)
-SCRATCH = frozenset({"pending", "_received"})
+SCRATCH = frozenset({"pending", "_sum"})
 #: replies in flight (max-staleness τ > 0: `ServerHalf.outstanding`): dropped on resume, as
 #: if they had timed out, since a resumed run is a new Flower run that cannot pull the old
 #: run's replies; the clients roll back (the next downlink acks an older round)

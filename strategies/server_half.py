@@ -180,10 +180,15 @@ class ServerHalf(ABC):
         #: the server optimiser (pure functions, rebuilt from the settings) and its state
         self.optimizer = server_opt.from_settings(settings.server_opt)
         self.opt_state = self.optimizer.init(self.dim)
-        self._received: list[tuple[int, torch.Tensor]] = []
+        #: this round's running sum of the accepted replies (`_add_to_sum`); None before the first
+        self._sum: torch.Tensor | None = None
         self._store_dir = store_dir
         self._expected_clients = expected_clients
         self._round = 0
+        #: (the `books` it was built from, C): see `_counted`
+        self._counted_cache: tuple[dict[int, ClientBook], set[int]] | None = None
+        #: (h, whether h is +0.0 everywhere): see `_h_is_positive_zero`
+        self._zero_h_cache: tuple[torch.Tensor | None, bool] | None = None
         #: node → partition id, set by the Flower glue (`strategies.partitions`)
         self.seed_keys: dict[int, int] = {}
 
@@ -229,7 +234,18 @@ class ServerHalf(ABC):
 
     def members(self) -> list[int]:
         """The clients C the server counts, N = |C| (those it samples from)."""
-        return sorted(node for node, book in self.books.items() if book.counted)
+        return sorted(self._counted())
+
+    def _counted(self) -> set[int]:
+        """C as a set, kept in step by `_join` / `_leave`, so that a round costs O(|changes|)
+        book-keeping beyond one pass over the nodes, not O(N) per join (O(N²) when N clients
+        join). Derived from `books` (the checkpointed truth): rebuilt when `books` is
+        replaced, as by `strategies.checkpoint.restore`."""
+        cache = self._counted_cache
+        if cache is None or cache[0] is not self.books:
+            cache = (self.books, {node for node, book in self.books.items() if book.counted})
+            self._counted_cache = cache
+        return cache[1]
 
     def set_members(self, nodes: Iterable[int]) -> None:
         """Count exactly `nodes` from now on: the clients this round samples from (call after
@@ -237,38 +253,61 @@ class ServerHalf(ABC):
         (0 for a new client, its last h_i for one that comes back); a counted node absent
         from `nodes` leaves, and its h_i is kept for its return. Under PP2, h is corrected so
         that h = (1/(pN)) Σ_{i∈C} h_i still holds (`strategies.aggregation`)."""
-        now = {int(node) for node in nodes}
-        for node in [n for n, book in self.books.items() if book.counted and n not in now]:
-            self._leave(node)
-        for node in sorted(now):
-            if not self.books.setdefault(node, ClientBook()).counted:
-                self._join(node)
-        self.stats.members = sum(book.counted for book in self.books.values())
+        now = set(map(int, nodes))
+        counted = self._counted()
+        leaving = counted - now
+        if leaving:  # in the order the server first saw them (the order of `books`)
+            for node in [n for n in self.books if n in leaving]:
+                self._leave(node)
+        for node in sorted(now - counted):
+            self.books.setdefault(node, ClientBook())
+            self._join(node)
+        self.stats.members = len(counted)
 
     def expected_participants(self, n: int | None = None) -> float:
         """pN for n counted clients (default: the current N), as `sample_clients` draws them."""
         if n is None:
-            n = sum(book.counted for book in self.books.values())
+            n = len(self._counted())
         s = self.settings
         return expected_participants(n, s.participation, s.participation_mode)
 
     def _join(self, node: int) -> None:
         book = self.books.setdefault(node, ClientBook())
-        n = sum(b.counted for b in self.books.values())
-        if self.h_global is not None and self.h_store is not None:  # Σ h_i += h_j
+        counted = self._counted()
+        n = len(counted)
+        # Σ h_i += h_j; skipped when h = +0 and h_j = 0 (a new client): (pN·0 + 0)/(pN)' = +0,
+        # h stays as it is, without O(d) work per client (O(N·d) when N clients join at once)
+        if (
+            self.h_global is not None
+            and self.h_store is not None
+            and (node in self.h_store or not self._h_is_positive_zero())
+        ):
             h_j = self.h_store.get(node)
             self.h_global = aggregation.pp2_join(self.h_global, h_j, n, self.expected_participants)
         book.counted = True
+        counted.add(node)
         self.stats.joined += 1
         if self._round > 1:
             log.info("round %d: node %d joins (N = %d)", self._round, node, n + 1)
 
+    def _h_is_positive_zero(self) -> bool:
+        """h (PP2) is +0.0 everywhere; checked once per h tensor (h is replaced, never changed
+        in place, so the answer is cached by the tensor's identity)."""
+        h = self.h_global
+        cache = self._zero_h_cache
+        if cache is None or cache[0] is not h:
+            zero = h is not None and not bool(h.any()) and not bool(torch.signbit(h).any())
+            cache = self._zero_h_cache = (h, zero)
+        return cache[1]
+
     def _leave(self, node: int) -> None:
-        n = sum(b.counted for b in self.books.values())
+        counted = self._counted()
+        n = len(counted)
         if self.h_global is not None and self.h_store is not None:  # Σ h_i −= h_j
             h_j = self.h_store.get(node)
             self.h_global = aggregation.pp2_leave(self.h_global, h_j, n, self.expected_participants)
         self.books[node].counted = False
+        counted.discard(node)
         self.stats.left += 1
         if self.outstanding.pop(node, None) is not None:  # its h_i must not move outside C
             log.info("round %d: node %d left with a reply outstanding: dropped", self._round, node)
@@ -287,7 +326,7 @@ class ServerHalf(ABC):
     def begin_round(self, k: int) -> None:
         self.stats = RoundStats()
         self.pending.clear()
-        self._received = []
+        self._sum = None
         self._round = k
 
     def skip_busy(self, sampled: Iterable[int]) -> list[int]:
@@ -448,7 +487,7 @@ class ServerHalf(ABC):
         book.version = pending.target_version
         book.needs_reset = False
         self._commit_client(node, pending.commit)
-        self._received.append((node, delta_hat))
+        self._add_to_sum(node, delta_hat)
         return "ok"
 
     def reject(self, k: int, node: int, reason: str, pop: bool = True) -> str:
@@ -469,15 +508,21 @@ class ServerHalf(ABC):
         self.stats.downlink_payloads += sent
         self.stats.uplink_payloads += received
 
+    def _add_to_sum(self, node: int, delta_hat: torch.Tensor) -> None:
+        """Add an accepted Δ̂_i to this round's running sum and update h_i
+        (`aggregation.add_uplink`): the server holds O(d) of the round, not pN replies."""
+        if self._sum is None:
+            self._sum = torch.zeros(self.dim)
+        pp1 = self.h_global is None
+        s = self.settings
+        aggregation.add_uplink(self._sum, node, delta_hat, s.up_memory_rate, self.h_store, pp1)
+
     def aggregate(self, expected: float) -> torch.Tensor:
-        """ĝ from the accepted Δ̂_i (PP1 / PP2 / no memory), updating the uplink memories."""
-        g_hat, self.h_global = aggregation.aggregate_uplinks(
-            self._received,
-            expected,
-            self.dim,
-            self.settings.up_memory_rate,
-            self.h_store,
-            self.h_global,
+        """ĝ from the accepted Δ̂_i (PP1 / PP2 / no memory); h_i were updated as each reply
+        was taken in, h (PP2) is updated here."""
+        total = self._sum if self._sum is not None else torch.zeros(self.dim)
+        g_hat, self.h_global = aggregation.finish_aggregate(
+            total, expected, self.settings.up_memory_rate, self.h_global
         )
         return g_hat
 

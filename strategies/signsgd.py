@@ -54,11 +54,13 @@ PRESETS: dict[str, Preset] = {
 }  # fmt: skip
 
 
-def majority_vote(signs: list[torch.Tensor], dim: int) -> torch.Tensor:
-    """v = sign(Σ_i sign(Δ̂_i)) with ties to +1."""
-    total = torch.zeros(dim)
-    for s in signs:
-        total += torch.sign(s)
+def add_vote(total: torch.Tensor, delta_hat: torch.Tensor) -> None:
+    """Σ_i sign(Δ̂_i) += sign(Δ̂_i), one vote as it arrives (in place)."""
+    total += torch.sign(delta_hat)
+
+
+def majority_vote(total: torch.Tensor) -> torch.Tensor:
+    """v = sign(Σ_i sign(Δ̂_i)) with ties to +1, from the votes' sum (`add_vote`)."""
     return torch.where(total >= 0, 1.0, -1.0)
 
 
@@ -105,13 +107,19 @@ class MajorityVoteServer(ServerHalf):
     def _expected_digest_down(self, node: int, commit: DownlinkCommit) -> tuple[bytes, bytes]:
         return tensor_digest(None), tensor_digest(self.w)
 
+    def _add_to_sum(self, node: int, delta_hat: torch.Tensor) -> None:
+        """Count Δ̂_i's vote as it arrives (the server holds the O(d) sum, not the votes)."""
+        if self._sum is None:
+            self._sum = torch.zeros(self.dim)
+        add_vote(self._sum, delta_hat)
+
     def aggregate(self, expected: float) -> torch.Tensor:
         """The vote replaces the averaging (pN plays no role in a majority vote)."""
-        return majority_vote([d for _, d in self._received], self.dim)
+        return majority_vote(self._sum if self._sum is not None else torch.zeros(self.dim))
 
     def _advance(self, g_hat: torch.Tensor, k: int) -> None:
         s = self.settings
-        if not self._received:  # nobody voted: no step, nothing to broadcast
+        if self._sum is None:  # nobody voted: no step, nothing to broadcast
             return
         u = self.server_step(g_hat)  # u = server_opt(v)
         wire, vote = encode(self.down_compressor, u, derive_seed(s.seed, k, 0, 2))

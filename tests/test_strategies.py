@@ -3,6 +3,7 @@ sampling, run-config validation and the message formats (fast, no Flower engine)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -11,9 +12,10 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
+from benchmarks.memory import PeakMemory
 from compression import parse_compressor
 from core.runconfig import DEFAULTS, load_config, parse_delay, parse_failure, parse_options
-from strategies.client_half import initial_client_state
+from strategies.client_half import client_uplink, initial_client_state
 from strategies.consistency import DIGEST_BYTES, state_digest
 from strategies.flower import (
     downlink_from_record,
@@ -218,6 +220,80 @@ def test_tensor_store_spills_to_disk_and_keeps_values(tmp_path) -> None:
     assert torch.equal(store.get(3), torch.full((8,), 7.0))
     assert torch.equal(store.get(123), torch.zeros(8))  # unseen client: zero memory
     store.close()
+
+
+def test_tensor_store_on_disk_keeps_only_its_cache_resident(tmp_path) -> None:
+    """Rows written to disk leave the process's resident memory (positioned I/O: the pages of
+    a shared memory map stay resident once touched) and the cache is bounded in bytes."""
+    d = 2**20  # 4 MiB rows
+    store = TensorStore(d, ram_budget_bytes=0, cache_bytes=3 * 4 * d, directory=tmp_path)
+    assert store.cache_rows == 3
+    peak = PeakMemory()
+    for i in range(40):  # 160 MiB of rows
+        store.set(i, torch.full((d,), float(i)))
+    store.flush()
+    if peak.method == "vmhwm":
+        assert peak.extra_bytes() < 16 * 4 * d, peak.extra_bytes() / 2**20
+    assert store.on_disk and len(store._cache) <= 3
+    assert (tmp_path / "memories.f32").stat().st_blocks * 512 >= 40 * 4 * d
+    for i in (0, 17, 39):
+        assert torch.equal(store.get(i), torch.full((d,), float(i)))
+    keys, rows = store.export()
+    assert keys == list(range(40)) and torch.equal(rows[17], torch.full((d,), 17.0))
+    del rows
+    store.close()
+
+
+def test_a_round_holds_a_running_sum_not_one_vector_per_reply() -> None:
+    """The server takes each accepted reply into a running sum: O(d) memory per round, not
+    the pN decoded replies (O(pN·d)) it held before."""
+    d, n = 2**19, 20
+    settings = resolve_settings(get_preset("biqsgd"), d, participation=1.0, seed=0)
+    server = make_server(settings, torch.zeros(d))
+    server.begin_round(1)
+    server.set_members(range(n))
+    for i in range(n):
+        server.downlink_for(1, i)
+    state = initial_client_state(torch.zeros(d), settings)
+    wire, _ = client_uplink(settings, state, torch.randn(d), seed=0)
+    peak = PeakMemory()
+    for i in range(n):
+        digest = server.pending[i].expected_digest
+        uplink = Uplink(1, "ok", wire.payload, wire.predicted_nbytes, digest, 0.0, 1)
+        assert server.receive(1, i, uplink) == "ok"
+    if peak.method == "vmhwm":
+        assert peak.extra_bytes() < 8 * 4 * d, peak.extra_bytes() / 2**20
+    server.finish_round(1, float(n))
+    assert server.version == 1
+
+
+def test_counted_members_follow_joins_leaves_and_replaced_books() -> None:
+    server = make_server(_settings("artemis", pp_variant="pp2", participation=0.5), torch.zeros(D))
+    server.begin_round(1)
+    server.set_members(range(6))
+    assert server.members() == list(range(6)) and server.stats.members == 6
+    assert server.expected_participants() == 3.0
+    server.begin_round(2)
+    server.set_members([1, 2, 7])
+    assert server.members() == [1, 2, 7]
+    assert (server.stats.joined, server.stats.left, server.stats.members) == (1, 4, 3)
+    server.downlink_for(2, 9)  # sampled without `set_members` naming it: it joins
+    assert server.members() == [1, 2, 7, 9] and server.expected_participants() == 2.0
+    books = {node: dataclasses.replace(book) for node, book in server.books.items()}
+    books[3].counted = True
+    server.books = books  # as `strategies.checkpoint.restore` replaces them
+    assert server.members() == [1, 2, 3, 7, 9]
+
+
+def test_pp2_new_clients_join_a_zero_h_without_work_per_client() -> None:
+    server = make_server(_settings("artemis", pp_variant="pp2", participation=0.5), torch.zeros(D))
+    h0 = server.h_global
+    server.begin_round(1)
+    server.set_members(range(50))
+    assert server.h_global is h0  # h = +0, h_j = 0: nothing to add, no O(d) per client
+    server.h_global = torch.full((D,), 2.0)
+    server.set_members(range(51))  # a non-zero h is rescaled: (pN·h + 0)/(pN)'
+    assert torch.allclose(server.h_global, torch.full((D,), 2.0 * 25 / 25.5))
 
 
 def test_server_memories_use_the_store() -> None:
