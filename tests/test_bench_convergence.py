@@ -265,8 +265,10 @@ def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
     assert "artemis adam γ=0.01" in done.stderr
     # the optimiser is in each stored run's name and config
     with sqlite3.connect(db) as con:
-        names = [n for (n,) in con.execute("select name from runs")]
-    assert sum("server-opt=adam server-lr=0.01" in n for n in names) == 4, names
+        configs = [json.loads(c) for (c,) in con.execute("select config from runs")]
+    adam = [c for c in configs if c["server-opt"] == "adam"]
+    assert len(adam) == 4 and all(c["server-lr"] == 0.01 for c in adam), configs
+    assert all(c["run-name"].endswith(" server-opt=adam server-lr=0.01") for c in adam)
     # one figure per p, a line per strategy, drawn from the store
     for label in ("p1", "p0.5"):
         svg = (tmp_path / "fig" / f"convergence-{label}.svg").read_text()
