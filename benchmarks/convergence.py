@@ -21,6 +21,15 @@ Measured per strategy × p, from what the ServerApp recorded each round:
 * final_accuracy (mean over seeds of the last round's accuracy) and its standard deviation
   over seeds, the per-seed rounds to target, and the store run ids of every run.
 
+Server optimisers (issue 13): ``--server-opts sgd,adam,amsgrad`` runs every strategy once
+per server optimiser (run-config ``server-opt``; default sgd alone, the runs above), with
+the step size γ of ``--server-lr`` per optimiser, strategy or strategy:optimiser (else
+``server-lr`` = client-lr); several γ separated by "/" make a sweep. Combinations the project
+refuses are skipped and listed (flwr-fedavg takes no server optimiser; adam, amsgrad and
+yogi mean nothing on signsgd-mv's and signum-mv's 1-bit broadcast). Each record is one
+strategy × server optimiser × γ × p, all measured against the same FedAvg target; the
+optimiser and γ are in the stored run's config and name.
+
 Every run is a real run of the project's ServerApp body (``server.app.run_server``) and
 ClientApp in Flower's simulation engine (Ray backend), recorded in the round-history store
 (``--database-url``, else ``$DATABASE_URL``, else the default store) like any other run, so
@@ -74,7 +83,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -135,6 +144,10 @@ class RunCurve:
     elapsed: list[float] = field(default_factory=list)
     wall_s: float = 0.0
     error: str = ""
+    #: the server optimiser (run-config ``server-opt``) and its step size γ (``server-lr``,
+    #: resolved: client-lr when not set; None for flwr-fedavg, which has no such step)
+    server_opt: str = "sgd"
+    server_lr: float | None = None
 
     @property
     def final_accuracy(self) -> float | None:
@@ -190,13 +203,20 @@ def plateau(accuracy: Sequence[float], window: int = PLATEAU_WINDOW) -> tuple[fl
 def summarize(
     curves: Sequence[RunCurve], tolerance: float = PLATEAU_TOLERANCE
 ) -> list[dict[str, Any]]:
-    """One record per strategy × participation; ratios against flwr-fedavg at the same p."""
-    groups: dict[tuple[float, str], list[RunCurve]] = {}
+    """One record per strategy × server optimiser × γ × participation; ratios against
+    flwr-fedavg at the same p (the same target for every optimiser)."""
+    groups: dict[tuple[float, str, str, float | None], list[RunCurve]] = {}
     for c in curves:
-        groups.setdefault((c.participation, c.strategy), []).append(c)
+        groups.setdefault((c.participation, c.strategy, c.server_opt, c.server_lr), []).append(c)
     records: list[dict[str, Any]] = []
     for p in sorted({c.participation for c in curves}, reverse=True):
-        base = [c for c in groups.get((p, BASELINE), []) if c.status == "finished"]
+        base = [
+            c
+            for (gp, strategy, _, _), group in groups.items()
+            if gp == p and strategy == BASELINE
+            for c in group
+            if c.status == "finished"
+        ]
         base_acc = _mean_curve(base, "accuracy") if base else []
         target: float | None = None
         plateau_acc: float | None = None
@@ -208,12 +228,11 @@ def summarize(
             i = first_reaching(base_acc, target)
             if i is not None:
                 base_bytes = sum(_mean_curve(base, "bytes")[: i + 1])
-        for (gp, strategy), group in groups.items():
+        for (gp, strategy, opt, lr), group in groups.items():
             if gp != p:
                 continue
-            records.append(
-                _record(strategy, p, group, target, plateau_acc, gain, base_bytes, tolerance)
-            )
+            record = _record(strategy, p, group, target, plateau_acc, gain, base_bytes, tolerance)
+            records.append({"strategy": strategy, "server_opt": opt, "server_lr": lr, **record})
     return records
 
 
@@ -306,9 +325,26 @@ def _fmt_bytes(n: float | None) -> str:
     return f"{n:.1f} GB"
 
 
-def print_table(records: list[dict[str, Any]], console: Any) -> None:
+def run_label(strategy: str, server_opt: str, server_lr: float | None, with_opt: bool) -> str:
+    """The strategy, with its server optimiser and γ when the benchmark varies them."""
+    if not with_opt or strategy == BASELINE:
+        return strategy
+    return f"{strategy} {server_opt}" + ("" if server_lr is None else f" γ={server_lr:g}")
+
+
+def varies_server_opt(records: Sequence[dict[str, Any]], client_lr: float) -> bool:
+    """True when some record uses another server optimiser than sgd or a γ other than the
+    default (client-lr): the table then shows both (with sgd alone it is today's table)."""
+    return any(
+        r.get("server_opt", "sgd") != "sgd" or r.get("server_lr") not in (None, client_lr)
+        for r in records
+    )
+
+
+def print_table(records: list[dict[str, Any]], console: Any, client_lr: float = 0.05) -> None:
     from rich.table import Table
 
+    with_opt = varies_server_opt(records, client_lr)
     for p in sorted({r["participation"] for r in records}, reverse=True):
         rows = [r for r in records if r["participation"] == p]
         base = next((r for r in rows if r["strategy"] == BASELINE), None)
@@ -322,13 +358,23 @@ def print_table(records: list[dict[str, Any]], console: Any) -> None:
             f"{TARGET_FRACTION:.0%} of FedAvg's last-{PLATEAU_WINDOW}-round accuracy{settled}"
         )
         table = Table(title=title)
-        for name in ("strategy", "seeds", "rounds→target", "bytes→target", "× FedAvg",
+        columns = ["strategy", *(["server-opt", "γ"] if with_opt else [])]
+        for name in (*columns, "seeds", "rounds→target", "bytes→target", "× FedAvg",
                      "s→target", "final acc", "± std", "target ≤ 1/16"):  # fmt: skip
-            table.add_column(name, justify="left" if name == "strategy" else "right")
+            table.add_column(name, justify="left" if name in columns else "right")
         for r in rows:
             met = r.get("target_met")
+            opt_cells = (
+                [
+                    "-" if r["strategy"] == BASELINE else r.get("server_opt", "sgd"),
+                    _fmt(r.get("server_lr"), "g"),
+                ]
+                if with_opt
+                else []
+            )
             table.add_row(
                 r["strategy"],
+                *opt_cells,
                 str(r["seed_count"]),
                 "not reached" if r["rounds_to_target"] is None else str(r["rounds_to_target"]),
                 _fmt_bytes(r["bytes_to_target"]),
@@ -347,26 +393,97 @@ class Plan:
     strategy: str
     participation: float
     seed: int
+    #: run-config ``server-opt``, and ``server-lr`` when set (None: the default, client-lr)
+    server_opt: str = "sgd"
+    server_lr: float | None = None
+
+    def gamma(self, workload: Workload) -> float | None:
+        """The server step size γ the run takes (None for flwr-fedavg, which has none)."""
+        if self.strategy == BASELINE:
+            return None
+        return workload.client_lr if self.server_lr is None else self.server_lr
 
 
-def plan_runs(strategies: Sequence[str], workload: Workload, first_seed: int) -> list[Plan]:
+def refusal(strategy: str, server_opt: str) -> str | None:
+    """Why the project refuses this strategy × server optimiser (None: it runs): flwr-fedavg
+    takes no server optimiser, and adam/amsgrad/yogi mean nothing on a 1-bit sign broadcast
+    (signsgd-mv, signum-mv); the reason is the run config's own check."""
+    from strategies.registry import settings_from_config
+
+    if server_opt == "sgd":
+        return None
+    if strategy == BASELINE:
+        return "flwr-fedavg is Flower's own FedAvg and takes no server optimiser"
+    try:  # the same check the ServerApp makes before a run starts (the size d is irrelevant)
+        settings_from_config({"strategy": strategy, "server-opt": server_opt}, dim=1000)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def server_lrs_for(
+    strategy: str, server_opt: str, server_lrs: Mapping[str, Sequence[float]]
+) -> Sequence[float | None]:
+    """The γ values to run for strategy × optimiser: ``--server-lr`` keyed by
+    "strategy:optimiser", else by the strategy, else by the optimiser; else the default
+    (None). Several values are a sweep: one run each."""
+    if strategy == BASELINE:
+        return [None]
+    for key in (f"{strategy}:{server_opt}", strategy, server_opt):
+        if key in server_lrs:
+            return list(server_lrs[key])
+    return [None]
+
+
+def plan_runs(
+    strategies: Sequence[str],
+    workload: Workload,
+    first_seed: int,
+    server_opts: Sequence[str] = ("sgd",),
+    server_lrs: Mapping[str, Sequence[float]] | None = None,
+) -> list[Plan]:
     """Seeds outermost; within a seed, FedAvg and the strategies with a target (artemis,
-    mcm, rand-mcm) at every p first, then the others. The JSON is rewritten after every
-    run, so a benchmark stopped early still answers the issue's question first."""
+    mcm, rand-mcm) at every p first, then the others; each strategy with every server
+    optimiser (and γ of ``server_lrs``) in turn, refused combinations left out (`refusal`).
+    FedAvg runs once (sgd). The JSON is rewritten after every run, so a benchmark stopped
+    early still answers the issue's question first."""
     order = [BASELINE, *[s for s in dict.fromkeys(strategies) if s != BASELINE]]
     targeted = {s for goal in TARGET_STRATEGIES.values() for s in goal}
     first = [s for s in order if s == BASELINE or s in targeted]
     rest = [s for s in order if s not in first]
+    opts = list(dict.fromkeys(server_opts))
     return [
-        Plan(s, p, first_seed + i)
+        Plan(s, p, first_seed + i, opt, lr)
         for i in range(workload.seeds)
         for block in (first, rest)
         for p in workload.participations
         for s in block
+        for opt in (["sgd"] if s == BASELINE else opts)
+        if refusal(s, opt) is None
+        for lr in server_lrs_for(s, opt, server_lrs or {})
+    ]
+
+
+def refused_runs(strategies: Sequence[str], server_opts: Sequence[str]) -> list[dict[str, str]]:
+    """The strategy × optimiser combinations `plan_runs` leaves out, with the reason."""
+    return [
+        {"strategy": s, "server_opt": opt, "reason": reason}
+        for s in dict.fromkeys(strategies)
+        if s != BASELINE
+        for opt in dict.fromkeys(server_opts)
+        if (reason := refusal(s, opt)) is not None
     ]
 
 
 def run_overrides(plan: Plan, workload: Workload, data_dir: str) -> dict[str, Any]:
+    # server-opt and server-lr only when set: the default runs' configs stay as they were
+    opt: dict[str, Any] = {} if plan.server_opt == "sgd" else {"server-opt": plan.server_opt}
+    name = f"convergence {plan.strategy} p={plan.participation:g} seed={plan.seed}"
+    if plan.server_opt != "sgd":
+        name += f" server-opt={plan.server_opt}"
+    if plan.server_lr is not None:
+        opt["server-lr"] = plan.server_lr
+        name += f" server-lr={plan.server_lr:g}"
     return {
         "strategy": plan.strategy,
         "task": "fashion-mnist",
@@ -379,11 +496,12 @@ def run_overrides(plan: Plan, workload: Workload, data_dir: str) -> dict[str, An
         "local-steps": workload.local_steps,
         "batch-size": workload.batch_size,
         "client-lr": workload.client_lr,
+        **opt,
         "seed": plan.seed,
         "device": "cpu",
         "eval-every": 1,
         "checkpoint-dir": "off",  # nothing here resumes; a checkpoint per round costs time
-        "run-name": f"convergence {plan.strategy} p={plan.participation:g} seed={plan.seed}",
+        "run-name": name,
     }
 
 
@@ -439,6 +557,8 @@ def run_all(
                 time.perf_counter() - started,
             )
             curve.error = error
+            curve.server_opt = plan.server_opt
+            curve.server_lr = plan.gamma(workload)
             curves.append(curve)
             on_run(curve, i)
 
@@ -458,6 +578,39 @@ def run_all(
     return curves
 
 
+def parse_server_lrs(
+    items: Sequence[str], strategies: Sequence[str], server_opts: Sequence[str]
+) -> dict[str, list[float]]:
+    """``--server-lr`` values ("KEY=GAMMA[/GAMMA...]") → {key: [γ, ...]}; ValueError naming
+    the bad item (an unknown key, a γ that is not a number > 0)."""
+    from strategies.registry import ALGORITHMS
+
+    out: dict[str, list[float]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip()
+        strategy, _, opt = key.partition(":")
+        ok = (
+            (key in server_opts or key in ALGORITHMS)
+            if not opt
+            else (strategy in ALGORITHMS and opt in server_opts)
+        )
+        if not sep or not ok or strategy == BASELINE:
+            raise ValueError(
+                f"--server-lr {item!r}: want KEY=GAMMA[/GAMMA...], KEY an optimiser "
+                f"({', '.join(server_opts)}), a strategy other than {BASELINE}, or "
+                "strategy:optimiser"
+            )
+        try:
+            gammas = [float(v) for v in values.split("/")]
+        except ValueError:
+            raise ValueError(f"--server-lr {item!r}: GAMMA must be a number") from None
+        if not all(math.isfinite(g) and g > 0 for g in gammas):
+            raise ValueError(f"--server-lr {item!r}: GAMMA must be > 0")
+        out[key] = list(dict.fromkeys(gammas))
+    return out
+
+
 def _positive(kind: type, name: str) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
@@ -472,6 +625,7 @@ def _positive(kind: type, name: str) -> Callable[[str], Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from core.runconfig import SERVER_OPTS
     from strategies.registry import ALGORITHMS
 
     parser = argparse.ArgumentParser(
@@ -507,6 +661,24 @@ def main(argv: list[str] | None = None) -> int:
         f"registry; quick: {','.join(QUICK_STRATEGIES)}); {BASELINE} always runs",
     )
     parser.add_argument("--participations", help="comma-separated p values (default 1,0.5)")
+    parser.add_argument(
+        "--server-opts",
+        default="sgd",
+        help="comma-separated server optimisers, each strategy runs once with each "
+        f"({', '.join(SERVER_OPTS)}; default sgd); combinations the project refuses "
+        f"(any but sgd on {BASELINE}, adam/amsgrad/yogi on signsgd-mv and signum-mv) are "
+        "skipped and listed",
+    )
+    parser.add_argument(
+        "--server-lr",
+        action="append",
+        default=[],
+        metavar="KEY=GAMMA[/GAMMA...]",
+        help="server step size γ (run-config server-lr) per optimiser, strategy or "
+        "strategy:optimiser (the most specific key wins), e.g. adam=0.003 signsgd-mv=0.001 "
+        "artemis:amsgrad=0.01; several values separated by / are a sweep (one run each); "
+        "repeatable; default: client-lr",
+    )
     parser.add_argument(
         "--database-url",
         default=None,
@@ -551,6 +723,15 @@ def main(argv: list[str] | None = None) -> int:
         strategies = list(QUICK_STRATEGIES if args.quick else ALGORITHMS)
     if workload.rounds < 2:
         parser.error("--rounds must be >= 2")
+    server_opts = [o.strip() for o in args.server_opts.split(",") if o.strip()]
+    if not server_opts or any(o not in SERVER_OPTS for o in server_opts):
+        parser.error(
+            f"--server-opts must be some of {', '.join(SERVER_OPTS)}, got {args.server_opts!r}"
+        )
+    try:
+        server_lrs = parse_server_lrs(args.server_lr, strategies, SERVER_OPTS)
+    except ValueError as exc:
+        parser.error(str(exc))
     try:
         check_data_dir(args.data_dir or None)
     except FashionMnistDataMissing as exc:
@@ -566,7 +747,15 @@ def main(argv: list[str] | None = None) -> int:
         # progress lines (Flower's own logger is reset by run_simulation; ours is not)
         logging.getLogger("flwr.fedsqueeze").setLevel(logging.WARNING)
 
-    plans = plan_runs(strategies, workload, args.first_seed)
+    plans = plan_runs(strategies, workload, args.first_seed, server_opts, server_lrs)
+    refused = refused_runs(strategies, server_opts)
+    with_opt = server_opts != ["sgd"] or bool(server_lrs)
+    for skip in refused:
+        console.print(
+            f"[yellow]skipped:[/] {skip['strategy']} with server-opt={skip['server_opt']}: "
+            f"refused ({skip['reason']})",
+            highlight=False,
+        )
     console.print(
         f"Convergence benchmark: {workload.clients} clients, p in "
         f"{', '.join(f'{p:g}' for p in workload.participations)}, {workload.rounds} rounds of "
@@ -580,14 +769,18 @@ def main(argv: list[str] | None = None) -> int:
         results.append(curve)
         status = "" if curve.status == "finished" else f" [red]{curve.status}[/] {curve.error}"
         console.print(
-            f"[{i}/{len(plans)}] {curve.strategy:<13} p={curve.participation:<4g} "
+            f"[{i}/{len(plans)}] "
+            f"{run_label(curve.strategy, curve.server_opt, curve.server_lr, with_opt):<13} "
+            f"p={curve.participation:<4g} "
             f"seed={curve.seed} rounds={len(curve.accuracy)} "
             f"final acc={_fmt(curve.final_accuracy, '.4f')} run {curve.wall_s:.1f} s, "
             f"elapsed {time.perf_counter() - t0:.0f} s{status}",
             highlight=False,
         )
         if args.json is not None:
-            write_json(args.json, summarize(results), workload, database_url, done=False)
+            write_json(
+                args.json, summarize(results), workload, database_url, done=False, refused=refused
+            )
 
     # the ServerApp runs in this process: the store URL reaches it as an argument, and the
     # FLWR_HOME of the simulation is a throw-away directory
@@ -610,17 +803,25 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(home, ignore_errors=True)
     total = time.perf_counter() - t0
     records = summarize(results)
-    print_table(records, console)
+    print_table(records, console, workload.client_lr)
     for r in records:
         if "target_met" in r and not r["target_met"]:
             console.print(
-                f"[red]missed:[/] {r['strategy']} at p={r['participation']:g}: "
+                f"[red]missed:[/] "
+                f"{run_label(r['strategy'], r['server_opt'], r['server_lr'], with_opt)} "
+                f"at p={r['participation']:g}: "
                 + (
                     "target accuracy not reached"
                     if not r["reached"]
                     else f"{r['bytes_ratio_vs_fedavg']:.4f} of FedAvg's bytes > 1/16"
                 )
             )
+    if refused:
+        console.print(
+            "refused (not run): "
+            + ", ".join(f"{skip['strategy']} × {skip['server_opt']}" for skip in refused),
+            highlight=False,
+        )
     console.print(f"{len(results)} runs in {total:.0f} s")
     for label, ids in figure_runs(records).items():
         console.print(f"figure runs {label}: {' '.join(map(str, ids))}")
@@ -628,7 +829,10 @@ def main(argv: list[str] | None = None) -> int:
             out = write_figure(args.figure, label, ids, database_url)
             console.print(f"wrote {out}")
     if args.json is not None:
-        write_json(args.json, records, workload, database_url, done=True, total_s=total)
+        write_json(
+            args.json, records, workload, database_url, done=True, total_s=total,
+            refused=refused,
+        )  # fmt: skip
         console.print(f"wrote {args.json}")
     return 0 if len(results) == len(plans) and all(c.status == "finished" for c in results) else 1
 
@@ -649,9 +853,10 @@ def write_figure(folder: Path, label: str, run_ids: Sequence[int], database_url:
 
 def write_json(
     path: Path, records: list[dict[str, Any]], workload: Workload, database_url: str,
-    done: bool, total_s: float | None = None,
+    done: bool, total_s: float | None = None, refused: Sequence[dict[str, str]] = (),
 ) -> None:  # fmt: skip
-    """One record per strategy × p, each with the workload (as benchmarks/rounds.py writes)."""
+    """One record per strategy × server optimiser × γ × p, each with the workload (as
+    benchmarks/rounds.py writes) and the refused combinations (``refused_runs``)."""
     from core.secrets import redact_url
 
     extra = {f"workload_{k}": v for k, v in asdict(workload).items()}
@@ -659,6 +864,7 @@ def write_json(
     extra["complete"] = done
     extra["benchmark_wall_s"] = total_s
     extra["figure_run_ids"] = figure_runs(records)
+    extra["refused_runs"] = list(refused)
     out = [{**r, **extra} for r in records]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
