@@ -37,6 +37,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from benchmarks.seeding import analyze, bulk_insert
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_ADMIN_URL = os.environ.get(
     "FSQ_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
@@ -92,6 +94,17 @@ def postgres_reachable() -> bool:
 # ---------------------------------------------------------------- seeding
 
 
+ROUND_COLUMNS = (
+    "id", "run_id", "round", "sampled", "replied", "failed", "uplink_bytes", "downlink_bytes",
+    "predicted_uplink_bytes", "predicted_downlink_bytes", "train_loss", "eval_loss",
+    "eval_accuracy", "phase_seconds", "started_at", "ended_at", "extra",
+)  # fmt: skip
+CLIENT_ROUND_COLUMNS = (
+    "round_id", "node_id", "outcome", "uplink_bytes", "downlink_bytes", "num_examples",
+    "local_loss", "duration_s", "error",
+)  # fmt: skip
+
+
 def seed(database_url: str, sizes: Sizes, progress: Any) -> dict[str, Any]:
     """Bulk-insert the runs, rounds and client-rounds at revision 0002, then upgrade to head
     (the participation counters backfilled); return counts and seconds."""
@@ -118,31 +131,8 @@ def seed(database_url: str, sizes: Sizes, progress: Any) -> dict[str, Any]:
         return dt if is_pg else dt.replace(tzinfo=None).isoformat(sep=" ")
 
     def flush_rounds(conn: Any) -> None:
-        if not round_rows:
-            return
-        cols = ("id, run_id, round, sampled, replied, failed, uplink_bytes, downlink_bytes, "
-                "predicted_uplink_bytes, predicted_downlink_bytes, train_loss, eval_loss, "
-                "eval_accuracy, phase_seconds, started_at, ended_at, extra")  # fmt: skip
-        ccols = ("round_id, node_id, outcome, uplink_bytes, downlink_bytes, num_examples, "
-                 "local_loss, duration_s, error")  # fmt: skip
-        raw = conn.connection.driver_connection
-        if is_pg:
-            with raw.cursor() as cur:
-                with cur.copy(f"COPY rounds ({cols}) FROM STDIN") as copy:
-                    for row in round_rows:
-                        copy.write_row(row)
-                with cur.copy(f"COPY client_rounds ({ccols}) FROM STDIN") as copy:
-                    for row in client_rows:
-                        copy.write_row(row)
-        else:
-            cur = raw.cursor()
-            cur.executemany(
-                f"INSERT INTO rounds ({cols}) VALUES ({','.join('?' * 17)})", round_rows
-            )
-            cur.executemany(
-                f"INSERT INTO client_rounds ({ccols}) VALUES ({','.join('?' * 9)})", client_rows
-            )
-            cur.close()
+        bulk_insert(conn, "rounds", ROUND_COLUMNS, round_rows)
+        bulk_insert(conn, "client_rounds", CLIENT_ROUND_COLUMNS, client_rows)
         round_rows.clear()
         client_rows.clear()
 
@@ -212,12 +202,7 @@ def seed(database_url: str, sizes: Sizes, progress: Any) -> dict[str, Any]:
                     )
                 )
     upgrade(engine)
-    with engine.connect() as conn:
-        if is_pg:
-            conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
-        else:
-            conn.execute(text("ANALYZE"))
-            conn.commit()
+    analyze(engine)
     engine.dispose()
     progress.remove_task(task)
     return {

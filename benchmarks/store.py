@@ -40,6 +40,7 @@ from benchmarks.api import (
     postgres_reachable,
     sqlite_database,
 )
+from benchmarks.seeding import analyze, bulk_insert
 
 CLIENTS_PER_ROUND = 20
 RUNS = 20
@@ -139,10 +140,26 @@ def append_rate(database_url: str, writers: int, rounds: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- (b) participation
 
 
+#: the columns `seed_client_rounds` fills (the others keep their defaults)
+ROUND_COLUMNS = (
+    "id", "run_id", "round", "sampled", "replied", "failed", "uplink_bytes", "downlink_bytes",
+    "predicted_uplink_bytes", "predicted_downlink_bytes", "phase_seconds", "started_at",
+    "ended_at", "extra",
+)  # fmt: skip
+ROUND_CLIENT_COLUMNS = (
+    "round_id",
+    "node_id",
+    "outcome",
+    "uplink_bytes",
+    "downlink_bytes",
+    "num_examples",
+)
+
+
 def seed_client_rounds(database_url: str, client_rounds: int) -> dict[str, Any]:
     """Runs, rounds and `client_rounds` client-rounds at revision 0002 in bulk, then the
     upgrade to head (migration 0003 backfills the counters); the seconds of each."""
-    from sqlalchemy import insert, text
+    from sqlalchemy import insert
 
     from api.db import make_engine, upgrade
     from api.models import Run
@@ -166,11 +183,6 @@ def seed_client_rounds(database_url: str, client_rounds: int) -> dict[str, Any]:
             "downlink_bytes_total": 0, "predicted_uplink_bytes_total": 0,
             "predicted_downlink_bytes_total": 0,
         } for r in range(RUNS)])  # fmt: skip
-        raw: Any = conn.connection.driver_connection
-        cols = ("id, run_id, round, sampled, replied, failed, uplink_bytes, downlink_bytes, "
-                "predicted_uplink_bytes, predicted_downlink_bytes, phase_seconds, started_at, "
-                "ended_at, extra")  # fmt: skip
-        ccols = "round_id, node_id, outcome, uplink_bytes, downlink_bytes, num_examples"
         outcomes = ["ok"] * 15 + ["failed", "dropped", "timeout", "ok", "ok"]
         round_id = 0
         for run in range(1, RUNS + 1):
@@ -187,31 +199,13 @@ def seed_client_rounds(database_url: str, client_rounds: int) -> dict[str, Any]:
                      20_000 + (base + i) * 7919 % 10_000, 25_000, 600)
                     for i in range(CLIENTS_PER_ROUND)
                 )  # fmt: skip
-            if is_pg:
-                with raw.cursor() as cur:
-                    with cur.copy(f"COPY rounds ({cols}) FROM STDIN") as copy:
-                        for row in round_rows:
-                            copy.write_row(row)
-                    with cur.copy(f"COPY client_rounds ({ccols}) FROM STDIN") as copy:
-                        for row in client_rows:
-                            copy.write_row(row)
-            else:
-                cur = raw.cursor()
-                cur.executemany(f"INSERT INTO rounds ({cols}) VALUES ({','.join('?' * 14)})",
-                                round_rows)  # fmt: skip
-                cur.executemany(f"INSERT INTO client_rounds ({ccols}) VALUES (?,?,?,?,?,?)",
-                                client_rows)  # fmt: skip
-                cur.close()
+            bulk_insert(conn, "rounds", ROUND_COLUMNS, round_rows)
+            bulk_insert(conn, "client_rounds", ROUND_CLIENT_COLUMNS, client_rows)
     seed_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     upgrade(engine)
     backfill_s = time.perf_counter() - t0
-    with engine.connect() as conn:
-        if is_pg:
-            conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
-        else:
-            conn.execute(text("ANALYZE"))
-            conn.commit()
+    analyze(engine)
     engine.dispose()
     return {
         "client_rounds": round_id * CLIENTS_PER_ROUND,
