@@ -7,6 +7,7 @@ returns a `SimulationResult`; a progress callback sees the rounds as they land.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -154,7 +155,12 @@ def run_one(
                 break
             time.sleep(poll_interval)
     except KeyboardInterrupt:
-        superlink.stop_run(run_id)
+        # the interrupt is what the user asked for: a `flwr stop` that fails or times out
+        # (a loaded machine) must not replace it; the SuperLink is stopped next anyway
+        try:
+            superlink.stop_run(run_id)
+        except Exception as exc:  # reported; the interrupt goes on
+            logging.getLogger(__name__).warning("stopping run %s: %s", run_id, exc)
         raise
     finally:
         follower.stop()
