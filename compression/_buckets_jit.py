@@ -16,6 +16,8 @@ GAMMA, M1, M2 = np.uint64(_GAMMA), np.uint64(_M1), np.uint64(_M2)
 _S30, _S27, _S31, _S40, _S8 = (np.uint64(v) for v in (30, 27, 31, 40, 8))
 _LOW24 = np.uint64(0xFFFFFF)
 _UNIT = np.float32(2.0**-24)
+_GATHER = np.uint64(0x0102040810204080)
+_S56 = np.uint64(56)
 _INF = np.inf
 
 
@@ -85,22 +87,26 @@ def block_scales(
     = inv of j's bucket. ``inv`` comes in as the scale of a bucket begun in an earlier block
     and goes out as the last one's; -1 when a norm is not finite."""
     d = x.size
-    t = bs
-    while t < be:
-        k = t // b
-        start = k * b
+    k = bs // b
+    start = k * b
+    while start < be:
         end = min(d, start + b)
-        if t == start:
+        if start >= bs:
             nrm = np.float32(bucket_norm(x, start, end, l2))
             norms[k] = nrm
             if not nrm < _INF:
                 return np.float32(-1.0)
             inv = s / nrm if nrm > 0 else np.float32(0.0)
-        stop = min(be, end)
-        for j in range(t - bs, stop - bs):
-            scale[j] = inv
-        t = stop
+        scale[max(start, bs) - bs : min(end, be) - bs] = inv  # a slice: vectorized
+        start += b
+        k += 1
     return inv
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def lowest_bit(w: np.uint64) -> np.int64:
+    """Position of the lowest set bit of w (w != 0)."""
+    return np.int64(trailing_zeros(w))  # type: ignore[call-arg]
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -128,11 +134,11 @@ def qsgd_sparse_kernel(
     """s = 1: positions of the non-zero levels into ``index`` and their signs into
     ``signs`` (both with room for d); returns their count. Block by block: the scales,
     then the flags u_j < |x_j| inv_B in a branch-free loop over pairs of coordinates (one
-    word of uniforms each), then the flagged positions, eight flags at a time."""
+    word of uniforms each), then the flagged positions, 64 flags at a time."""
     d = x.size
     length = block_length(b)
     scale = np.empty(length, dtype=np.float32)
-    flags = np.zeros((length + 15) & ~7, dtype=np.uint8)
+    flags = np.zeros((length + 63) & ~63, dtype=np.uint8)
     groups = flags.view(np.uint64)
     inv = np.float32(0.0)
     n = 0
@@ -151,12 +157,16 @@ def qsgd_sparse_kernel(
         if m & 1:
             t = m - 1
             flags[t] = low_uniform(word(key, first + (t >> 1))) < abs(xb[t]) * scale[t]
-        for t in range(m, (m + 7) & ~7):
+        for t in range(m, (m + 63) & ~63):
             flags[t] = 0
-        for g in range((m + 7) >> 3):
-            w = groups[g]  # little endian: flag 8g + i in byte i
+        for g in range(0, ((m + 63) >> 6) << 3, 8):
+            # 64 flags as the bits of one word: byte i of a group (0 or 1, little endian)
+            # lands on bit 56 + i of its product with _GATHER
+            w = np.uint64(0)
+            for q in range(8):
+                w |= ((groups[g + q] * _GATHER) >> _S56) << np.uint64(8 * q)
             while w:
-                t = 8 * g + (trailing_zeros(w) >> 3)  # type: ignore[call-arg]
+                t = 8 * g + int(lowest_bit(w))
                 index[n] = bs + t
                 signs[n] = -1 if xb[t] < 0 else 1
                 n += 1

@@ -1,0 +1,330 @@
+"""The numba kernels of :mod:`compression._level_codes` (imported by it on first use only:
+importing this module imports numba). Module-level functions, so that numba's on-disk cache
+finds them again in a new process.
+
+Bit streams are MSB first, as :mod:`compression.bits` writes them: a writer keeps the bits
+not yet written in a 64-bit accumulator and stores each byte as it fills; a reader loads
+bytes into one as it needs them. Writers never store past their buffer (they count the bytes
+they would have written, and the caller checks the count); readers only read what the
+caller has checked is there.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import numpy.typing as npt
+from numba.cpython.unsafe.numbers import leading_zeros
+
+_U8 = np.uint64(8)
+_BYTE = np.uint64(0xFF)
+_ONES32 = np.uint64(0xFFFFFFFF)
+_ONE = np.uint64(1)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def put_bits(
+    out: npt.NDArray[np.uint8], p: int, acc: np.uint64, nacc: int, value: np.uint64, nbits: int
+) -> tuple[int, np.uint64, int]:
+    """Append the ``nbits`` (<= 32) low bits of ``value`` (no higher bits set) to the stream
+    (out[:p] written, ``nacc`` < 8 bits pending in ``acc``); returns the new (p, acc, nacc)."""
+    acc = (acc << np.uint64(nbits)) | value
+    nacc += nbits
+    while nacc >= 8:
+        nacc -= 8
+        if p < out.size:
+            out[p] = np.uint8((acc >> np.uint64(nacc)) & _BYTE)
+        p += 1
+    return p, acc, nacc
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def put_unary(
+    out: npt.NDArray[np.uint8], p: int, acc: np.uint64, nacc: int, q: int
+) -> tuple[int, np.uint64, int]:
+    """Append q one-bits and a zero-bit."""
+    while q >= 32:
+        p, acc, nacc = put_bits(out, p, acc, nacc, _ONES32, 32)
+        q -= 32
+    return put_bits(out, p, acc, nacc, ((_ONE << np.uint64(q)) - _ONE) << _ONE, q + 1)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def put_wide(
+    out: npt.NDArray[np.uint8], p: int, acc: np.uint64, nacc: int, value: np.uint64, nbits: int
+) -> tuple[int, np.uint64, int]:
+    """Append the ``nbits`` (<= 64) low bits of ``value``."""
+    if nbits > 32:
+        p, acc, nacc = put_bits(out, p, acc, nacc, value >> np.uint64(32), nbits - 32)
+        return put_bits(out, p, acc, nacc, value & _ONES32, 32)
+    if nbits:
+        return put_bits(out, p, acc, nacc, value, nbits)
+    return p, acc, nacc
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def flush(out: npt.NDArray[np.uint8], p: int, acc: np.uint64, nacc: int, pad_ones: bool) -> int:
+    """Write the pending bits as a last byte filled with one-bits or zero-bits; returns the
+    byte count."""
+    if nacc:
+        fill = np.uint64(8 - nacc)
+        byte = (acc << fill) & _BYTE
+        if pad_ones:
+            byte |= (_ONE << fill) - _ONE
+        if p < out.size:
+            out[p] = np.uint8(byte)
+        p += 1
+    return p
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def get_bits(
+    data: npt.NDArray[np.uint8], p: int, acc: np.uint64, nacc: int, nbits: int
+) -> tuple[np.uint64, int, np.uint64, int]:
+    """The next ``nbits`` (<= 32) bits; returns (value, p, acc, nacc)."""
+    while nacc < nbits:
+        acc = (acc << _U8) | np.uint64(data[p])
+        p += 1
+        nacc += 8
+    nacc -= nbits
+    return (acc >> np.uint64(nacc)) & ((_ONE << np.uint64(nbits)) - _ONE), p, acc, nacc
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def highest_bit_from_top(w: np.uint64) -> np.int64:
+    """How many bits above the highest set bit of w (w != 0): its position MSB first."""
+    return np.int64(leading_zeros(w))  # type: ignore[call-arg]
+
+
+@numba.njit(cache=True, nogil=True)
+def histogram_kernel(values: npt.NDArray[np.int16], s: int) -> npt.NDArray[np.int64]:
+    """counts[v + s] for v in -s..s; counts[2s + 1] counts the values outside."""
+    counts = np.zeros(2 * s + 2, dtype=np.int64)
+    top = 2 * s
+    for v in values:
+        t = np.int64(v) + s
+        counts[t if 0 <= t <= top else top + 1] += 1
+    return counts
+
+
+@numba.njit(cache=True, nogil=True)
+def run_costs_kernel(
+    index: npt.NDArray[np.int64], d: int, k0: int, nk: int
+) -> npt.NDArray[np.int64]:
+    """sum_i r_i >> k for k = k0..k0+nk-1 over the zero runs r_i before each position of the
+    sorted ``index`` and after the last (to d)."""
+    sums = np.zeros(nk, dtype=np.int64)
+    prev = -1
+    n = index.size
+    for i in range(n + 1):
+        j = index[i] if i < n else d
+        r = j - prev - 1
+        prev = j
+        for t in range(nk):
+            sums[t] += r >> (k0 + t)
+    return sums
+
+
+@numba.njit(cache=True, nogil=True)
+def sparse_from_levels_kernel(
+    levels: npt.NDArray[np.int16], index: npt.NDArray[np.int64], nz: npt.NDArray[np.int16]
+) -> int:
+    """Positions and values of the non-zero levels (room for all); returns their count."""
+    n = 0
+    for j in range(levels.size):
+        v = levels[j]
+        index[n] = j
+        nz[n] = v
+        n += v != 0
+    return n
+
+
+@numba.njit(cache=True, nogil=True)
+def rice_runs_kernel(
+    index: npt.NDArray[np.int64],
+    d: int,
+    k: int,
+    unary: npt.NDArray[np.uint8],
+    rem: npt.NDArray[np.uint8],
+) -> tuple[int, int]:
+    """Rice code (parameter k) of the zero runs of the sorted ``index`` (before each position
+    and after the last, to d); returns the byte counts (unary, remainders)."""
+    pu, au, nu = 0, np.uint64(0), 0
+    pr, ar, nr = 0, np.uint64(0), 0
+    mask = (_ONE << np.uint64(k)) - _ONE
+    prev = -1
+    n = index.size
+    for i in range(n + 1):
+        j = index[i] if i < n else d
+        r = j - prev - 1
+        prev = j
+        pu, au, nu = put_unary(unary, pu, au, nu, r >> k)
+        pr, ar, nr = put_wide(rem, pr, ar, nr, np.uint64(r) & mask, k)
+    return flush(unary, pu, au, nu, True), flush(rem, pr, ar, nr, False)
+
+
+@numba.njit(cache=True, nogil=True)
+def rice_magnitudes_kernel(
+    values: npt.NDArray[np.int16],
+    offset: int,
+    k: int,
+    unary: npt.NDArray[np.uint8],
+    rem: npt.NDArray[np.uint8],
+) -> tuple[int, int]:
+    """Rice code (parameter k) of |v| - offset for every value; returns the byte counts."""
+    pu, au, nu = 0, np.uint64(0), 0
+    pr, ar, nr = 0, np.uint64(0), 0
+    mask = (_ONE << np.uint64(k)) - _ONE
+    for v in values:
+        m = abs(int(v)) - offset
+        pu, au, nu = put_unary(unary, pu, au, nu, m >> k)
+        pr, ar, nr = put_wide(rem, pr, ar, nr, np.uint64(m) & mask, k)
+    return flush(unary, pu, au, nu, True), flush(rem, pr, ar, nr, False)
+
+
+@numba.njit(cache=True, nogil=True)
+def fixed_magnitudes_kernel(
+    values: npt.NDArray[np.int16], offset: int, width: int, out: npt.NDArray[np.uint8]
+) -> int:
+    """|v| - offset in ``width`` bits for every value; returns the byte count."""
+    p, acc, nacc = 0, np.uint64(0), 0
+    for v in values:
+        p, acc, nacc = put_wide(out, p, acc, nacc, np.uint64(abs(int(v)) - offset), width)
+    return flush(out, p, acc, nacc, False)
+
+
+@numba.njit(cache=True, nogil=True)
+def sign_bits_kernel(values: npt.NDArray[np.int16], out: npt.NDArray[np.uint8]) -> int:
+    """One bit per non-zero value, 1 iff negative; returns the byte count."""
+    p, acc, nacc = 0, np.uint64(0), 0
+    for v in values:
+        if v != 0:
+            acc = (acc << _ONE) | np.uint64(v < 0)
+            nacc += 1
+            if nacc == 8:
+                if p < out.size:
+                    out[p] = np.uint8(acc & _BYTE)
+                p += 1
+                nacc = 0
+    return flush(out, p, acc, nacc, False)
+
+
+@numba.njit(cache=True, nogil=True)
+def rice_decode_kernel(
+    unary: npt.NDArray[np.uint8],
+    rem: npt.NDArray[np.uint8],
+    n: int,
+    k: int,
+    read_rem: bool,
+    out: npt.NDArray[np.int64] | npt.NDArray[np.int16],
+) -> tuple[int, int, int, np.uint64, int]:
+    """Decode up to n Rice codes into ``out`` (values (q << k) | r, the remainders read only
+    when ``read_rem``). Returns (codes in the unary stream, bit position of its last zero-bit
+    or -1, largest of the n quotients, largest value (uint64, wrapped when q << k overflows),
+    number of non-zero values). The unary stream is scanned 64 bits at a time; bits after its
+    end count as one-bits."""
+    size = unary.size
+    count = 0
+    prev = -1
+    q_max = 0
+    v_max = np.uint64(0)
+    nonzero = 0
+    pr, ar, nr = 0, np.uint64(0), 0
+    kk = np.uint64(k)
+    for start in range(0, size, 8):
+        w = np.uint64(0)
+        for t in range(start, start + 8):
+            w = (w << _U8) | np.uint64(unary[t] if t < size else 255)
+        zeros = ~w
+        while zeros:
+            lz = highest_bit_from_top(zeros)
+            pos = 8 * start + int(lz)
+            q = pos - prev - 1
+            prev = pos
+            if count < n:
+                r = np.uint64(0)
+                if read_rem:
+                    if k > 32:
+                        hi, pr, ar, nr = get_bits(rem, pr, ar, nr, k - 32)
+                        lo, pr, ar, nr = get_bits(rem, pr, ar, nr, 32)
+                        r = (hi << np.uint64(32)) | lo
+                    elif k:
+                        r, pr, ar, nr = get_bits(rem, pr, ar, nr, k)
+                v = (np.uint64(q) << kk) | r
+                out[count] = v
+                q_max = max(q_max, q)
+                v_max = max(v_max, v)
+                nonzero += v != 0
+            count += 1
+            zeros ^= _ONE << np.uint64(63 - lz)
+    return count, prev, q_max, v_max, nonzero
+
+
+@numba.njit(cache=True, nogil=True)
+def runs_to_index_kernel(
+    runs: npt.NDArray[np.int64], index: npt.NDArray[np.int64]
+) -> tuple[int, int, np.int64, np.int64]:
+    """index_i = sum_{j <= i} (r_j + 1) - 1 for the n = len(runs) - 1 kept coordinates, in
+    int64 arithmetic that wraps as numpy's cumsum does. Returns (min r, max r, min of the
+    partial sums, last partial sum)."""
+    low = runs[0]
+    high = runs[0]
+    ends = np.uint64(0)
+    ends_min = np.int64(0x7FFFFFFFFFFFFFFF)
+    n = runs.size - 1
+    for i in range(n + 1):
+        r = runs[i]
+        low = min(low, r)
+        high = max(high, r)
+        ends += np.uint64(r) + _ONE
+        e = np.int64(ends)
+        ends_min = min(ends_min, e)
+        if i < n:
+            index[i] = e - 1
+    return low, high, ends_min, np.int64(ends)
+
+
+@numba.njit(cache=True, nogil=True)
+def signed_levels_kernel(
+    mags: npt.NDArray[np.int64], signs: npt.NDArray[np.uint8], out: npt.NDArray[np.int16]
+) -> None:
+    """out_i = -mags_i where sign bit i is set, else mags_i."""
+    for i in range(mags.size):
+        neg = (signs[i >> 3] >> (7 - (i & 7))) & 1
+        out[i] = -mags[i] if neg else mags[i]
+
+
+@numba.njit(cache=True, nogil=True)
+def apply_signs_kernel(levels: npt.NDArray[np.int16], signs: npt.NDArray[np.uint8]) -> None:
+    """Negate the i-th non-zero level where sign bit i is set."""
+    i = 0
+    for j in range(levels.size):
+        v = levels[j]
+        if v != 0:
+            if (signs[i >> 3] >> (7 - (i & 7))) & 1:
+                levels[j] = -v
+            i += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def scatter_levels_kernel(
+    index: npt.NDArray[np.int64],
+    nz: npt.NDArray[np.int16],
+    norms: npt.NDArray[np.float32],
+    table: npt.NDArray[np.float32],
+    s: int,
+    b: int,
+    out: npt.NDArray[np.float32],
+) -> None:
+    """out[index_i] = table[l_i + s] ||x_B|| with B the bucket of index_i (out zeroed)."""
+    if b & (b - 1) == 0:
+        shift = 0
+        while (1 << shift) < b:
+            shift += 1
+        for i in range(index.size):
+            j = index[i]
+            out[j] = table[nz[i] + s] * norms[j >> shift]
+    else:
+        for i in range(index.size):
+            j = index[i]
+            out[j] = table[nz[i] + s] * norms[j // b]
