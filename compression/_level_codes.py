@@ -178,7 +178,9 @@ def signed_levels(mags: I64, signs: U8) -> I16:
 def apply_signs(levels: I16, signs: U8) -> None:
     """Negate, in place, the i-th non-zero level where sign bit i is set (``signs`` holds at
     least one bit per non-zero level)."""
-    _kernel("apply_signs_kernel")(levels, signs)
+    padded = np.zeros(signs.size + 1, dtype=np.uint8)  # the kernel reads one byte ahead
+    padded[:-1] = signs
+    _kernel("apply_signs_kernel")(levels, padded)
 
 
 def scatter_levels(

@@ -27,7 +27,8 @@ def put_bits(
     out: npt.NDArray[np.uint8], p: int, acc: np.uint64, nacc: int, value: np.uint64, nbits: int
 ) -> tuple[int, np.uint64, int]:
     """Append the ``nbits`` (<= 32) low bits of ``value`` (no higher bits set) to the stream
-    (out[:p] written, ``nacc`` < 8 bits pending in ``acc``); returns the new (p, acc, nacc)."""
+    (out[:p] written, ``nacc`` < 8 bits pending in ``acc``); returns the new (p, acc, nacc).
+    (Storing a byte at a time measured three times faster here than four at a time.)"""
     acc = (acc << np.uint64(nbits)) | value
     nacc += nbits
     while nacc >= 8:
@@ -64,8 +65,13 @@ def put_wide(
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def flush(out: npt.NDArray[np.uint8], p: int, acc: np.uint64, nacc: int, pad_ones: bool) -> int:
-    """Write the pending bits as a last byte filled with one-bits or zero-bits; returns the
+    """Write the pending bits, the last byte filled with one-bits or zero-bits; returns the
     byte count."""
+    while nacc >= 8:
+        nacc -= 8
+        if p < out.size:
+            out[p] = np.uint8((acc >> np.uint64(nacc)) & _BYTE)
+        p += 1
     if nacc:
         fill = np.uint64(8 - nacc)
         byte = (acc << fill) & _BYTE
@@ -98,13 +104,16 @@ def highest_bit_from_top(w: np.uint64) -> np.int64:
 
 @numba.njit(cache=True, nogil=True)
 def histogram_kernel(values: npt.NDArray[np.int16], s: int) -> npt.NDArray[np.int64]:
-    """counts[v + s] for v in -s..s; counts[2s + 1] counts the values outside."""
-    counts = np.zeros(2 * s + 2, dtype=np.int64)
+    """counts[v + s] for v in -s..s; counts[2s + 1] counts the values outside. Eight rows of
+    counters, one per position modulo 8, so that runs of equal values do not wait on one
+    counter."""
+    width = 2 * s + 2
     top = 2 * s
-    for v in values:
-        t = np.int64(v) + s
-        counts[t if 0 <= t <= top else top + 1] += 1
-    return counts
+    rows = np.zeros((8, width), dtype=np.int64)
+    for j in range(values.size):
+        t = np.int64(values[j]) + s
+        rows[j & 7, t if 0 <= t <= top else top + 1] += 1
+    return rows.sum(axis=0)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -195,17 +204,18 @@ def fixed_magnitudes_kernel(
 
 @numba.njit(cache=True, nogil=True)
 def sign_bits_kernel(values: npt.NDArray[np.int16], out: npt.NDArray[np.uint8]) -> int:
-    """One bit per non-zero value, 1 iff negative; returns the byte count."""
+    """One bit per non-zero value, 1 iff negative; returns the byte count. Branch-free but
+    for the byte stores: a zero value shifts no bit in."""
     p, acc, nacc = 0, np.uint64(0), 0
     for v in values:
-        if v != 0:
-            acc = (acc << _ONE) | np.uint64(v < 0)
-            nacc += 1
-            if nacc == 8:
-                if p < out.size:
-                    out[p] = np.uint8(acc & _BYTE)
-                p += 1
-                nacc = 0
+        nonzero = v != 0
+        acc = (acc << np.uint64(nonzero)) | np.uint64(v < 0)
+        nacc += nonzero
+        if nacc == 8:
+            if p < out.size:
+                out[p] = np.uint8(acc & _BYTE)
+            p += 1
+            nacc = 0
     return flush(out, p, acc, nacc, False)
 
 
@@ -296,14 +306,15 @@ def signed_levels_kernel(
 
 @numba.njit(cache=True, nogil=True)
 def apply_signs_kernel(levels: npt.NDArray[np.int16], signs: npt.NDArray[np.uint8]) -> None:
-    """Negate the i-th non-zero level where sign bit i is set."""
+    """Negate the i-th non-zero level where sign bit i is set (``signs`` holds one byte more
+    than the bits need). Branch-free: every level is multiplied by +-1."""
     i = 0
     for j in range(levels.size):
         v = levels[j]
-        if v != 0:
-            if (signs[i >> 3] >> (7 - (i & 7))) & 1:
-                levels[j] = -v
-            i += 1
+        nonzero = v != 0
+        bit = (signs[i >> 3] >> (7 - (i & 7))) & 1
+        levels[j] = v * (1 - 2 * np.int16(bit))
+        i += nonzero
 
 
 @numba.njit(cache=True, nogil=True)
