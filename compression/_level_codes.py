@@ -84,26 +84,28 @@ def _trimmed(buf: U8, used: int, exact: bool) -> U8:
     return buf[:used]
 
 
-def _rice_magnitudes(values: I16, offset: int, k: int, unary_bound: int) -> tuple[U8, U8]:
-    """Rice streams of |v| - offset (parameter k) for every value; the unary stream holds at
-    most ``unary_bound`` bits."""
-    unary = np.empty((unary_bound + 7) // 8, dtype=np.uint8)
+def _rice_magnitudes(
+    values: I16, offset: int, k: int, unary_bound: int, with_signs: bool = False
+) -> tuple[U8, U8, U8]:
+    """Rice streams of |v| - offset (parameter k) for every value, the unary stream at most
+    ``unary_bound`` bits; and when ``with_signs`` the sign bits of the non-zero values."""
+    unary = np.full((unary_bound + 7) // 8, 255, dtype=np.uint8)
     rem = np.empty((values.size * k + 7) // 8, dtype=np.uint8)
-    pu, pr = _kernel("rice_magnitudes_kernel")(values, offset, k, unary, rem)
-    return _trimmed(unary, pu, False), _trimmed(rem, pr, True)
+    signs = np.zeros((values.size + 7) // 8 if with_signs else 0, dtype=np.uint8)
+    pu, pr, ps = _kernel("rice_magnitudes_kernel")(values, offset, k, unary, rem, with_signs, signs)
+    return _trimmed(unary, pu, False), _trimmed(rem, pr, True), _trimmed(signs, ps, False)
 
 
 def _sign_bits(values: I16) -> U8:
     """One bit per non-zero value, 1 iff negative."""
-    out = np.empty((values.size + 7) // 8, dtype=np.uint8)
+    out = np.zeros((values.size + 7) // 8, dtype=np.uint8)
     return _trimmed(out, _kernel("sign_bits_kernel")(values, out), False)
 
 
 def encode_rice(levels: I16, k: int, s: int) -> tuple[U8, U8, U8]:
     """The sections of the rice code: every |l_j| (at most s) Rice-coded with parameter k
-    (unary stream, remainders), then the sign bits of the non-zero levels."""
-    unary, rem = _rice_magnitudes(levels, 0, k, levels.size * ((s >> k) + 1))
-    return unary, rem, _sign_bits(levels)
+    (unary stream, remainders), then the sign bits of the non-zero levels; one pass."""
+    return _rice_magnitudes(levels, 0, k, levels.size * ((s >> k) + 1), with_signs=True)
 
 
 def encode_sparse(
@@ -115,7 +117,7 @@ def encode_sparse(
     bits."""
     n = index.size
     # the runs add up to d - n: at most (d - n) >> k one-bits and n + 1 zero-bits
-    unary = np.empty((((d - n) >> k_runs) + n + 1 + 7) // 8, dtype=np.uint8)
+    unary = np.full((((d - n) >> k_runs) + n + 1 + 7) // 8, 255, dtype=np.uint8)
     rem = np.empty(((n + 1) * k_runs + 7) // 8, dtype=np.uint8)
     pu, pr = _kernel("rice_runs_kernel")(index, d, k_runs, unary, rem)
     runs_unary, runs_rem = _trimmed(unary, pu, False), _trimmed(rem, pr, True)
@@ -124,7 +126,8 @@ def encode_sparse(
         fixed = np.empty((n * width + 7) // 8, dtype=np.uint8)
         used = _kernel("fixed_magnitudes_kernel")(nz, 1, width, fixed)
         return runs_unary, runs_rem, signs, np.zeros(0, np.uint8), _trimmed(fixed, used, True)
-    mags_unary, mags_rem = _rice_magnitudes(nz, 1, k_mags, n * ((_max_magnitude(nz) >> k_mags) + 1))
+    bound = n * ((_max_magnitude(nz) >> k_mags) + 1)
+    mags_unary, mags_rem, _ = _rice_magnitudes(nz, 1, k_mags, bound)
     return runs_unary, runs_rem, signs, mags_unary, mags_rem
 
 

@@ -40,17 +40,6 @@ def put_bits(
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def put_unary(
-    out: npt.NDArray[np.uint8], p: int, acc: np.uint64, nacc: int, q: int
-) -> tuple[int, np.uint64, int]:
-    """Append q one-bits and a zero-bit."""
-    while q >= 32:
-        p, acc, nacc = put_bits(out, p, acc, nacc, _ONES32, 32)
-        q -= 32
-    return put_bits(out, p, acc, nacc, ((_ONE << np.uint64(q)) - _ONE) << _ONE, q + 1)
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
 def put_wide(
     out: npt.NDArray[np.uint8], p: int, acc: np.uint64, nacc: int, value: np.uint64, nbits: int
 ) -> tuple[int, np.uint64, int]:
@@ -81,6 +70,22 @@ def flush(out: npt.NDArray[np.uint8], p: int, acc: np.uint64, nacc: int, pad_one
             out[p] = np.uint8(byte)
         p += 1
     return p
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def end_code(out: npt.NDArray[np.uint8], pos: int) -> None:
+    """Clear bit ``pos`` (MSB first) of a stream filled with one-bits: the zero-bit that ends
+    a unary code. Writing a unary stream this way costs one store per code whatever its
+    length, and no branch."""
+    if pos >> 3 < out.size:
+        out[pos >> 3] &= ~np.uint8(0x80 >> (pos & 7))
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def set_bit(out: npt.NDArray[np.uint8], pos: int, bit: int) -> None:
+    """OR ``bit`` (0 or 1) into bit ``pos`` (MSB first) of a zeroed stream."""
+    if pos >> 3 < out.size:
+        out[pos >> 3] |= np.uint8(bit << (7 - (pos & 7)))
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -157,8 +162,9 @@ def rice_runs_kernel(
     rem: npt.NDArray[np.uint8],
 ) -> tuple[int, int]:
     """Rice code (parameter k) of the zero runs of the sorted ``index`` (before each position
-    and after the last, to d); returns the byte counts (unary, remainders)."""
-    pu, au, nu = 0, np.uint64(0), 0
+    and after the last, to d) into ``unary`` (filled with one-bits) and ``rem``; returns the
+    byte counts (unary, remainders)."""
+    pos = -1
     pr, ar, nr = 0, np.uint64(0), 0
     mask = (_ONE << np.uint64(k)) - _ONE
     prev = -1
@@ -167,9 +173,10 @@ def rice_runs_kernel(
         j = index[i] if i < n else d
         r = j - prev - 1
         prev = j
-        pu, au, nu = put_unary(unary, pu, au, nu, r >> k)
+        pos += (r >> k) + 1
+        end_code(unary, pos)
         pr, ar, nr = put_wide(rem, pr, ar, nr, np.uint64(r) & mask, k)
-    return flush(unary, pu, au, nu, True), flush(rem, pr, ar, nr, False)
+    return (pos + 8) >> 3, flush(rem, pr, ar, nr, False)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -179,16 +186,26 @@ def rice_magnitudes_kernel(
     k: int,
     unary: npt.NDArray[np.uint8],
     rem: npt.NDArray[np.uint8],
-) -> tuple[int, int]:
-    """Rice code (parameter k) of |v| - offset for every value; returns the byte counts."""
-    pu, au, nu = 0, np.uint64(0), 0
+    with_signs: bool,
+    signs: npt.NDArray[np.uint8],
+) -> tuple[int, int, int]:
+    """Rice code (parameter k) of |v| - offset for every value into ``unary`` (filled with
+    one-bits) and ``rem`` and, when ``with_signs``, in the same pass one sign bit per
+    non-zero value (1 iff negative) into ``signs`` (zeroed); returns the byte counts
+    (unary, remainders, signs)."""
+    pos = -1
     pr, ar, nr = 0, np.uint64(0), 0
+    nsigns = 0
     mask = (_ONE << np.uint64(k)) - _ONE
     for v in values:
         m = abs(int(v)) - offset
-        pu, au, nu = put_unary(unary, pu, au, nu, m >> k)
+        pos += (m >> k) + 1
+        end_code(unary, pos)
         pr, ar, nr = put_wide(rem, pr, ar, nr, np.uint64(m) & mask, k)
-    return flush(unary, pu, au, nu, True), flush(rem, pr, ar, nr, False)
+        if with_signs:
+            set_bit(signs, nsigns, int(v < 0))
+            nsigns += v != 0
+    return (pos + 8) >> 3, flush(rem, pr, ar, nr, False), (nsigns + 7) >> 3
 
 
 @numba.njit(cache=True, nogil=True)
@@ -204,19 +221,13 @@ def fixed_magnitudes_kernel(
 
 @numba.njit(cache=True, nogil=True)
 def sign_bits_kernel(values: npt.NDArray[np.int16], out: npt.NDArray[np.uint8]) -> int:
-    """One bit per non-zero value, 1 iff negative; returns the byte count. Branch-free but
-    for the byte stores: a zero value shifts no bit in."""
-    p, acc, nacc = 0, np.uint64(0), 0
+    """One bit per non-zero value, 1 iff negative, into ``out`` (zeroed); returns the byte
+    count. Branch-free: a zero value ORs a zero-bit where the next sign goes."""
+    n = 0
     for v in values:
-        nonzero = v != 0
-        acc = (acc << np.uint64(nonzero)) | np.uint64(v < 0)
-        nacc += nonzero
-        if nacc == 8:
-            if p < out.size:
-                out[p] = np.uint8(acc & _BYTE)
-            p += 1
-            nacc = 0
-    return flush(out, p, acc, nacc, False)
+        set_bit(out, n, int(v < 0))
+        n += v != 0
+    return (n + 7) >> 3
 
 
 @numba.njit(cache=True, nogil=True)
