@@ -64,6 +64,8 @@ def histogram(values: I16, s: int) -> I64:
 def run_costs(index: I64, d: int, ks: range) -> dict[int, int]:
     """Bits of the Rice code of the n + 1 zero runs of the sorted positions ``index`` (before
     each and after the last, to d) for each k of ``ks``: sum_i (r_i >> k) + (n + 1)(k + 1)."""
+    if len(ks) > 5:
+        raise ValueError(f"at most five Rice parameters at a time, got {len(ks)}")
     sums = _kernel("run_costs_kernel")(index, d, ks.start, len(ks))
     runs = index.size + 1
     return {k: int(sums[t]) + runs * (k + 1) for t, k in enumerate(ks)}

@@ -124,18 +124,25 @@ def histogram_kernel(values: npt.NDArray[np.int16], s: int) -> npt.NDArray[np.in
 def run_costs_kernel(
     index: npt.NDArray[np.int64], d: int, k0: int, nk: int
 ) -> npt.NDArray[np.int64]:
-    """sum_i r_i >> k for k = k0..k0+nk-1 over the zero runs r_i before each position of the
-    sorted ``index`` and after the last (to d)."""
-    sums = np.zeros(nk, dtype=np.int64)
+    """sum_i r_i >> k for k = k0..k0+nk-1 (nk <= 5) over the zero runs r_i before each
+    position of the sorted ``index`` and after the last (to d); five sums in registers."""
+    s0 = s1 = s2 = s3 = s4 = 0
     prev = -1
     n = index.size
-    for i in range(n + 1):
-        j = index[i] if i < n else d
+    for i in range(n):
+        j = index[i]
         r = j - prev - 1
         prev = j
-        for t in range(nk):
-            sums[t] += r >> (k0 + t)
-    return sums
+        s0 += r >> k0
+        s1 += r >> (k0 + 1)
+        s2 += r >> (k0 + 2)
+        s3 += r >> (k0 + 3)
+        s4 += r >> (k0 + 4)
+    r = d - prev - 1
+    sums = np.array([s0, s1, s2, s3, s4], dtype=np.int64)
+    for t in range(5):
+        sums[t] += r >> (k0 + t)
+    return sums[:nk]
 
 
 @numba.njit(cache=True, nogil=True)
