@@ -61,13 +61,19 @@ def histogram(values: I16, s: int) -> I64:
     return counts[:-1]
 
 
-def run_costs(index: I64, d: int, ks: range) -> dict[int, int]:
-    """Bits of the Rice code of the n + 1 zero runs of the sorted positions ``index`` (before
-    each and after the last, to d) for each k of ``ks``: sum_i (r_i >> k) + (n + 1)(k + 1)."""
+def run_costs(positions: I64 | I16, d: int, ks: range, *, levels: bool = False) -> dict[int, int]:
+    """Bits of the Rice code of the n + 1 zero runs of the sorted positions (before each and
+    after the last, to d) for each k of ``ks`` (at most five): sum_i (r_i >> k) +
+    (n + 1)(k + 1). With ``levels``, ``positions`` are the d levels and the positions those
+    of the non-zero ones (counted without gathering them)."""
     if len(ks) > 5:
         raise ValueError(f"at most five Rice parameters at a time, got {len(ks)}")
-    sums = _kernel("run_costs_kernel")(index, d, ks.start, len(ks))
-    runs = index.size + 1
+    if levels:
+        sums = _kernel("level_run_costs_kernel")(positions, ks.start, len(ks))
+        runs = int(sums[-1]) + 1
+    else:
+        sums = _kernel("run_costs_kernel")(positions, d, ks.start, len(ks))
+        runs = positions.size + 1
     return {k: int(sums[t]) + runs * (k + 1) for t, k in enumerate(ks)}
 
 

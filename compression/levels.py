@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -233,10 +233,12 @@ class LevelQuantizer(Compressor):
             mean_run = (d - nnz) / (nnz + 1)
             centre = int(np.floor(np.log2(mean_run * np.log(2)))) if mean_run >= 1 else 0
             ks = range(max(0, centre - 2), centre + 3)
-            arrays = None
-            if self._compiled(d):
-                arrays = self._sparse_arrays(fields)
-                run_bits = _level_codes.run_costs(arrays[0], d, ks)
+            if self._compiled(d) and "levels" in fields:
+                # counted over the dense levels, without gathering the non-zero ones
+                levels = self._level_array(fields, d)
+                run_bits = _level_codes.run_costs(levels, d, ks, levels=True)
+            elif self._compiled(d):
+                run_bits = _level_codes.run_costs(self._sparse_arrays(fields)[0], d, ks)
             else:
                 run_bits = dict.fromkeys(ks, 0)
                 for runs, _ in self._nonzero_chunks(fields, d):
@@ -246,12 +248,9 @@ class LevelQuantizer(Compressor):
             rem_runs = (nnz + 1) * k_runs
             sparse_bits = 16 + 8 * _varint_len(nnz) + mag_sections
             sparse_bits += _section_bits(run_bits[k_runs] - rem_runs, rem_runs, nnz)
-            extra: dict[str, Any] = {"k": k_runs, "k_mags": k_mags, "nnz": nnz}
-            if arrays is not None and "levels" in fields:
-                # the compacted positions and levels, so that writing need not compact
-                # the dense levels again (dropped once written)
-                extra["arrays"] = arrays
-            plans["sparse"] = Plan("sparse", head + sparse_bits, extra)
+            plans["sparse"] = Plan(
+                "sparse", head + sparse_bits, {"k": k_runs, "k_mags": k_mags, "nnz": nnz}
+            )
         return plans
 
     def _plan(self, fields: Fields, d: int) -> Plan:
@@ -335,7 +334,7 @@ class LevelQuantizer(Compressor):
                 w.section(section)
             return
         k_runs, k_mags = plan.extra["k"], plan.extra["k_mags"]
-        index, nz = plan.extra.pop("arrays", None) or self._sparse_arrays(fields)
+        index, nz = self._sparse_arrays(fields)
         sections = _level_codes.encode_sparse(
             index,
             nz,

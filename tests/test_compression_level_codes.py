@@ -8,10 +8,11 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
-from compression import _buckets, _level_codes, decode, parse_compressor
+from compression import _buckets, _level_codes, bits, decode, parse_compressor
 from compression.levels import LevelQuantizer
 
 D = _buckets.MIN_NUMEL + 3
@@ -91,3 +92,22 @@ def test_compiled_decode_of_every_sparse_magnitude_code(x: torch.Tensor) -> None
         assert (plan.extra["k_mags"] == 255) == fixed
         payload = m.to_bytes_with("sparse")
         assert torch.equal(decode(payload).dense(), m.dense())
+
+
+def test_run_costs_equal_the_numpy_cost() -> None:
+    # runs crossing the kernels' 4096-level chunks, empty runs, a leading and trailing run
+    g = torch.Generator().manual_seed(3)
+    for density in (0.0, 0.001, 0.3, 1.0):
+        d = 20_000
+        keep = torch.rand(d, generator=g) < density
+        levels = torch.where(keep, 1, 0).to(torch.int16).numpy()
+        levels[9000:13000] = 0
+        index = np.flatnonzero(levels).astype(np.int64)
+        runs = np.diff(np.append(index, d), prepend=-1) - 1
+        ks = range(0, 5)
+        expect = {k: bits.rice_cost_bits(runs, k) for k in ks}
+        assert _level_codes.run_costs(index, d, ks) == expect
+        assert _level_codes.run_costs(levels, d, ks, levels=True) == expect
+        assert _level_codes.run_costs(levels, d, range(2, 4), levels=True) == {
+            k: expect[k] for k in (2, 3)
+        }
