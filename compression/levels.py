@@ -14,6 +14,11 @@ the smallest is sent:
   |l_j| - 1 Rice-coded (or in ceil(log2 s) bits) per non-zero.
 
 The information limit is n H(p̂) of the level histogram plus 32 bits per norm.
+
+From ``_buckets.MIN_NUMEL`` coordinates on, the CPU plans, writes and reads the rice and
+sparse codes with the compiled passes of :mod:`compression._level_codes` (the same bytes,
+the same checks and errors); below it, and for the dense codes, the numpy code of
+:mod:`compression.bits` runs.
 """
 
 from __future__ import annotations
