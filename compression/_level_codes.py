@@ -152,12 +152,15 @@ def rice_decode(
         raise CodecError(f"Rice parameter {k} out of range 0..62")
     if not 0 <= limit <= bits.INT64_MAX or limit > np.iinfo(dtype).max:
         raise ValueError(f"limit must be in 0..{np.iinfo(dtype).max}, got {limit}")
+    nbits = 8 * unary.size
+    codes = nbits - int(np.bitwise_count(unary).sum(dtype=np.int64))  # its zero-bits
+    if codes != n:  # the first check: before anything of size n is allocated
+        bits.check_rice_streams(n, codes, nbits, -1, k, rem)
     out = np.empty(n, dtype=dtype)
     rem_ok = rem.size == (n * k + 7) // 8 if k else True
     codes, last, q_max, v_max, nonzero = _kernel("rice_decode_kernel")(
         unary, rem, n, k, bool(k) and rem_ok, out
     )
-    nbits = 8 * unary.size
     bits.check_rice_streams(n, codes, nbits, last, k, rem)
     bits.check_rice_quotients(n, nbits, k, limit, lambda: int(q_max))
     if k:

@@ -715,3 +715,21 @@ def test_hostile_level_payloads_decode_alike_on_the_compiled_and_numpy_paths(
     CodecError message, or the same dense output, from both paths."""
     case = data.draw(CASES[op])
     _same_on_both_paths(case.payload, case.d, min_numel=1)
+
+
+def test_a_compiled_size_declaring_every_level_non_zero_is_refused_without_allocating() -> None:
+    """nnz = d at d >= 2^22 with a one-byte unary stream: the count of codes is checked
+    before the compiled decoder allocates its n values."""
+    d = BIG
+    f = Frame("qsgd", (d,)).varint(1).varint(0).u8(0).u8(1).section(floats([1.0]))
+    f.u8(3).u8(255).varint(d).section(b"\x00").section(bytes(1))  # 8 codes, not d + 1
+    payload = f.section(b"").section(b"").section(b"").payload()
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError, match="holds 8 codes"):
+            decode(payload, expected_numel=d)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    assert _same_on_both_paths(payload, d).startswith("CodecError")
