@@ -1,4 +1,4 @@
-"""The compiled CPU path of the level codes of :mod:`compression.levels` (rice and sparse),
+"""The compiled CPU path of the level codes of :mod:`compression.levels` (dense, rice, sparse),
 used from ``_buckets.MIN_NUMEL`` coordinates on: the same bytes as the numpy code of
 :mod:`compression.bits`, and on decode the same checks in the same order with the same
 :class:`CodecError` messages (the checks are the functions of :mod:`compression.bits` and
@@ -9,12 +9,13 @@ first use as :mod:`compression._buckets_jit` is) over the sorted positions and l
 non-zero levels, or over all d levels:
 
 * planning: the level histogram; the Rice costs sum_i (r_i >> k) of the zero runs r_i for
-  the candidate k's in one pass over the positions;
+  the candidate k's in one pass over the positions (over dense levels, 4096 at a time);
 * encoding: zero runs, magnitudes (Rice or fixed width) and sign bits, each straight into
-  a byte buffer of its exact or bounded size;
+  a byte buffer of its exact or bounded size; the dense code's symbols (fixed width, or
+  five per byte for s = 1);
 * decoding: the Rice streams (64 bits of the unary stream at a time) with the counts the
-  checks need, zero runs to positions, signs onto the magnitudes, and the scatter of the
-  sparse levels into the zeroed dense output.
+  checks need, the dense code's symbols, zero runs to positions, signs onto the
+  magnitudes, and the scatter of the sparse levels into the zeroed dense output.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from compression.wire import CodecError
 
 __all__ = [
     "apply_signs",
+    "decode_dense",
+    "encode_dense",
     "encode_rice",
     "encode_sparse",
     "histogram",
@@ -114,6 +117,33 @@ def encode_rice(levels: I16, k: int, s: int) -> tuple[U8, U8, U8]:
     """The sections of the rice code: every |l_j| (at most s) Rice-coded with parameter k
     (unary stream, remainders), then the sign bits of the non-zero levels; one pass."""
     return _rice_magnitudes(levels, 0, k, levels.size * ((s >> k) + 1), with_signs=True)
+
+
+def encode_dense(levels: I16, s: int) -> U8:
+    """The dense code's section: for s = 1 the symbols l + 1 five per byte (base3), else
+    l + s in (2s).bit_length() bits."""
+    if s == 1:
+        out = np.empty((levels.size + 4) // 5, dtype=np.uint8)
+        _kernel("pack_base3_kernel")(levels, out)
+        return out
+    width = (2 * s).bit_length()
+    out = np.empty((levels.size * width + 7) // 8, dtype=np.uint8)
+    return _trimmed(out, _kernel("pack_levels_kernel")(levels, s, width, out), True)
+
+
+def decode_dense(data: U8, d: int, s: int) -> I16:
+    """The d levels of the dense code's section, with the numpy path's checks: the
+    section's size, and no byte above 242 (base3) or symbol above 2s."""
+    out = np.empty(d, dtype=np.int16)
+    if s == 1:
+        bits.check_base3_size(data, d)
+        bits.check_base3_top(int(_kernel("unpack_base3_kernel")(data, bits.BASE3_SYMBOLS, out)))
+        return out
+    width = (2 * s).bit_length()
+    bits.check_fixed_size(data, d, width)
+    if d and int(_kernel("unpack_levels_kernel")(data, s, width, out)) > 2 * s:
+        raise CodecError(f"level symbol above 2s = {2 * s}")
+    return out
 
 
 def encode_sparse(

@@ -270,6 +270,73 @@ def sign_bits_kernel(values: npt.NDArray[np.int16], out: npt.NDArray[np.uint8]) 
 
 
 @numba.njit(cache=True, nogil=True)
+def pack_levels_kernel(
+    levels: npt.NDArray[np.int16], s: int, width: int, out: npt.NDArray[np.uint8]
+) -> int:
+    """The dense code: symbol l + s of every level in ``width`` bits; returns the byte
+    count."""
+    p, acc, nacc = 0, np.uint64(0), 0
+    for v in levels:
+        p, acc, nacc = put_wide(out, p, acc, nacc, np.uint64(int(v) + s), width)
+    return flush(out, p, acc, nacc, False)
+
+
+@numba.njit(cache=True, nogil=True)
+def pack_base3_kernel(levels: npt.NDArray[np.int16], out: npt.NDArray[np.uint8]) -> None:
+    """The base3 code of levels in -1..1: symbols t = l + 1 five per byte, t0 + 3 t1 + 9 t2
+    + 27 t3 + 81 t4, the last group padded with zero symbols (``out`` has (n + 4) // 5
+    bytes)."""
+    n = levels.size
+    for g in range(out.size):
+        byte = 0
+        scale = 1
+        for t in range(5 * g, min(n, 5 * g + 5)):
+            byte += (int(levels[t]) + 1) * scale
+            scale *= 3
+        out[g] = np.uint8(byte)
+
+
+@numba.njit(cache=True, nogil=True)
+def unpack_levels_kernel(
+    data: npt.NDArray[np.uint8], s: int, width: int, out: npt.NDArray[np.int16]
+) -> int:
+    """Inverse of :func:`pack_levels_kernel` into ``out`` (``data`` holds its exact bytes);
+    returns the largest symbol (a level is wrong where it passes 2s)."""
+    p, acc, nacc = 0, np.uint64(0), 0
+    top = 0
+    for j in range(out.size):
+        if width > 32:
+            hi, p, acc, nacc = get_bits(data, p, acc, nacc, width - 32)
+            lo, p, acc, nacc = get_bits(data, p, acc, nacc, 32)
+            symbol = int((hi << np.uint64(32)) | lo)
+        else:
+            value, p, acc, nacc = get_bits(data, p, acc, nacc, width)
+            symbol = int(value)
+        top = max(top, symbol)
+        out[j] = symbol - s
+    return top
+
+
+@numba.njit(cache=True, nogil=True)
+def unpack_base3_kernel(
+    data: npt.NDArray[np.uint8], table: npt.NDArray[np.uint8], out: npt.NDArray[np.int16]
+) -> int:
+    """Inverse of :func:`pack_base3_kernel` into ``out`` through ``table`` (row v: the five
+    symbols of byte v; ``data`` holds (n + 4) // 5 bytes); returns the largest byte (one
+    above 242 is not a code)."""
+    n = out.size
+    top = 0
+    for g in range(data.size):
+        byte = int(data[g])
+        top = max(top, byte)
+        row = table[min(byte, 242)]
+        for t in range(5):
+            if 5 * g + t < n:
+                out[5 * g + t] = np.int16(row[t]) - 1
+    return top
+
+
+@numba.njit(cache=True, nogil=True)
 def rice_decode_kernel(
     unary: npt.NDArray[np.uint8],
     rem: npt.NDArray[np.uint8],

@@ -101,7 +101,8 @@ def unpack_fixed(data: U8, n: int, width: int) -> npt.NDArray[np.unsignedinteger
 
 
 _POW3 = np.array([1, 3, 9, 27, 81], dtype=np.uint8)
-_BASE3_TABLE = np.array(
+#: Row v: the five symbols t0..t4 of the base-3 byte v.
+BASE3_SYMBOLS = np.array(
     [[(v // 3**j) % 3 for j in range(5)] for v in range(256)], dtype=np.uint8
 )  # rows 243..255 are never valid and are rejected before lookup
 
@@ -121,11 +122,22 @@ def pack_base3(symbols: U8) -> U8:
 
 def unpack_base3(data: U8, n: int) -> U8:
     """Inverse of :func:`pack_base3`, ``n`` symbols."""
+    check_base3_size(data, n)
+    if data.size:
+        check_base3_top(int(data.max()))
+    return BASE3_SYMBOLS[data].reshape(-1)[:n]
+
+
+def check_base3_size(data: U8, n: int) -> None:
+    """A base-3 section of n symbols has (n + 4) // 5 bytes."""
     if data.size != (n + 4) // 5:
         raise CodecError(f"base-3 section has {data.size} bytes, expected {(n + 4) // 5}")
-    if data.size and int(data.max()) > 242:
+
+
+def check_base3_top(top: int) -> None:
+    """The largest byte ``top`` of a base-3 section must be a code (at most 242)."""
+    if top > 242:
         raise CodecError("base-3 section holds a byte above 242 (3^5 - 1)")
-    return _BASE3_TABLE[data].reshape(-1)[:n]
 
 
 def rice_cost_bits(gaps: npt.NDArray[np.int64], k: int) -> int:

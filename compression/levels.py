@@ -15,10 +15,9 @@ the smallest is sent:
 
 The information limit is n H(p̂) of the level histogram plus 32 bits per norm.
 
-From ``_buckets.MIN_NUMEL`` coordinates on, the CPU plans, writes and reads the rice and
-sparse codes with the compiled passes of :mod:`compression._level_codes` (the same bytes,
-the same checks and errors); below it, and for the dense codes, the numpy code of
-:mod:`compression.bits` runs.
+From ``_buckets.MIN_NUMEL`` coordinates on, the CPU plans, writes and reads the codes with
+the compiled passes of :mod:`compression._level_codes` (the same bytes, the same checks
+and errors); below it the numpy code of :mod:`compression.bits` runs.
 """
 
 from __future__ import annotations
@@ -82,7 +81,7 @@ class LevelQuantizer(Compressor):
 
     s: int
     bucket: int
-    #: from ``_buckets.MIN_NUMEL`` coordinates on, the rice and sparse codes are written and
+    #: from ``_buckets.MIN_NUMEL`` coordinates on, the level codes are written and
     #: read by the compiled kernels of :mod:`compression._level_codes` (the same bytes);
     #: False: the numpy code of :mod:`compression.bits` at every size (for tests)
     _compiled_codes: ClassVar[bool] = True
@@ -276,6 +275,9 @@ class LevelQuantizer(Compressor):
         self._write_params(w)
         w.u8(_LEVEL_CODES[plan.code])
         w.section(tensor_bytes(fields["norms"].to(torch.float32)))
+        if plan.code in ("dense", "base3") and self._compiled(d):
+            w.section(_level_codes.encode_dense(self._level_array(fields, d), s))
+            return
         if plan.code in ("dense", "base3"):
             width = (2 * s).bit_length()
             parts = []
@@ -372,16 +374,21 @@ class LevelQuantizer(Compressor):
             raise CodecError("negative norm")
         if code == 0:
             data = r.section()
-            if s == 1:
-                symbols = bits.unpack_base3(data, d).astype(np.int16)
+            if cls._compiled(d):
+                levels16 = _level_codes.decode_dense(data, d, s)
+            elif s == 1:
+                levels16 = bits.unpack_base3(data, d).astype(np.int16) - np.int16(1)
             else:
                 sym32 = bits.unpack_fixed(data, d, (2 * s).bit_length())
                 if sym32.size and int(sym32.max()) > 2 * s:
                     raise CodecError(f"level symbol above 2s = {2 * s}")
-                symbols = sym32.astype(np.int16)
-            levels = torch.from_numpy(symbols - np.int16(s))
+                levels16 = sym32.astype(np.int16) - np.int16(s)
             code_name = "base3" if s == 1 else "dense"
-            return comp, {"norms": norms, "levels": levels, "wire_code": code_name}
+            return comp, {
+                "norms": norms,
+                "levels": torch.from_numpy(levels16),
+                "wire_code": code_name,
+            }
         if code == 2:
             k = r.u8()
             if k > 62:

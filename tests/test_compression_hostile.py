@@ -733,3 +733,30 @@ def test_a_compiled_size_declaring_every_level_non_zero_is_refused_without_alloc
         tracemalloc.stop()
     assert peak < 1 << 20
     assert _same_on_both_paths(payload, d).startswith("CodecError")
+
+
+def test_hostile_dense_payloads_at_compiled_sizes_get_the_numpy_paths_errors() -> None:
+    d = BIG
+
+    def frame(s: int, data: bytes) -> bytes:
+        f = Frame("qsgd", (d,)).varint(s).varint(0).u8(0).u8(0).section(floats([1.0]))
+        return f.section(data).payload()
+
+    base3 = bytearray([121]) * ((d + 4) // 5)  # symbols 1: level 0
+    width = 3  # s = 2: symbols in 3 bits
+    dense = bytearray(bytes([0b01001001, 0b00100100, 0b10010010]) * (d * width // 24 + 1))
+    dense = dense[: (d * width + 7) // 8]
+    assert _same_on_both_paths(frame(1, bytes(base3)), d) == "decoded"
+    assert _same_on_both_paths(frame(2, bytes(dense)), d) == "decoded"
+    bad_byte, bad_symbol = bytearray(base3), bytearray(dense)
+    bad_byte[-1] = 250
+    bad_symbol[len(dense) // 2] = 0xFF  # symbols 7 > 2s = 4
+    cases = {
+        "byte above 242": frame(1, bytes(bad_byte)),
+        "base-3 section has": frame(1, bytes(base3[:-1])),
+        "symbol above 2s = 4": frame(2, bytes(bad_symbol)),
+        "fixed-width section has": frame(2, bytes(dense) + b"\x00"),
+    }
+    for what, payload in cases.items():
+        outcome = _same_on_both_paths(payload, d)
+        assert outcome.startswith("CodecError") and what in outcome, (what, outcome)

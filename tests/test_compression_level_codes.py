@@ -76,6 +76,10 @@ def test_compiled_payloads_equal_the_numpy_payloads(
                 assert {"rice_runs_kernel", "rice_decode_kernel", "runs_to_index_kernel"} <= used
             elif chosen == "rice":
                 assert {"rice_magnitudes_kernel", "rice_decode_kernel"} <= used
+            elif chosen == "base3":
+                assert {"pack_base3_kernel", "unpack_base3_kernel"} <= used
+            else:
+                assert {"pack_levels_kernel", "unpack_levels_kernel"} <= used
     # the byte count is the plan's prediction, as on the numpy path
     m = c.compress(x, seed=1)
     assert m.nbytes - m.predicted_nbytes < 64
