@@ -25,6 +25,8 @@ Compression knows nothing of Flower: it maps tensors to bytes and back. One modu
     _tensors.py    helpers several operators share (buckets, raw bytes, decode checks)
     _buckets.py    one-pass CPU kernels of QSGD and scaled sign for d >= 2^22 (numba,
                    _buckets_jit.py), counter-based uniforms
+    _level_codes.py  the level codes (dense, rice, sparse) in compiled passes for d >= 2^22
+                   (numba, _level_codes_jit.py): the numpy code's bytes and checks
 """
 
 from compression.base import Compressor

@@ -2,7 +2,10 @@
 
 Each kernel makes one pass over the flat float32 vector x, bucket by bucket (buckets of b
 coordinates, the last one may be shorter), doing all of a bucket's work while its values
-sit in the L1 cache:
+sit in the L1 cache (the QSGD kernels block by block, a block being a whole number of
+buckets of about 4096 coordinates or 4096 coordinates of a larger bucket: first every
+bucket's norm and scale, then the levels in a branch-free loop over pairs of coordinates
+that compilers vectorize, then for s = 1 the positions of the non-zero levels):
 
 * :func:`qsgd_levels` -- the norm ||x_B|| (L2 or max; sums in float64 over four lanes,
   cast to float32) and the levels xi_j = floor(s |x_j| / ||x_B|| + u_j), signed; for s = 1

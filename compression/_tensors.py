@@ -21,7 +21,7 @@ Python loop over coordinates. Here:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import numpy.typing as npt
@@ -128,6 +128,26 @@ def check_finite_decoded(t: torch.Tensor, what: str) -> None:
             raise CodecError(f"{what} lie outside float32's range")
 
 
+def check_run_bounds(what: str, n: int, d: int, low: int, high: int) -> None:
+    """The first checks of :func:`runs_to_index`, on n + 1 zero runs with minimum ``low`` and
+    maximum ``high``: each in 0..d - n."""
+    top = d - n
+    if top < 0:
+        raise CodecError(f"{what}: {n} kept coordinates exceed the declared size {d}")
+    if low < 0 or high > top:
+        raise CodecError(f"{what}: a run of {high if high > top else low} zeros, outside 0..{top}")
+
+
+def check_run_sums(what: str, n: int, d: int, ends_min: Callable[[], int], last: int) -> None:
+    """The last checks of :func:`runs_to_index`, on the partial sums sum_{j <= i} (r_j + 1)
+    of n + 1 bounded runs in wrapping int64: the smallest (``ends_min()``, asked only when
+    they could wrap) positive, the last (``last``) d + 1."""
+    if (n + 1) * (d - n + 1) >= 1 << 63 and ends_min() <= 0:
+        raise CodecError(f"{what}: the positions overflow")
+    if last != d + 1:
+        raise CodecError(f"{what} do not add up to the declared size {d}")
+
+
 def runs_to_index(
     runs: npt.NDArray[np.int64], d: int, what: str = "zero runs"
 ) -> npt.NDArray[np.int64]:
@@ -144,17 +164,9 @@ def runs_to_index(
     n = int(runs.size) - 1
     if n < 0:
         raise CodecError(f"{what}: none")
-    top = d - n
-    if top < 0:
-        raise CodecError(f"{what}: {n} kept coordinates exceed the declared size {d}")
-    low, high = int(runs.min()), int(runs.max())
-    if low < 0 or high > top:
-        raise CodecError(f"{what}: a run of {high if high > top else low} zeros, outside 0..{top}")
+    check_run_bounds(what, n, d, int(runs.min()), int(runs.max()))
     ends = np.cumsum(runs + 1)
-    if (n + 1) * (top + 1) >= 1 << 63 and int(ends.min()) <= 0:
-        raise CodecError(f"{what}: the positions overflow")
-    if int(ends[-1]) != d + 1:
-        raise CodecError(f"{what} do not add up to the declared size {d}")
+    check_run_sums(what, n, d, lambda: int(ends.min()), int(ends[-1]))
     return ends[:-1] - 1
 
 

@@ -22,6 +22,8 @@ Codes:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import numpy.typing as npt
 
@@ -57,18 +59,22 @@ def pack_fixed(values: npt.NDArray[np.integer], width: int) -> U8:
     return out
 
 
+def check_fixed_size(data: U8, n: int, width: int) -> None:
+    """A fixed-width section of n values of ``width`` bits has ceil(n width / 8) bytes."""
+    need = (n * width + 7) // 8
+    if data.size != need:
+        raise CodecError(f"fixed-width section has {data.size} bytes, expected {need}")
+
+
 def unpack_fixed(data: U8, n: int, width: int) -> npt.NDArray[np.unsignedinteger]:
     """Inverse of :func:`pack_fixed`: ``n`` values of ``width`` (<= 64) bits from ``data``
     (uint32 for widths up to 32, else uint64)."""
     if width == 0 or n == 0:
-        if data.size:
-            raise CodecError(f"fixed-width section has {data.size} bytes, expected 0")
+        check_fixed_size(data, 0, 0)
         return np.zeros(n, dtype=np.uint32)
     if not 1 <= width <= 64:
         raise CodecError(f"bit width must be in 1..64, got {width}")
-    need = (n * width + 7) // 8
-    if data.size != need:
-        raise CodecError(f"fixed-width section has {data.size} bytes, expected {need}")
+    check_fixed_size(data, n, width)
     if width == 8:
         return data.astype(np.uint32)
     if width == 1:
@@ -95,7 +101,8 @@ def unpack_fixed(data: U8, n: int, width: int) -> npt.NDArray[np.unsignedinteger
 
 
 _POW3 = np.array([1, 3, 9, 27, 81], dtype=np.uint8)
-_BASE3_TABLE = np.array(
+#: Row v: the five symbols t0..t4 of the base-3 byte v.
+BASE3_SYMBOLS = np.array(
     [[(v // 3**j) % 3 for j in range(5)] for v in range(256)], dtype=np.uint8
 )  # rows 243..255 are never valid and are rejected before lookup
 
@@ -115,11 +122,22 @@ def pack_base3(symbols: U8) -> U8:
 
 def unpack_base3(data: U8, n: int) -> U8:
     """Inverse of :func:`pack_base3`, ``n`` symbols."""
+    check_base3_size(data, n)
+    if data.size:
+        check_base3_top(int(data.max()))
+    return BASE3_SYMBOLS[data].reshape(-1)[:n]
+
+
+def check_base3_size(data: U8, n: int) -> None:
+    """A base-3 section of n symbols has (n + 4) // 5 bytes."""
     if data.size != (n + 4) // 5:
         raise CodecError(f"base-3 section has {data.size} bytes, expected {(n + 4) // 5}")
-    if data.size and int(data.max()) > 242:
+
+
+def check_base3_top(top: int) -> None:
+    """The largest byte ``top`` of a base-3 section must be a code (at most 242)."""
+    if top > 242:
         raise CodecError("base-3 section holds a byte above 242 (3^5 - 1)")
-    return _BASE3_TABLE[data].reshape(-1)[:n]
 
 
 def rice_cost_bits(gaps: npt.NDArray[np.int64], k: int) -> int:
@@ -251,25 +269,42 @@ def rice_decode(
         raise ValueError(f"limit must be in 0..2^63-1, got {limit}")
     bits = np.unpackbits(unary)
     ends = np.flatnonzero(bits == 0)
-    if ends.size != n:
-        raise CodecError(f"unary stream holds {ends.size} codes, header says {n}")
-    if n and bits.size - int(ends[-1]) - 1 >= 8:
-        raise CodecError("unary stream has a whole byte of padding")
+    check_rice_streams(n, int(ends.size), bits.size, int(ends[-1]) if ends.size else -1, k, rem)
     q = np.diff(ends, prepend=-1) - 1
-    if k == 0 and rem.size:
-        raise CodecError("remainder stream must be empty when k = 0")
-    if n and (bits.size + 1) << k > INT64_MAX:  # a quotient could overflow the shift
-        q_max = int(q.max())
-        if q_max > limit >> k:
-            raise CodecError(f"Rice value above {limit} (quotient {q_max} with k = {k})")
+    check_rice_quotients(n, bits.size, k, limit, lambda: int(q.max()))
     out = q.astype(np.int64, copy=False)
     if k:
         out = (out << k) | unpack_fixed(rem, n, k).astype(np.int64)
     if n:
-        top = int(out.max())
-        if top > limit:
-            raise CodecError(f"Rice value {top} above {limit}")
+        check_rice_top(int(out.max()), limit)
     return out
+
+
+def check_rice_streams(n: int, codes: int, nbits: int, last_zero: int, k: int, rem: U8) -> None:
+    """The stream checks of :func:`rice_decode`: the ``nbits``-bit unary stream holds
+    ``codes`` codes (zero-bits, the last at bit ``last_zero``), exactly n, and less than a
+    byte of padding after them; no remainder stream when k = 0."""
+    if codes != n:
+        raise CodecError(f"unary stream holds {codes} codes, header says {n}")
+    if n and nbits - last_zero - 1 >= 8:
+        raise CodecError("unary stream has a whole byte of padding")
+    if k == 0 and rem.size:
+        raise CodecError("remainder stream must be empty when k = 0")
+
+
+def check_rice_quotients(n: int, nbits: int, k: int, limit: int, q_max: Callable[[], int]) -> None:
+    """When a quotient (below ``nbits``) shifted by k could pass int64, the largest
+    (``q_max()``) must be at most limit >> k."""
+    if n and (nbits + 1) << k > INT64_MAX:
+        top = q_max()
+        if top > limit >> k:
+            raise CodecError(f"Rice value above {limit} (quotient {top} with k = {k})")
+
+
+def check_rice_top(top: int, limit: int) -> None:
+    """The largest decoded value ``top`` must be at most ``limit``."""
+    if top > limit:
+        raise CodecError(f"Rice value {top} above {limit}")
 
 
 def varint_encode(values: npt.NDArray[np.int64]) -> U8:

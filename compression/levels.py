@@ -14,18 +14,23 @@ the smallest is sent:
   |l_j| - 1 Rice-coded (or in ceil(log2 s) bits) per non-zero.
 
 The information limit is n H(p̂) of the level histogram plus 32 bits per norm.
+
+From ``_buckets.MIN_NUMEL`` coordinates on, the CPU plans, writes and reads the codes with
+the compiled passes of :mod:`compression._level_codes` (the same bytes, the same checks
+and errors); below it the numpy code of :mod:`compression.bits` runs.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Iterator
+from typing import ClassVar
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
-from compression import _buckets, bits
+from compression import _buckets, _level_codes, bits
 from compression._tensors import (
     bucket_size,
     bytes_tensor,
@@ -76,6 +81,14 @@ class LevelQuantizer(Compressor):
 
     s: int
     bucket: int
+    #: from ``_buckets.MIN_NUMEL`` coordinates on, the level codes are written and
+    #: read by the compiled kernels of :mod:`compression._level_codes` (the same bytes);
+    #: False: the numpy code of :mod:`compression.bits` at every size (for tests)
+    _compiled_codes: ClassVar[bool] = True
+
+    @classmethod
+    def _compiled(cls, d: int) -> bool:
+        return cls._compiled_codes and d >= _buckets.MIN_NUMEL
 
     @abstractmethod
     def _level_table(self, device: torch.device) -> torch.Tensor:
@@ -103,6 +116,10 @@ class LevelQuantizer(Compressor):
                 )
             return out
         index: torch.Tensor = fields["index"]
+        if device.type == "cpu" and self._compiled(d):
+            nz16 = fields["nzlevels"].numpy()
+            args = (index.numpy(), nz16, norms.numpy(), table.numpy(), self.s, b, d)
+            return torch.from_numpy(_level_codes.scatter_levels(*args))
         if device.type == "cpu":
             # numpy, single-threaded (these small ops only lose time to thread hand-offs),
             # into calloc'd zeros: the OS hands out zeroed pages as they are first written,
@@ -134,6 +151,21 @@ class LevelQuantizer(Compressor):
             arr[idx[lo:hi] - start] = nz[lo:hi]
             yield arr
 
+    def _sparse_arrays(self, fields: Fields) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int16]]:
+        """(positions, values) of the non-zero levels, sorted (numpy, for the kernels)."""
+        if "index" in fields:
+            idx = np.ascontiguousarray(fields["index"].cpu().numpy(), dtype=np.int64)
+            return idx, np.ascontiguousarray(fields["nzlevels"].cpu().numpy(), dtype=np.int16)
+        return _level_codes.sparse_from_levels(fields["levels"].cpu().numpy())
+
+    def _level_array(self, fields: Fields, d: int) -> npt.NDArray[np.int16]:
+        """Every signed level (numpy int16, for the kernels)."""
+        if "levels" in fields:
+            return np.ascontiguousarray(fields["levels"].cpu().numpy(), dtype=np.int16)
+        levels = np.zeros(d, dtype=np.int16)
+        levels[fields["index"].cpu().numpy()] = fields["nzlevels"].cpu().numpy()
+        return levels
+
     def _nonzero_chunks(
         self, fields: Fields, d: int
     ) -> Iterator[tuple[npt.NDArray[np.int64], npt.NDArray[np.int16]]]:
@@ -157,6 +189,13 @@ class LevelQuantizer(Compressor):
     def _histogram(self, fields: Fields, d: int) -> npt.NDArray[np.int64]:
         """counts[l + s] = number of coordinates with level l, for l in -s..s."""
         s = self.s
+        if self._compiled(d):
+            if "levels" in fields:
+                return _level_codes.histogram(self._level_array(fields, d), s)
+            nz16 = np.ascontiguousarray(fields["nzlevels"].cpu().numpy(), dtype=np.int16)
+            counts = _level_codes.histogram(nz16, s)
+            counts[s] = d - nz16.size
+            return counts
         if "index" in fields:
             nz = fields["nzlevels"].cpu().numpy().astype(np.int64)
             counts = np.bincount(nz + s, minlength=2 * s + 1)
@@ -198,10 +237,17 @@ class LevelQuantizer(Compressor):
             mean_run = (d - nnz) / (nnz + 1)
             centre = int(np.floor(np.log2(mean_run * np.log(2)))) if mean_run >= 1 else 0
             ks = range(max(0, centre - 2), centre + 3)
-            run_bits = dict.fromkeys(ks, 0)
-            for runs, _ in self._nonzero_chunks(fields, d):
-                for kk in ks:
-                    run_bits[kk] += bits.rice_cost_bits(runs, kk)
+            if self._compiled(d) and "levels" in fields:
+                # counted over the dense levels, without gathering the non-zero ones
+                levels = self._level_array(fields, d)
+                run_bits = _level_codes.run_costs(levels, d, ks, levels=True)
+            elif self._compiled(d):
+                run_bits = _level_codes.run_costs(self._sparse_arrays(fields)[0], d, ks)
+            else:
+                run_bits = dict.fromkeys(ks, 0)
+                for runs, _ in self._nonzero_chunks(fields, d):
+                    for kk in ks:
+                        run_bits[kk] += bits.rice_cost_bits(runs, kk)
             k_runs = min(ks, key=run_bits.__getitem__)
             rem_runs = (nnz + 1) * k_runs
             sparse_bits = 16 + 8 * _varint_len(nnz) + mag_sections
@@ -229,6 +275,9 @@ class LevelQuantizer(Compressor):
         self._write_params(w)
         w.u8(_LEVEL_CODES[plan.code])
         w.section(tensor_bytes(fields["norms"].to(torch.float32)))
+        if plan.code in ("dense", "base3") and self._compiled(d):
+            w.section(_level_codes.encode_dense(self._level_array(fields, d), s))
+            return
         if plan.code in ("dense", "base3"):
             width = (2 * s).bit_length()
             parts = []
@@ -239,6 +288,9 @@ class LevelQuantizer(Compressor):
                 else:
                     parts.append(bits.pack_fixed(symbols, width))
             w.section_parts(parts)
+            return
+        if self._compiled(d):
+            self._write_compiled(w, fields, d, plan)
             return
         signs = bits.BitWriter()
         if plan.code == "rice":
@@ -279,6 +331,31 @@ class LevelQuantizer(Compressor):
             for section in mags_rice.finish():
                 w.section(section)
 
+    def _write_compiled(self, w: Writer, fields: Fields, d: int, plan: Plan) -> None:
+        """The rice or sparse code's fields and sections, by the compiled kernels."""
+        if plan.code == "rice":
+            k = plan.extra["k"]
+            unary, rem, signs = _level_codes.encode_rice(self._level_array(fields, d), k, self.s)
+            w.u8(k)
+            for section in (unary, rem, signs):
+                w.section(section)
+            return
+        k_runs, k_mags = plan.extra["k"], plan.extra["k_mags"]
+        index, nz = self._sparse_arrays(fields)
+        sections = _level_codes.encode_sparse(
+            index,
+            nz,
+            d,
+            k_runs,
+            None if k_mags == _FIXED_MAGS else k_mags,
+            (self.s - 1).bit_length(),
+        )
+        w.u8(k_runs)
+        w.u8(k_mags)
+        w.varint(plan.extra["nnz"])
+        for section in sections:
+            w.section(section)
+
     @classmethod
     @abstractmethod
     def _read_params(cls, r: Reader) -> LevelQuantizer:
@@ -297,20 +374,32 @@ class LevelQuantizer(Compressor):
             raise CodecError("negative norm")
         if code == 0:
             data = r.section()
-            if s == 1:
-                symbols = bits.unpack_base3(data, d).astype(np.int16)
+            if cls._compiled(d):
+                levels16 = _level_codes.decode_dense(data, d, s)
+            elif s == 1:
+                levels16 = bits.unpack_base3(data, d).astype(np.int16) - np.int16(1)
             else:
                 sym32 = bits.unpack_fixed(data, d, (2 * s).bit_length())
                 if sym32.size and int(sym32.max()) > 2 * s:
                     raise CodecError(f"level symbol above 2s = {2 * s}")
-                symbols = sym32.astype(np.int16)
-            levels = torch.from_numpy(symbols - np.int16(s))
+                levels16 = sym32.astype(np.int16) - np.int16(s)
             code_name = "base3" if s == 1 else "dense"
-            return comp, {"norms": norms, "levels": levels, "wire_code": code_name}
+            return comp, {
+                "norms": norms,
+                "levels": torch.from_numpy(levels16),
+                "wire_code": code_name,
+            }
         if code == 2:
             k = r.u8()
             if k > 62:
                 raise CodecError(f"Rice parameter {k} out of range")
+            if cls._compiled(d):
+                levels16 = cls._read_rice_compiled(r, d, k, s)
+                return comp, {
+                    "norms": norms,
+                    "levels": torch.from_numpy(levels16),
+                    "wire_code": "rice",
+                }
             try:
                 mags = bits.rice_decode(r.section(), r.section(), d, k, limit=s)
             except CodecError as exc:
@@ -331,6 +420,14 @@ class LevelQuantizer(Compressor):
         if k > 62 or (k_mags > 62 and k_mags != _FIXED_MAGS):
             raise CodecError(f"Rice parameters {k}, {k_mags} out of range")
         nnz = r.varint(limit=d, name="nnz (non-zero levels)")
+        if cls._compiled(d):
+            index, nzlevels = cls._read_sparse_compiled(r, d, nnz, k, k_mags, s)
+            return comp, {
+                "norms": norms,
+                "index": torch.from_numpy(index),
+                "nzlevels": torch.from_numpy(nzlevels),
+                "wire_code": "sparse",
+            }
         try:
             runs = bits.rice_decode(r.section(), r.section(), nnz + 1, k, limit=d - nnz)
         except CodecError as exc:
@@ -359,6 +456,49 @@ class LevelQuantizer(Compressor):
             "nzlevels": torch.from_numpy(nzlevels),
             "wire_code": "sparse",
         }
+
+    @staticmethod
+    def _read_rice_compiled(r: Reader, d: int, k: int, s: int) -> npt.NDArray[np.int16]:
+        """The levels of the rice code, by the compiled kernels (the checks and errors of the
+        numpy path)."""
+        try:
+            levels, nnz = _level_codes.rice_decode(r.section(), r.section(), d, k, s, np.int16)
+        except CodecError as exc:
+            raise CodecError(f"levels (at most s = {s}): {exc}") from None
+        signs_raw = r.section()
+        if signs_raw.size != (nnz + 7) // 8:
+            raise CodecError("sign section has the wrong length")
+        _level_codes.apply_signs(levels, signs_raw)
+        return levels
+
+    @staticmethod
+    def _read_sparse_compiled(
+        r: Reader, d: int, nnz: int, k: int, k_mags: int, s: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int16]]:
+        """(positions, levels) of the sparse code after its header fields, by the compiled
+        kernels (the checks and errors of the numpy path)."""
+        try:
+            runs, _ = _level_codes.rice_decode(r.section(), r.section(), nnz + 1, k, d - nnz)
+        except CodecError as exc:
+            raise CodecError(f"zero runs: {exc}") from None
+        index = _level_codes.runs_to_index(runs, d)
+        signs_raw = r.section()
+        if signs_raw.size != (nnz + 7) // 8:
+            raise CodecError("sign section has the wrong length")
+        mags_unary, mags_rem = r.section(), r.section()
+        if k_mags == _FIXED_MAGS:
+            if mags_unary.size:
+                raise CodecError("fixed-width magnitudes with a unary stream")
+            mags = bits.unpack_fixed(mags_rem, nnz, (s - 1).bit_length()).astype(np.int64) + 1
+            if nnz and int(mags.max()) > s:
+                raise CodecError(f"level above s = {s}")
+        else:
+            try:
+                mags, _ = _level_codes.rice_decode(mags_unary, mags_rem, nnz, k_mags, s - 1)
+            except CodecError as exc:
+                raise CodecError(f"magnitudes - 1 (at most s - 1 = {s - 1}): {exc}") from None
+            mags += 1
+        return index, _level_codes.signed_levels(mags, signs_raw)
 
     def _info_bits(self, fields: Fields, d: int, dtype: torch.dtype) -> float:
         return entropy_bits(self._histogram(fields, d)) + 32.0 * fields["norms"].numel()

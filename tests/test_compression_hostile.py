@@ -27,8 +27,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compression import CodecError, decode, parse_compressor
+from compression import CodecError, _buckets, decode, parse_compressor
 from compression import bits as B
+from compression.levels import LevelQuantizer
 from compression.wire import FORMAT_VERSION, MAGIC
 
 OPS = {
@@ -600,3 +601,162 @@ def test_hostile_payloads_decode_to_the_declared_size_or_raise_codec_error(
 ) -> None:
     case = data.draw(CASES[op])
     decode_or_refuse(case.payload, case.d)
+
+
+# ------------------------------------------------------- the compiled level codes (d >= 2^22)
+def _outcome(payload: bytes, d: int) -> tuple[str, np.ndarray | None]:
+    """("decoded", dense) or ("CodecError: message", None)."""
+    try:
+        y = decode(payload, expected_numel=d).dense()
+    except CodecError as exc:
+        return f"CodecError: {exc}", None
+    return "decoded", y.to(torch.float64).numpy()
+
+
+def _same_on_both_paths(payload: bytes, d: int, *, min_numel: int | None = None) -> str:
+    """Decode with the compiled level codes and with the numpy ones: the same CodecError
+    message, or the same dense output. Returns the outcome."""
+    with pytest.MonkeyPatch.context() as mp:
+        if min_numel is not None:
+            mp.setattr(_buckets, "MIN_NUMEL", min_numel)
+        assert LevelQuantizer._compiled(d)
+        compiled = _outcome(payload, d)
+        mp.setattr(LevelQuantizer, "_compiled_codes", False)
+        numpy_path = _outcome(payload, d)
+    assert compiled[0] == numpy_path[0]
+    if compiled[1] is not None and numpy_path[1] is not None:
+        assert np.array_equal(compiled[1], numpy_path[1], equal_nan=True)
+    return compiled[0]
+
+
+BIG = (1 << 22) + 5  # above _buckets.MIN_NUMEL: the compiled path in production
+
+
+def test_hostile_sparse_payloads_at_compiled_sizes_get_the_numpy_paths_errors() -> None:
+    d = BIG
+    cases = {
+        "do not add up": sparse_qsgd(d, [10, 10, 10]),
+        "quotient": sparse_qsgd(d, [INT64_MAX, INT64_MAX, 100]),  # would wrap int64
+        "above 4194308": sparse_qsgd(d, [d + 5, 0]),  # a run past d - nnz
+    }
+    for what, payload in cases.items():
+        outcome = _same_on_both_paths(payload, d)
+        assert outcome.startswith("CodecError") and what in outcome, outcome
+    # the Rice streams: codes count, padding, remainders with k = 0, quotients that overflow
+    # the shift, remainder length, values above the limit, signs and magnitudes
+    runs = [d - 2, 0, 0]
+
+    def frame(
+        k: int,
+        runs_unary: bytes,
+        runs_rem: bytes,
+        *,
+        signs: bytes = b"\x00",
+        s: int = 1,
+        k_mags: int = 255,
+        mags: tuple[bytes, bytes] = (b"", b""),
+    ) -> bytes:
+        f = Frame("qsgd", (d,)).varint(s).varint(0).u8(0).u8(1).section(floats([1.0]))
+        f.u8(k).u8(k_mags).varint(2).section(runs_unary).section(runs_rem).section(signs)
+        return f.section(mags[0]).section(mags[1]).payload()
+
+    unary, rem = rice_of(runs, 20)
+    good = frame(20, unary, rem)
+    assert _same_on_both_paths(good, d) == "decoded"
+    bad = {
+        "holds 2 codes": frame(20, rice_of(runs[:2], 20)[0], rem),
+        "whole byte of padding": frame(20, unary + b"\xff", rem),
+        "must be empty when k = 0": frame(0, rice_of(runs, 0)[0], b"\x00"),
+        "quotient": frame(62, *rice_streams([(5, 0), (0, 0), (0, 0)], 62)),
+        "fixed-width section": frame(20, unary, rem + b"\x00"),
+        "sign section": frame(20, unary, rem, signs=b""),
+        "level above s": frame(20, unary, rem, s=3, mags=(b"", bytes([0b11110000]))),
+        "magnitudes - 1": frame(20, unary, rem, s=3, k_mags=0, mags=rice_of([0, 7], 0)),
+    }
+    for what, payload in bad.items():
+        outcome = _same_on_both_paths(payload, d)
+        assert outcome.startswith("CodecError") and what in outcome, (what, outcome)
+
+
+def test_hostile_rice_payloads_at_compiled_sizes_get_the_numpy_paths_errors() -> None:
+    d = BIG
+    mags = [0] * d
+    mags[7], mags[d - 1] = 2, 1
+
+    def frame(unary: bytes, rem: bytes, signs: bytes, k: int = 1, s: int = 2) -> bytes:
+        f = Frame("qsgd", (d,)).varint(s).varint(0).u8(0).u8(2).section(floats([1.0]))
+        return f.u8(k).section(unary).section(rem).section(signs).payload()
+
+    unary, rem = B.rice_encode(np.array(mags, dtype=np.int64), 1)
+    u, r = bytes(unary), bytes(rem)
+    assert _same_on_both_paths(frame(u, r, b"\x80"), d) == "decoded"
+    bad = {
+        "sign section": frame(u, r, b""),
+        "above 1": frame(u, r, b"\x80", s=1),  # level 2 with s = 1
+        "codes": frame(u[:-1], r, b"\x80"),
+        "fixed-width section": frame(u, r[:-1], b"\x80"),
+    }
+    for what, payload in bad.items():
+        outcome = _same_on_both_paths(payload, d)
+        assert outcome.startswith("CodecError") and what in outcome, (what, outcome)
+
+
+@pytest.mark.parametrize("op", ["qsgd", "dither"])
+@given(data=st.data())
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+def test_hostile_level_payloads_decode_alike_on_the_compiled_and_numpy_paths(
+    op: str, data: st.DataObject
+) -> None:
+    """The kernels run from d = 1 here: every hostile level payload gets the same
+    CodecError message, or the same dense output, from both paths."""
+    case = data.draw(CASES[op])
+    _same_on_both_paths(case.payload, case.d, min_numel=1)
+
+
+def test_a_compiled_size_declaring_every_level_non_zero_is_refused_without_allocating() -> None:
+    """nnz = d at d >= 2^22 with a one-byte unary stream: the count of codes is checked
+    before the compiled decoder allocates its n values."""
+    d = BIG
+    f = Frame("qsgd", (d,)).varint(1).varint(0).u8(0).u8(1).section(floats([1.0]))
+    f.u8(3).u8(255).varint(d).section(b"\x00").section(bytes(1))  # 8 codes, not d + 1
+    payload = f.section(b"").section(b"").section(b"").payload()
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError, match="holds 8 codes"):
+            decode(payload, expected_numel=d)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    assert _same_on_both_paths(payload, d).startswith("CodecError")
+
+
+def test_hostile_dense_payloads_at_compiled_sizes_get_the_numpy_paths_errors() -> None:
+    d = BIG
+
+    def frame(s: int, data: bytes) -> bytes:
+        f = Frame("qsgd", (d,)).varint(s).varint(0).u8(0).u8(0).section(floats([1.0]))
+        return f.section(data).payload()
+
+    base3 = bytearray([121]) * ((d + 4) // 5)  # symbols 1: level 0
+    width = 3  # s = 2: symbols in 3 bits
+    dense = bytearray(bytes([0b01001001, 0b00100100, 0b10010010]) * (d * width // 24 + 1))
+    dense = dense[: (d * width + 7) // 8]
+    assert _same_on_both_paths(frame(1, bytes(base3)), d) == "decoded"
+    assert _same_on_both_paths(frame(2, bytes(dense)), d) == "decoded"
+    bad_byte, bad_symbol = bytearray(base3), bytearray(dense)
+    bad_byte[-1] = 250
+    bad_symbol[len(dense) // 2] = 0xFF  # symbols 7 > 2s = 4
+    cases = {
+        "byte above 242": frame(1, bytes(bad_byte)),
+        "base-3 section has": frame(1, bytes(base3[:-1])),
+        "symbol above 2s = 4": frame(2, bytes(bad_symbol)),
+        "fixed-width section has": frame(2, bytes(dense) + b"\x00"),
+    }
+    for what, payload in cases.items():
+        outcome = _same_on_both_paths(payload, d)
+        assert outcome.startswith("CodecError") and what in outcome, (what, outcome)
