@@ -145,11 +145,11 @@ def run_local(
     late: list[tuple[int, Uplink]] = []  # replies that arrive during the next round
     for k in range(1, rounds + 1):
         connected = list(range(num_clients)) if members is None else sorted(members(k))
+        server.begin_round(k)  # first: it clears the round's counters set_members fills
         server.set_members(connected)
         nodes, expected = sample_clients(
             connected, settings.participation, settings.participation_mode, rng
         )
-        server.begin_round(k)
         nodes = server.skip_busy(nodes)  # τ > 0: clients with a reply outstanding wait
         run.sampled.append(nodes)
         arriving_late, late = late, []

@@ -345,3 +345,25 @@ def test_members_leave_and_return_with_their_share() -> None:
     assert max(gaps) <= 1e-5
     assert sum(h.resyncs for h in run.history) == 0
     assert np.isclose(len(run.server.members()), N)
+
+
+@pytest.mark.parametrize("fault", ["leave", "join"])
+def test_run_local_counts_who_joins_and_leaves_in_the_round_they_do(fault: str) -> None:
+    """`run_local` opens the round before it sets the members, so the round's statistics
+    keep the joins and leaves `set_members` counts (they were cleared before)."""
+    problem = _problem()
+    s = _settings("artemis", 1.0, "pp1")
+    seen: dict[int, tuple[int, int]] = {}
+
+    def on_round(k: int, run: LocalRun) -> None:
+        seen[k] = (run.server.stats.joined, run.server.stats.left)
+
+    run_local(s, torch.zeros(D), problem.grad, N, FAULT_ROUND + 1, on_round=on_round,
+              members=FAULTS[fault])  # fmt: skip
+    if fault == "leave":
+        assert seen[FAULT_ROUND] == (0, 1)
+        assert seen[1] == (N, 0)  # every client joins in round 1
+    else:
+        assert seen[FAULT_ROUND] == (1, 0)
+        assert seen[1] == (N - 1, 0)
+    assert all(seen[k] == (0, 0) for k in range(2, FAULT_ROUND))
