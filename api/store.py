@@ -53,6 +53,7 @@ from sqlalchemy.orm import Session
 
 from api.appends import (
     BYTE_FIELDS,
+    CLIENTS_TABLE,
     NODE_PARTICIPATION_TABLE,
     ROUND_FIELDS,
     ROUNDS_TABLE,
@@ -672,9 +673,12 @@ class Store:
             return client
 
     def list_clients(self, *, status: str | None = None, limit: int = 100, offset: int = 0) -> Page:
-        conditions = [] if status is None else [Client.status == status]
+        """A page of enrolled clients as rows of the clients table (read-only: no ORM
+        objects to build), in id order."""
+        c = CLIENTS_TABLE.c
+        conditions = [] if status is None else [c.status == status]
         with self._sessions() as session:
-            return _page(session, Client, conditions, [Client.id], limit, offset)
+            return _page(session, CLIENTS_TABLE, conditions, [c.id], limit, offset)
 
     def participation(self, node_ids: Sequence[int]) -> dict[int, Participation]:
         """Client-round totals per node id over all runs, from the per-node counters (one
