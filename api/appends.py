@@ -3,7 +3,8 @@
 An appended round changes six tables at once: the run's running totals (``runs``), the
 round (``rounds``), its client-rounds (``client_rounds``), each node's participation
 counters for the run (``client_participation``, an upsert) and over all runs
-(``node_participation``, an upsert), and the enrolled clients' ``last_seen_at``. Either
+(``node_participation``, an upsert into the run's shard), and the enrolled clients'
+``last_seen_at``. Either
 all of it happens or none.
 
 The statements are SQLAlchemy constructs, compiled once into SQL text with positional
@@ -26,8 +27,9 @@ as through the ORM.
   here (`pg_array`; psycopg's generic list dumping was most of the client's CPU). Each CTE
   reads the one before it, so nothing is inserted unless the run's UPDATE matched (a
   running run whose totals stay below 2^63); a duplicate round number fails the whole
-  statement. The per-node rows are locked in node id order, so concurrent appends to
-  different runs wait for each other but never deadlock. Its commit waits for the
+  statement. The per-node rows are locked in node id order, so concurrent appends whose
+  runs share a shard (`api.models.NODE_SHARDS`) and nodes wait for each other but never
+  deadlock. Its commit waits for the
   write-ahead-log flush like every other commit: an appended round survives a crash of
   the database server.
 """
@@ -70,6 +72,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 
 from api.models import (
+    NODE_SHARDS,
     ClientParticipation,
     ClientRound,
     NodeParticipation,
@@ -207,6 +210,11 @@ def node_totals(record: RoundRecord) -> dict[int, NodeTotals]:
     return out
 
 
+def node_shard(run_id: int) -> int:
+    """The shard of a run's rows in ``node_participation`` (`api.models.NODE_SHARDS`)."""
+    return run_id % NODE_SHARDS
+
+
 def seen_nodes(record: RoundRecord) -> list[int]:
     """The nodes that replied this round (their enrolment's ``last_seen_at`` moves)."""
     return sorted({c.node_id for c in record.clients if c.outcome == "ok"})
@@ -330,10 +338,10 @@ UPSERT_PARTICIPATION_SQLITE = _upsert_counters(
 )
 UPSERT_NODE_PARTICIPATION_SQLITE = _upsert_counters(
     sqlite.insert(NODE_PARTICIPATION_TABLE).values(
-        _values(NODE_PARTICIPATION_TABLE, ("node_id", *COUNTER_FIELDS, "last_round_at"))
+        _values(NODE_PARTICIPATION_TABLE, ("node_id", "shard", *COUNTER_FIELDS, "last_round_at"))
     ),
     NODE_PARTICIPATION_TABLE,
-    ("node_id",),
+    ("node_id", "shard"),
     func.max,
 )
 SEEN_UPDATE = (
@@ -397,7 +405,8 @@ class SqliteSteps:
         per_run = self.upsert_participation
         cursor.executemany(per_run.sql, [per_run.params({"run_id": run_id, **r}) for r in counters])
         per_node = self.upsert_node_participation
-        cursor.executemany(per_node.sql, [per_node.params(r) for r in counters])
+        shard = node_shard(run_id)
+        cursor.executemany(per_node.sql, [per_node.params({"shard": shard, **r}) for r in counters])
         seen = self.seen_update
         at = record.ended_at
         cursor.executemany(
@@ -498,13 +507,13 @@ def _build_append_postgresql() -> Any:
     ).cte("n")
     node_counters = _upsert_counters(
         postgresql.insert(NODE_PARTICIPATION_TABLE).from_select(
-            ["node_id", *COUNTER_FIELDS, "last_round_at"],
-            select(g.node_id, *counters, ended_at)
+            ["node_id", "shard", *COUNTER_FIELDS, "last_round_at"],
+            select(g.node_id, bindparam("shard", type_=Integer), *counters, ended_at)
             .order_by(g.node_id)
             .set_label_style(LABEL_STYLE_NONE),
         ),
         NODE_PARTICIPATION_TABLE,
-        ("node_id",),
+        ("node_id", "shard"),
         func.greatest,
     ).cte("nn")
     seen = (
@@ -554,6 +563,7 @@ def postgresql_params(
     mapped to signed BIGINTs here (arrays bypass the `UInt64` column type)."""
     clients = record.clients
     params = {**totals, **{f"r{i}": round_row[name] for i, name in enumerate(ROUND_FIELDS)}}
+    params["shard"] = node_shard(run_id)
     params["c0"] = _int_array(u64_to_i64(c.node_id) for c in clients)
     params["c1"] = pg_array([c.outcome for c in clients])
     params["c2"] = _int_array(int(c.uplink_bytes) for c in clients)

@@ -257,15 +257,25 @@ class ClientParticipation(Base):
     last_round_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+#: runs spread their nodes' totals over this many rows per node (``shard`` = run id mod
+#: NODE_SHARDS): appends to runs in different shards never wait for each other's locks
+NODE_SHARDS = 8
+
+
 class NodeParticipation(Base):
-    """One node's part in all runs: the sums of its `ClientParticipation` rows (and
-    ``last_round_at`` their latest), updated in the same transaction as they are. A
-    deleted `ClientParticipation` row (its run deleted) recomputes its node's row from the
-    remaining ones (a trigger, see migration 0004), so the two always agree."""
+    """One node's part in all runs, in at most `NODE_SHARDS` rows: the row of shard k
+    holds the sums of the node's `ClientParticipation` rows of the runs with id mod
+    NODE_SHARDS = k (``last_round_at`` their latest), updated in the same transaction as
+    they are; a node's totals are the sums over its shards. With one row per node, every
+    append to any run would lock the rows of its nodes until its commit, and concurrent
+    runs sharing nodes would wait for each other's commits. A deleted
+    `ClientParticipation` row (its run deleted) recomputes its node's row of that shard
+    from the remaining ones (a trigger, see migration 0004), so the two always agree."""
 
     __tablename__ = "node_participation"
 
     node_id: Mapped[int] = mapped_column(UInt64, primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
     rounds: Mapped[int] = mapped_column(BigInteger)
     ok: Mapped[int] = mapped_column(BigInteger)
     failed: Mapped[int] = mapped_column(BigInteger)

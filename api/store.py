@@ -681,8 +681,9 @@ class Store:
             return _page(session, CLIENTS_TABLE, conditions, [c.id], limit, offset)
 
     def participation(self, node_ids: Sequence[int]) -> dict[int, Participation]:
-        """Client-round totals per node id over all runs, from the per-node counters (one
-        row per node; `api.appends` keeps them with every appended round)."""
+        """Client-round totals per node id over all runs, from the per-node counters (at
+        most `api.models.NODE_SHARDS` rows per node; `api.appends` keeps them with every
+        appended round)."""
         ids = sorted(set(node_ids))
         if not ids:
             return {}
@@ -693,11 +694,26 @@ class Store:
             wanted: Any = p.node_id == any_(
                 bindparam("ids", [u64_to_i64(i) for i in ids], type_=ARRAY(BigInteger))
             )
+            big_sum: Any = func.sum  # of NUMERIC: exact
         else:
             wanted = p.node_id.in_(ids)
-        columns = (p.node_id, p.rounds, p.ok, p.uplink_bytes, p.downlink_bytes, p.num_examples)
+            # SQLite's sum() of integers fails on overflow; total() is a float that cannot
+            big_sum = func.total
+        query = (
+            select(
+                p.node_id,
+                func.sum(p.rounds),
+                func.sum(p.ok),
+                big_sum(p.uplink_bytes),
+                big_sum(p.downlink_bytes),
+                big_sum(p.num_examples),
+                func.max(p.last_round_at),
+            )
+            .where(wanted)
+            .group_by(p.node_id)
+        )
         with self.engine.connect() as conn:
-            rows = conn.execute(select(*columns, p.last_round_at).where(wanted)).all()
+            rows = conn.execute(query).all()
         return {
             int(node_id): Participation(
                 int(n), int(ok), int(n) - int(ok), int(up), int(down), int(examples), last

@@ -22,7 +22,7 @@ from api.appends import (
 )
 from api.db import downgrade, upgrade
 from api.errors import ConflictError, InvalidError
-from api.models import OUTCOMES, Run
+from api.models import NODE_SHARDS, OUTCOMES, Run
 from api.store import Store, open_store
 from benchmarks.store import grouped_participation
 from core.records import ClientRoundRecord, RoundRecord, RunInfo
@@ -105,11 +105,13 @@ def test_counters_answer_like_the_grouped_query(database_url: str) -> None:
 
 
 def node_rows_from_run_counters(store: Store) -> list[tuple[object, ...]]:
-    """node_participation as it must be: the per-run counters summed per node."""
+    """node_participation as it must be: the per-run counters summed per node and shard
+    (run id mod NODE_SHARDS)."""
     p = PARTICIPATION_TABLE.c
+    shard = p.run_id % NODE_SHARDS
     sums = [func.sum(p[name]) for name in COUNTER_FIELDS]
-    query = select(p.node_id, *sums, func.max(p.last_round_at)).group_by(p.node_id)
-    return rows_of(store, query.order_by(p.node_id))
+    query = select(p.node_id, shard, *sums, func.max(p.last_round_at)).group_by(p.node_id, shard)
+    return rows_of(store, query.order_by(p.node_id, shard))
 
 
 def rows_of(store: Store, query: Any) -> list[tuple[object, ...]]:
@@ -122,17 +124,24 @@ def rows_of(store: Store, query: Any) -> list[tuple[object, ...]]:
 
 def node_rows(store: Store) -> list[tuple[object, ...]]:
     n = NODE_PARTICIPATION_TABLE.c
-    return rows_of(store, select(NODE_PARTICIPATION_TABLE).order_by(n.node_id))
+    return rows_of(store, select(NODE_PARTICIPATION_TABLE).order_by(n.node_id, n.shard))
 
 
 def test_node_totals_are_the_sums_of_the_run_counters(database_url: str) -> None:
     """Every column of node_participation (failed, other and the latest round's end too)
-    is the sum (maximum) over the node's per-run counters, after appends, refusals and the
-    deletion of a run (the trigger recounts the nodes it took part in)."""
+    is the sum (maximum) over the node's per-run counters of its shard's runs, after
+    appends, refusals and the deletion of a run (the trigger recounts the nodes it took
+    part in from the shard's other runs)."""
     store = open_store(database_url)
     run_ids = fill(store, seed=3)
+    # a run in the same shard as the third: its counters add to the same rows
+    rng = random.Random(6)
+    same_shard = [store.create_run(RunInfo("mcm", "sq", "sq", "t", {})) for _ in range(8)][-1]
+    assert same_shard % NODE_SHARDS == run_ids[2] % NODE_SHARDS
+    for t in range(1, 9):
+        store.append_round(same_shard, random_round(rng, t))
     expected = node_rows_from_run_counters(store)
-    assert len(expected) == len(NODES)
+    assert {r[0] for r in expected} == set(NODES) and {r[1] for r in expected} == {1, 2, 3}
     assert node_rows(store) == expected
     with store.engine.begin() as conn:
         conn.execute(delete(Run).where(Run.id == run_ids[2]))
@@ -204,6 +213,7 @@ def test_migration_0004_backfills_and_reverts(database_url: str) -> None:
     upgrade(engine)
     assert node_rows(store) == node_rows_from_run_counters(store)
     assert [r for r in kept if r[0] != 3] == node_rows(store)
+    assert len(kept) > len(NODES)  # nodes in runs of several shards: several rows
     assert {k: v for k, v in answer.items() if k != 3} == counters_answer(store)
     fill(store, seed=5)  # appends after the upgrade keep them (and the trigger is back)
     assert node_rows(store) == node_rows_from_run_counters(store)
