@@ -352,8 +352,8 @@ SEEN_UPDATE = (
 
 
 def counter_rows(record: RoundRecord) -> list[dict[str, Any]]:
-    """This round's counters per node (rows of the SQLite upserts, ``run_id`` and
-    ``last_round_at`` included)."""
+    """This round's counters per node with ``last_round_at``: the rows of the SQLite
+    upserts (to which ``run_id`` or ``shard`` is added)."""
     # a node's sums over one round may pass 2^63 - 1, more than SQLite binds as an integer:
     # bound as a REAL then, as SQLite's own integer overflow would make it
     return [
