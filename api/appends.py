@@ -552,6 +552,15 @@ def _int_array(values: Iterator[int]) -> str:
     return "{" + ",".join(map(str, values)) + "}"
 
 
+def _float_array(values: Iterator[float | None]) -> str:
+    """`pg_array` of `finite` floats: None, NaN and infinities as NULL."""
+    return (
+        "{"
+        + ",".join("NULL" if v is None or not math.isfinite(v) else repr(float(v)) for v in values)
+        + "}"
+    )
+
+
 def postgresql_params(
     run_id: int,
     record: RoundRecord,
@@ -565,12 +574,13 @@ def postgresql_params(
     params = {**totals, **{f"r{i}": round_row[name] for i, name in enumerate(ROUND_FIELDS)}}
     params["shard"] = node_shard(run_id)
     params["c0"] = _int_array(u64_to_i64(c.node_id) for c in clients)
-    params["c1"] = pg_array([c.outcome for c in clients])
+    # outcomes are validated words of OUTCOMES: nothing to quote
+    params["c1"] = "{" + ",".join(c.outcome for c in clients) + "}"
     params["c2"] = _int_array(int(c.uplink_bytes) for c in clients)
     params["c3"] = _int_array(int(c.downlink_bytes) for c in clients)
     params["c4"] = _int_array(int(c.num_examples) for c in clients)
-    params["c5"] = pg_array([finite(c.local_loss) for c in clients])
-    params["c6"] = pg_array([finite(c.duration_s) for c in clients])
+    params["c5"] = _float_array(c.local_loss for c in clients)
+    params["c6"] = _float_array(c.duration_s for c in clients)
     params["c7"] = pg_array([c.error for c in clients])
     params["seen"] = _int_array(u64_to_i64(node) for node in seen_nodes(record))
     return params
