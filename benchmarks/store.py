@@ -3,7 +3,8 @@
 (a) Appends: rounds of 20 client-rounds recorded through `SqlRecorder.record_round` (the
 ServerApp's path: validation, the run's totals, the round, its client-rounds, the nodes'
 participation counters), by 1 writer and by 4 at once (threads, one run each), on SQLite
-and PostgreSQL; rounds/s and the writer process's CPU per round. Target: >= 1000
+and PostgreSQL; rounds/s, the writer process's CPU per round and, for PostgreSQL running
+on this host, its backends' CPU per round (from /proc). Target: >= 1000
 rounds/s on PostgreSQL with one writer. Beside each PostgreSQL rate, measured just before
 it on the same database: the durable commits/s of a one-row INSERT with one connection
 (`durable_commit_rate`), the bound the disk sets at that moment.
@@ -120,9 +121,43 @@ def durable_commit_rate(database_url: str, seconds: float = 1.0) -> float:
     return rate
 
 
+def backends_cpu_s(database_url: str) -> dict[int, float] | None:
+    """User + system CPU seconds so far of each PostgreSQL client backend connected to the
+    database of `database_url`, by pid (from /proc: None unless the server runs on this
+    host)."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid() "
+            "AND backend_type = 'client backend'",
+            (url.database,),
+        ).fetchall()
+    out = {}
+    for (pid,) in rows:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        out[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def server_cpu_s(before: dict[int, float] | None, after: dict[int, float] | None) -> float | None:
+    """The backends' CPU seconds between two `backends_cpu_s` readings (a backend that
+    connected in between counts from its start)."""
+    if before is None or after is None:
+        return None
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+
+
 def append_rate(database_url: str, writers: int, rounds: int) -> dict[str, Any]:
     """`writers` threads, each recording `rounds` rounds into its own run through one
-    `SqlRecorder` (as one ServerApp process would); rounds/s and CPU ms per round."""
+    `SqlRecorder` (as one ServerApp process would); rounds/s and CPU ms per round, the
+    writer's and (PostgreSQL on this host) the database backends'."""
     from api.store import SqlRecorder
     from core.records import RunInfo
 
@@ -140,12 +175,15 @@ def append_rate(database_url: str, writers: int, rounds: int) -> dict[str, Any]:
             recorder.record_round(run_id, rec)
 
     threads = [threading.Thread(target=write, args=(r,)) for r in run_ids]
+    is_pg = recorder.store.engine.dialect.name == "postgresql"
+    server0 = backends_cpu_s(database_url) if is_pg else None
     cpu0, t0 = time.process_time(), time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    server = server_cpu_s(server0, backends_cpu_s(database_url) if server0 is not None else None)
     refused = recorder.refused_records - refused_before
     for r in run_ids:
         recorder.finish_run(r, "finished")
@@ -156,6 +194,7 @@ def append_rate(database_url: str, writers: int, rounds: int) -> dict[str, Any]:
     return {
         "append_rounds_per_s": writers * rounds / wall,
         "cpu_ms_per_round": 1000 * cpu / (writers * rounds),
+        "server_cpu_ms_per_round": None if server is None else 1000 * server / (writers * rounds),
         "rounds": writers * rounds,
     }
 
@@ -366,8 +405,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
     appends = Table(title=f"appends: rounds of {CLIENTS_PER_ROUND} client-rounds via SqlRecorder")
-    for col in ("backend", "writers", "rounds/s", "CPU ms/round", "commits/s", "load avg",
-                "target"):  # fmt: skip
+    for col in ("backend", "writers", "rounds/s", "CPU ms/round", "server CPU ms", "commits/s",
+                "load avg", "target"):  # fmt: skip
         appends.add_column(col, justify="right")
     for r in (r for r in records if r["section"] == "appends"):
         target = r["target_rounds_per_s"]
@@ -377,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         appends.add_row(
             r["backend"], str(r["writers"]), f"{r['append_rounds_per_s']:.0f}",
             f"{r['cpu_ms_per_round']:.2f}",
+            "" if r["server_cpu_ms_per_round"] is None else f"{r['server_cpu_ms_per_round']:.2f}",
             "" if r["durable_commits_per_s"] is None else f"{r['durable_commits_per_s']:.0f}",
             f"{r['load_average']:.1f}", verdict,
         )  # fmt: skip
