@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import select as select_module
 import threading
 import typing
 from collections.abc import Iterator, Mapping, Sequence
@@ -71,6 +70,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 
+from api.db import socket_readable
 from api.models import (
     NODE_SHARDS,
     ClientParticipation,
@@ -590,10 +590,9 @@ class PostgresAppender:
     """Appends rounds on PostgreSQL through psycopg connections of its own (autocommit,
     `APPEND_POSTGRESQL` prepared on each), at most `max_connections` at once.
 
-    An idle connection is checked before use without a round trip: one whose socket is
-    readable has been closed or told something by the server (a restart, an idle
-    timeout) and is replaced. (SQLAlchemy's pool pinged the server before every append:
-    one more round trip per round.) A connection that failed is closed, never reused."""
+    An idle connection is checked before use without a round trip (`api.db.socket_readable`:
+    closed or told something by the server, it is replaced). A connection that failed is
+    closed, never reused."""
 
     def __init__(self, engine: Engine, max_connections: int = 8) -> None:
         import psycopg
@@ -616,13 +615,6 @@ class PostgresAppender:
         cargs, cparams = self._connect_args
         return self._psycopg.connect(*cargs, **cparams, autocommit=True)
 
-    @staticmethod
-    def _alive(conn: Any) -> bool:
-        if conn.closed or conn.broken:
-            return False
-        readable, _, _ = select_module.select([conn.fileno()], [], [], 0)
-        return not readable
-
     @contextlib.contextmanager
     def connection(self) -> Iterator[Any]:
         """An autocommit psycopg connection for one append (returned to the idle ones
@@ -632,7 +624,7 @@ class PostgresAppender:
             with self._lock:
                 while self._idle and conn is None:
                     candidate = self._idle.pop()
-                    if self._alive(candidate):
+                    if not socket_readable(candidate):
                         conn = candidate
                     else:
                         candidate.close()
