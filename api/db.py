@@ -3,19 +3,23 @@
 SQLite (the embedded default) is opened in WAL mode with foreign keys on, a busy timeout
 and ``synchronous=NORMAL`` (a committed round survives a crash of the process; in WAL
 mode only a power loss can lose the last commits). PostgreSQL is reached through
-psycopg 3. The schema is created and changed only by Alembic (`upgrade`), which
-`ensure_schema` runs on an empty database so a newcomer needs no extra step.
+psycopg 3; a pooled connection is checked at checkout by polling its socket (the server
+closed it or told it something: it is replaced), not by a round trip. The schema is
+created and changed only by Alembic (`upgrade`), which `ensure_schema` runs on an empty
+database so a newcomer needs no extra step.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import threading
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.settings import resolve_database_url
@@ -62,10 +66,30 @@ def make_engine(database_url: str | None = None, **kwargs: Any) -> Engine:
         engine = create_engine(url, **kwargs)
         event.listen(engine, "connect", _sqlite_on_connect)
         return engine
-    kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 20)
-    return create_engine(url, **kwargs)
+    engine = create_engine(url, **kwargs)
+    if not kwargs.get("pool_pre_ping"):
+        event.listen(engine, "checkout", _drop_if_closed_by_server)
+    return engine
+
+
+def socket_readable(dbapi_connection: Any) -> bool:
+    """Whether the server has closed an idle connection or sent it something (a restart,
+    an idle timeout, an administrator's termination): its socket is readable, which a
+    poll tells without a round trip. psycopg connections only."""
+    if dbapi_connection.closed or dbapi_connection.broken:
+        return True
+    readable, _, _ = select.select([dbapi_connection.fileno()], [], [], 0)
+    return bool(readable)
+
+
+def _drop_if_closed_by_server(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """Checkout check of a pooled PostgreSQL connection, instead of SQLAlchemy's
+    ``pool_pre_ping`` (a ``SELECT 1`` round trip before every use: two of the three round
+    trips of a small read). The pool replaces a connection this refuses."""
+    if socket_readable(dbapi_connection):
+        raise DisconnectionError("the server closed the connection or sent it a message")
 
 
 def get_engine(database_url: str | None = None) -> Engine:

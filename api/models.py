@@ -2,15 +2,17 @@
 
 Tables: ``runs`` (one federated run), ``rounds`` (one finished round of a run),
 ``client_rounds`` (one client's part in a round), ``client_participation`` (per run and
-node, running totals over its client-rounds), ``clients`` (enrolled edge clients) and
-``api_tokens`` (hashed REST tokens). The schema is created and changed only by the Alembic
+node, running totals over its client-rounds), ``node_participation`` (per node, the same
+totals over all runs), ``clients`` (enrolled edge clients) and ``api_tokens`` (hashed REST
+tokens). The schema is created and changed only by the Alembic
 migrations in ``migrations/``; a test checks that they agree with these models.
 
 A run carries running totals over its rounds (``rounds_done``, byte sums, best accuracy),
 updated in the same transaction that appends a round, so that a run summary is one row
 read rather than an aggregate over its rounds; ``client_participation`` does the same for
-a client's participation (a few rows per node, one per run, rather than a grouped query
-over every client-round it took part in).
+a client's participation (one row per node in ``node_participation``, rather than a grouped
+query over every client-round it took part in or over its rows of ``client_participation``,
+one per run).
 """
 
 from __future__ import annotations
@@ -245,6 +247,35 @@ class ClientParticipation(Base):
 
     node_id: Mapped[int] = mapped_column(UInt64, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    rounds: Mapped[int] = mapped_column(BigInteger)
+    ok: Mapped[int] = mapped_column(BigInteger)
+    failed: Mapped[int] = mapped_column(BigInteger)
+    other: Mapped[int] = mapped_column(BigInteger)
+    uplink_bytes: Mapped[int] = mapped_column(BigSum)
+    downlink_bytes: Mapped[int] = mapped_column(BigSum)
+    num_examples: Mapped[int] = mapped_column(BigSum)
+    last_round_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+#: runs spread their nodes' totals over this many rows per node (``shard`` = run id mod
+#: NODE_SHARDS): appends to runs in different shards never wait for each other's locks
+NODE_SHARDS = 8
+
+
+class NodeParticipation(Base):
+    """One node's part in all runs, in at most `NODE_SHARDS` rows: the row of shard k
+    holds the sums of the node's `ClientParticipation` rows of the runs with id mod
+    NODE_SHARDS = k (``last_round_at`` their latest), updated in the same transaction as
+    they are; a node's totals are the sums over its shards. With one row per node, every
+    append to any run would lock the rows of its nodes until its commit, and concurrent
+    runs sharing nodes would wait for each other's commits. A deleted
+    `ClientParticipation` row (its run deleted) recomputes its node's row of that shard
+    from the remaining ones (a trigger, see migration 0004), so the two always agree."""
+
+    __tablename__ = "node_participation"
+
+    node_id: Mapped[int] = mapped_column(UInt64, primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
     rounds: Mapped[int] = mapped_column(BigInteger)
     ok: Mapped[int] = mapped_column(BigInteger)
     failed: Mapped[int] = mapped_column(BigInteger)

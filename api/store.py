@@ -3,8 +3,8 @@
 `SqlRecorder` implements `core.records.ResumableRecorder`: ``start_run`` inserts a run,
 ``record_round`` appends one round with its client-rounds and updates the run's running
 totals and its nodes' participation counters in a single transaction (`api.appends`: a
-crash of the process loses at most the round in flight; on PostgreSQL a crash of the
-database server may lose the last ~0.6 s of rounds, see there), and
+crash of the process loses at most the round in flight, a crash of the database server
+none that was acknowledged), and
 ``finish_run`` closes the run. `Store` holds the read and write operations shared by the
 recorder, the REST service and the command line.
 
@@ -25,6 +25,7 @@ import logging
 import os
 import secrets
 import socket
+import sqlite3
 import threading
 import typing
 import weakref
@@ -34,34 +35,33 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Engine,
     Table,
     and_,
+    any_,
+    bindparam,
     delete,
     func,
     or_,
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from api.appends import (
-    APPEND_POSTGRESQL,
     BYTE_FIELDS,
-    INSERT_CLIENT_ROUND,
-    INSERT_ROUND,
+    CLIENTS_TABLE,
+    NODE_PARTICIPATION_TABLE,
     ROUND_FIELDS,
     ROUNDS_TABLE,
     RUNS_TABLE,
-    UPDATE_TOTALS,
-    UPSERT_PARTICIPATION_SQLITE,
-    client_row,
+    PostgresAppender,
+    SqliteSteps,
     finite,
-    participation_rows,
     postgresql_params,
-    seen_nodes,
-    seen_update,
     totals_params,
 )
 from api.db import ensure_schema, get_engine, session_factory
@@ -73,10 +73,10 @@ from api.models import (
     TOKEN_SCOPES,
     ApiToken,
     Client,
-    ClientParticipation,
     ClientRound,
     Round,
     Run,
+    u64_to_i64,
 )
 from api.validation import MAX_TOTAL, check_json, check_text
 from core.records import ResumableRecorder, RoundRecord, RunInfo
@@ -144,14 +144,22 @@ def validate_round(record: RoundRecord) -> None:
         )
     if record.ended_at < record.started_at:
         raise InvalidError("ended_at is before started_at")
+    u64_max = (1 << 64) - 1
     for i, c in enumerate(record.clients):
         if c.outcome not in OUTCOMES:
             raise InvalidError(f"clients[{i}].outcome {c.outcome!r} is not one of {OUTCOMES}")
-        _check_nonneg(f"clients[{i}].node_id", c.node_id, (1 << 64) - 1)
-        for name in ("uplink_bytes", "downlink_bytes", "num_examples"):
-            _check_nonneg(f"clients[{i}].{name}", getattr(c, name))
+        # the common case checked inline; the field's name is formatted only on failure
+        for name, top in (("node_id", u64_max), *_CLIENT_COUNTS):
+            value = getattr(c, name)
+            if type(value) is not int or not 0 <= value <= top:
+                _check_nonneg(f"clients[{i}].{name}", value, top)
         if c.error is not None:
             check_text(c.error, f"clients[{i}].error")
+
+
+_CLIENT_COUNTS = tuple(
+    (name, MAX_TOTAL) for name in ("uplink_bytes", "downlink_bytes", "num_examples")
+)
 
 
 @dataclass
@@ -235,6 +243,9 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sessions = session_factory(engine)
+        self._postgres_appender: PostgresAppender | None = None
+        self._sqlite_steps: SqliteSteps | None = None
+        self._appender_lock = threading.Lock()
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
@@ -320,25 +331,23 @@ class Store:
         totals = totals_params(run_id, record, accuracy, utcnow())
         if self.engine.dialect.name == "postgresql":
             return self._append_in_one_statement(run_id, record, totals, round_row)
+        steps = self._sqlite_steps
+        if steps is None:
+            steps = self._sqlite_steps = SqliteSteps(self.engine.dialect)
         with self.engine.begin() as conn:
-            # the UPDATE comes first: it takes the write lock (SQLite) / the run's row lock
-            # (PostgreSQL) so concurrent appends to one run serialize cleanly
-            if conn.execute(UPDATE_TOTALS, totals).rowcount == 0:
-                _raise_refusal(conn, run_id, record)
+            # the driver's cursor inside SQLAlchemy's transaction (`api.appends`); the
+            # run's UPDATE comes first: it takes the write lock, so concurrent appends to
+            # one run serialize cleanly
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
             try:  # on a duplicate the whole transaction (totals update too) rolls back
-                round_id = conn.execute(INSERT_ROUND, {"run_id": run_id, **round_row}).scalar_one()
-            except IntegrityError as exc:
+                round_id = steps.append(cursor, run_id, record, totals, round_row)
+            except sqlite3.IntegrityError as exc:
                 raise ConflictError(f"run {run_id} already has round {record.round}") from exc
-            if record.clients:
-                conn.execute(
-                    INSERT_CLIENT_ROUND,
-                    [{"round_id": round_id, **client_row(c)} for c in record.clients],
-                )
-                conn.execute(UPSERT_PARTICIPATION_SQLITE, participation_rows(run_id, record))
-                seen = seen_nodes(record)
-                if seen:
-                    conn.execute(seen_update(seen, record.ended_at))
-            return int(round_id)
+            finally:
+                cursor.close()
+            if round_id is None:
+                _raise_refusal(conn, run_id, record)
+            return round_id
 
     def _append_in_one_statement(
         self,
@@ -347,17 +356,27 @@ class Store:
         totals: dict[str, Any],
         round_row: dict[str, Any],
     ) -> int:
-        """`append_round` on PostgreSQL: one statement, one round trip (`api.appends`)."""
+        """`append_round` on PostgreSQL: one prepared statement, one round trip
+        (`api.appends.PostgresAppender`)."""
+        import psycopg
+
+        appender = self._postgres_appender
+        if appender is None:
+            with self._appender_lock:
+                if self._postgres_appender is None:
+                    self._postgres_appender = PostgresAppender(self.engine)
+                appender = self._postgres_appender
         params = postgresql_params(run_id, record, totals, round_row)
-        with self.engine.connect() as conn:
-            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-            try:
-                round_id = conn.execute(APPEND_POSTGRESQL, params).scalar()
-            except IntegrityError as exc:
-                raise ConflictError(f"run {run_id} already has round {record.round}") from exc
-            if round_id is None:
+        try:
+            round_id = appender.append(params)
+        except psycopg.IntegrityError as exc:
+            raise ConflictError(f"run {run_id} already has round {record.round}") from exc
+        except psycopg.Error as exc:  # as SQLAlchemy would raise it (OperationalError, ...)
+            raise DBAPIError.instance(appender.statement.sql, None, exc, psycopg.Error) from exc
+        if round_id is None:
+            with self.engine.connect() as conn:
                 _raise_refusal(conn, run_id, record)
-            return int(round_id)
+        return round_id
 
     def finish_run(self, run_id: int, status: str) -> None:
         if status not in FINAL_STATUSES:
@@ -654,44 +673,50 @@ class Store:
             return client
 
     def list_clients(self, *, status: str | None = None, limit: int = 100, offset: int = 0) -> Page:
-        conditions = [] if status is None else [Client.status == status]
+        """A page of enrolled clients as rows of the clients table (read-only: no ORM
+        objects to build), in id order."""
+        c = CLIENTS_TABLE.c
+        conditions = [] if status is None else [c.status == status]
         with self._sessions() as session:
-            return _page(session, Client, conditions, [Client.id], limit, offset)
+            return _page(session, CLIENTS_TABLE, conditions, [c.id], limit, offset)
 
     def participation(self, node_ids: Sequence[int]) -> dict[int, Participation]:
-        """Client-round totals per node id, from the participation counters (a row per
-        run the node took part in; `api.appends` keeps them with every appended round)."""
+        """Client-round totals per node id over all runs, from the per-node counters (at
+        most `api.models.NODE_SHARDS` rows per node; `api.appends` keeps them with every
+        appended round)."""
         ids = sorted(set(node_ids))
         if not ids:
             return {}
-        # SQLite's sum() of integers fails on overflow; total() is a float that cannot
-        # (PostgreSQL's sum() of NUMERIC is exact): per-node sums over many runs may pass
-        # 2^63 even though each client-round is bounded
-        big_sum = func.total if self.engine.dialect.name == "sqlite" else func.sum
-        p = ClientParticipation
-        with self._sessions() as session:
-            rows = session.execute(
-                select(
-                    p.node_id,
-                    func.sum(p.rounds),
-                    func.sum(p.ok),
-                    big_sum(p.uplink_bytes),
-                    big_sum(p.downlink_bytes),
-                    big_sum(p.num_examples),
-                    func.max(p.last_round_at),
-                )
-                .where(p.node_id.in_(ids))
-                .group_by(p.node_id)
-            ).all()
+        p = NODE_PARTICIPATION_TABLE.c
+        if self.engine.dialect.name == "postgresql":
+            # one array parameter: the statement's text (and psycopg's parsed form of it)
+            # does not depend on the number of ids, as an IN list's would
+            wanted: Any = p.node_id == any_(
+                bindparam("ids", [u64_to_i64(i) for i in ids], type_=ARRAY(BigInteger))
+            )
+            big_sum: Any = func.sum  # of NUMERIC: exact
+        else:
+            wanted = p.node_id.in_(ids)
+            # SQLite's sum() of integers fails on overflow; total() is a float that cannot
+            big_sum = func.total
+        query = (
+            select(
+                p.node_id,
+                func.sum(p.rounds),
+                func.sum(p.ok),
+                big_sum(p.uplink_bytes),
+                big_sum(p.downlink_bytes),
+                big_sum(p.num_examples),
+                func.max(p.last_round_at),
+            )
+            .where(wanted)
+            .group_by(p.node_id)
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
         return {
             int(node_id): Participation(
-                int(n),
-                int(ok),
-                int(n) - int(ok),
-                int(up),
-                int(down),
-                int(examples),
-                last,
+                int(n), int(ok), int(n) - int(ok), int(up), int(down), int(examples), last
             )
             for node_id, n, ok, up, down, examples, last in rows
         }

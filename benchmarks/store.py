@@ -3,13 +3,16 @@
 (a) Appends: rounds of 20 client-rounds recorded through `SqlRecorder.record_round` (the
 ServerApp's path: validation, the run's totals, the round, its client-rounds, the nodes'
 participation counters), by 1 writer and by 4 at once (threads, one run each), on SQLite
-and PostgreSQL; rounds/s and the writer process's CPU per round. Target: >= 1000
-rounds/s on PostgreSQL with one writer.
+and PostgreSQL; rounds/s, the writer process's CPU per round and, for PostgreSQL running
+on this host, its backends' CPU per round (from /proc). Target: >= 1000
+rounds/s on PostgreSQL with one writer. Beside each PostgreSQL rate, measured just before
+it on the same database: the durable commits/s of a one-row INSERT with one connection
+(`durable_commit_rate`), the bound the disk sets at that moment.
 
 (b) Participation: one database holding N client-rounds (default 10 million, 20 per
 round, 20 runs, 1,000 nodes), bulk-seeded at schema revision 0002 (COPY on PostgreSQL,
-executemany on SQLite) and then upgraded, so migration 0003 backfills the counters (its
-time is reported). Then, per repetition, the participation of one page of 100 nodes and
+executemany on SQLite) and then upgraded, so migrations 0003 and 0004 backfill the counters
+(their time is reported). Then, per repetition, the participation of one page of 100 nodes and
 of one node: the grouped query over client_rounds the clients endpoints ran before
 (`GROUPED_QUERY`, run here in SQL as the baseline) against `Store.participation`, which
 reads the counters; p50/p99 of each and whether both give the same answers.
@@ -97,9 +100,64 @@ def append_round_record(t: int) -> Any:
     )  # fmt: skip
 
 
+def durable_commit_rate(database_url: str, seconds: float = 1.0) -> float:
+    """Commits/s of a one-row INSERT, one connection, on PostgreSQL with the server's
+    settings (a durable commit waits for the write-ahead-log flush): the bound a single
+    writer meets whatever else it does, measured beside each append rate since it moves
+    with the disk's other work."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url).set(drivername="postgresql")
+    commits = 0
+    with psycopg.connect(url.render_as_string(hide_password=False), autocommit=True) as conn:
+        conn.execute("CREATE TABLE bench_commit_floor (v int)")
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            conn.execute("INSERT INTO bench_commit_floor VALUES (1)")
+            commits += 1
+        rate = commits / (time.perf_counter() - t0)
+        conn.execute("DROP TABLE bench_commit_floor")
+    return rate
+
+
+def backends_cpu_s(database_url: str) -> dict[int, float] | None:
+    """User + system CPU seconds so far of each PostgreSQL client backend connected to the
+    database of `database_url`, by pid (from /proc: None unless the server runs on this
+    host)."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid() "
+            "AND backend_type = 'client backend'",
+            (url.database,),
+        ).fetchall()
+    out = {}
+    for (pid,) in rows:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        out[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def server_cpu_s(before: dict[int, float] | None, after: dict[int, float] | None) -> float | None:
+    """The backends' CPU seconds between two `backends_cpu_s` readings (a backend that
+    connected in between counts from its start)."""
+    if before is None or after is None:
+        return None
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+
+
 def append_rate(database_url: str, writers: int, rounds: int) -> dict[str, Any]:
     """`writers` threads, each recording `rounds` rounds into its own run through one
-    `SqlRecorder` (as one ServerApp process would); rounds/s and CPU ms per round."""
+    `SqlRecorder` (as one ServerApp process would); rounds/s and CPU ms per round, the
+    writer's and (PostgreSQL on this host) the database backends'."""
     from api.store import SqlRecorder
     from core.records import RunInfo
 
@@ -117,12 +175,15 @@ def append_rate(database_url: str, writers: int, rounds: int) -> dict[str, Any]:
             recorder.record_round(run_id, rec)
 
     threads = [threading.Thread(target=write, args=(r,)) for r in run_ids]
+    is_pg = recorder.store.engine.dialect.name == "postgresql"
+    server0 = backends_cpu_s(database_url) if is_pg else None
     cpu0, t0 = time.process_time(), time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    server = server_cpu_s(server0, backends_cpu_s(database_url) if server0 is not None else None)
     refused = recorder.refused_records - refused_before
     for r in run_ids:
         recorder.finish_run(r, "finished")
@@ -133,6 +194,7 @@ def append_rate(database_url: str, writers: int, rounds: int) -> dict[str, Any]:
     return {
         "append_rounds_per_s": writers * rounds / wall,
         "cpu_ms_per_round": 1000 * cpu / (writers * rounds),
+        "server_cpu_ms_per_round": None if server is None else 1000 * server / (writers * rounds),
         "rounds": writers * rounds,
     }
 
@@ -158,7 +220,7 @@ ROUND_CLIENT_COLUMNS = (
 
 def seed_client_rounds(database_url: str, client_rounds: int) -> dict[str, Any]:
     """Runs, rounds and `client_rounds` client-rounds at revision 0002 in bulk, then the
-    upgrade to head (migration 0003 backfills the counters); the seconds of each."""
+    upgrade to head (migrations 0003 and 0004 backfill the counters); the seconds of each."""
     from sqlalchemy import insert
 
     from api.db import make_engine, upgrade
@@ -310,12 +372,14 @@ def main(argv: list[str] | None = None) -> int:
                     db = sqlite_database(folder) if backend == "sqlite" else postgres_database()
                     with db as url:
                         console.print(f"{backend}: {writers} writer(s) ...")
+                        floor = durable_commit_rate(url) if backend == "postgresql" else None
                         rate = append_rate(url, writers, sizes.append_rounds)
                     target = (
                         TARGET_PG_APPEND_PER_S if (backend, writers) == ("postgresql", 1) else None
                     )
                     records.append({
                         "section": "appends", "backend": backend, "writers": writers, **rate,
+                        "durable_commits_per_s": floor,
                         "client_rounds_per_round": CLIENTS_PER_ROUND,
                         "target_rounds_per_s": target,
                         "meets_target": None if target is None
@@ -330,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                     seeded = seed_client_rounds(url, sizes.client_rounds)
                     console.print(
                         f"{backend}: seeded in {seeded['seed_s']:.1f} s, counters backfilled "
-                        f"by migration 0003 in {seeded['backfill_s']:.1f} s"
+                        f"by migrations 0003 and 0004 in {seeded['backfill_s']:.1f} s"
                     )
                     for timing in participation_times(url, sizes.repeats):
                         records.append({
@@ -341,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
     appends = Table(title=f"appends: rounds of {CLIENTS_PER_ROUND} client-rounds via SqlRecorder")
-    for col in ("backend", "writers", "rounds/s", "CPU ms/round", "load avg", "target"):
+    for col in ("backend", "writers", "rounds/s", "CPU ms/round", "server CPU ms", "commits/s",
+                "load avg", "target"):  # fmt: skip
         appends.add_column(col, justify="right")
     for r in (r for r in records if r["section"] == "appends"):
         target = r["target_rounds_per_s"]
@@ -350,7 +415,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         appends.add_row(
             r["backend"], str(r["writers"]), f"{r['append_rounds_per_s']:.0f}",
-            f"{r['cpu_ms_per_round']:.2f}", f"{r['load_average']:.1f}", verdict,
+            f"{r['cpu_ms_per_round']:.2f}",
+            "" if r["server_cpu_ms_per_round"] is None else f"{r['server_cpu_ms_per_round']:.2f}",
+            "" if r["durable_commits_per_s"] is None else f"{r['durable_commits_per_s']:.0f}",
+            f"{r['load_average']:.1f}", verdict,
         )  # fmt: skip
     reads = Table(title="participation: grouped query (before) vs counters (now), ms")
     for col in ("backend", "client-rounds", "read", "grouped p50 / p99", "counters p50 / p99",

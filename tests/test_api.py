@@ -17,6 +17,7 @@ from conftest import REPO_ROOT, LiveService
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from api import schemas as s
 from api.client import HttpRecorder, RecorderHttpError
 from api.store import Store, open_store
 from core.records import ClientRoundRecord, RoundRecord, RunInfo
@@ -265,11 +266,26 @@ def test_clients_enrol_disable_remove(http: httpx.Client, tokens: dict[str, str]
     run_id = http.post("/runs", json=RUN_BODY, headers=a).json()["id"]
     for t in (1, 2):
         http.post(f"/runs/{run_id}/rounds", json=round_body(t), headers=a)
-    listed = http.get("/clients").json()
+    response = http.get("/clients")
+    listed = response.json()
     assert listed["total"] == 1
     part = listed["items"][0]["participation"]
     assert (part["rounds"], part["ok"], part["uplink_bytes"]) == (2, 2, 2000)
     assert listed["items"][0]["last_seen_at"] is not None
+    assert listed["items"][0] == http.get(f"/clients/{client['id']}").json()
+    # the page is written without models: the same bytes as the response model's
+    page_model = s.Page[s.ClientOut]
+    assert page_model.model_validate_json(response.content).model_dump_json() == response.text
+    other = http.post(
+        "/clients", json={"name": "pi-no-node", "public_key_pem": public_key_pem()}, headers=a
+    )  # a client without a node id: no participation
+    response = http.get("/clients")
+    assert response.json()["items"][1]["participation"] == other.json()["participation"] == {
+        "rounds": 0, "ok": 0, "failed": 0, "uplink_bytes": 0, "downlink_bytes": 0,
+        "num_examples": 0, "last_round_at": None,
+    }  # fmt: skip
+    assert page_model.model_validate_json(response.content).model_dump_json() == response.text
+    assert http.delete(f"/clients/{other.json()['id']}", headers=a).status_code == 204
     disabled = http.post(f"/clients/{client['id']}/disable", headers=a).json()
     assert disabled["status"] == "disabled"
     assert http.get("/clients", params={"status": "active"}).json()["total"] == 0

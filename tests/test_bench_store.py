@@ -13,7 +13,8 @@ from conftest import postgres_reachable
 
 ROOT = Path(__file__).resolve().parents[1]
 APPEND_FIELDS = {"section", "backend", "writers", "append_rounds_per_s", "cpu_ms_per_round",
-                 "rounds", "target_rounds_per_s", "meets_target", "load_average"}  # fmt: skip
+                 "server_cpu_ms_per_round", "durable_commits_per_s", "rounds",
+                 "target_rounds_per_s", "meets_target", "load_average"}  # fmt: skip
 READ_FIELDS = {"section", "backend", "client_rounds", "rounds", "seed_s", "backfill_s", "read",
                "nodes", "repeats", "identical", "grouped_p50_ms", "grouped_p99_ms",
                "counters_p50_ms", "counters_p99_ms", "speedup_p50", "load_average"}  # fmt: skip
@@ -53,6 +54,10 @@ def test_quick_run_writes_every_field(tmp_path: Path) -> None:
         assert set(r) >= APPEND_FIELDS and r["rounds"] == 200 * r["writers"]
         gated = (r["backend"], r["writers"]) == ("postgresql", 1)
         assert (r["target_rounds_per_s"] is not None) == gated
+        if r["backend"] == "postgresql":  # the server runs on this host in CI and here
+            assert r["server_cpu_ms_per_round"] > 0 and r["durable_commits_per_s"] > 0
+        else:
+            assert r["server_cpu_ms_per_round"] is None is r["durable_commits_per_s"]
     for r in reads:
         assert set(r) >= READ_FIELDS
         assert r["client_rounds"] == 100_000 and r["identical"] is True

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -157,6 +158,40 @@ def test_ensure_schema_refuses_foreign_database(database_url: str) -> None:
             ensure_schema(engine)
     finally:
         engine.dispose()
+
+
+def test_connections_the_server_closed_are_replaced(database_url: str) -> None:
+    """Pooled and append connections are checked at checkout without a round trip (no
+    pre-ping): one the server terminated (a restart, an administrator) is replaced, and
+    the read or append that follows succeeds."""
+    import psycopg
+
+    store = open_store(database_url)
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL connections")
+    run_id = store.create_run(make_info())
+    store.append_round(run_id, make_round(1))
+    with store.engine.connect() as conn:
+        pooled = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+    appender = store._postgres_appender
+    assert appender is not None
+    appending = appender._idle[0].info.backend_pid
+    admin = store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        for pid in (pooled, appending):
+            assert conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
+        deadline = time.monotonic() + 10
+        while conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid IN (%s, %s)", (pooled, appending)
+        ).fetchone() != (0,):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    time.sleep(0.1)  # the termination notice reaches the client sockets
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT pg_backend_pid()")).scalar() != pooled
+    store.append_round(run_id, make_round(2))
+    assert appender._idle[0].info.backend_pid != appending
+    assert store.get_run(run_id).rounds_done == 2
 
 
 def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: Path) -> None:
