@@ -79,6 +79,10 @@ def test_quick_benchmark_writes_every_field(tmp_path: Path) -> None:
             "-m",
             "benchmarks.rounds",
             "--quick",
+            # one strategy beside FedAvg: each is a Flower simulation of its own (Ray start-up
+            # and all), and mcm / rand-mcm run in Flower simulations in test_simulation.py
+            "--strategies",
+            "artemis",
             "--no-progress",
             "--json",
             str(out),
@@ -93,7 +97,7 @@ def test_quick_benchmark_writes_every_field(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     records = json.loads(out.read_text())
-    assert [r["strategy"] for r in records] == [BASELINE, "artemis", "mcm", "rand-mcm"]
+    assert [r["strategy"] for r in records] == [BASELINE, "artemis"]
     for r in records:
         for name in FIELDS:
             assert r[name] is not None, (r["strategy"], name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import psutil
 import pytest
 from flwr.common.config import parse_config_args
 
+from core.flower_env import terminate_then_kill
 from core.records import RoundRecord, RunInfo
 from server.app_dir import (
     AppInfo,
@@ -352,8 +354,9 @@ def test_ctrl_c_stops_the_run_and_the_superlink(tmp_path: Path) -> None:
             stdout=fh,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
+    pid: int | None = None
+    descendants: list[psutil.Process] = []
     try:
-        pid = None
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and proc.poll() is None:
             text = log.read_text()
@@ -390,6 +393,13 @@ def test_ctrl_c_stops_the_run_and_the_superlink(tmp_path: Path) -> None:
         assert "interrupted" in log.read_text()
         assert list(run_logs.glob("run-*.log"))
     finally:
+        # a failed run must not leave its SuperLink behind: SIGKILL on the command would
+        # orphan it (its stop path never runs), so the tree found above is ended here too
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if pid is not None and not _gone(pid):
+            family = [psutil.Process(pid)]
+            with contextlib.suppress(psutil.Error):
+                family += psutil.Process(pid).children(recursive=True)
+            terminate_then_kill(family + list(descendants), 10.0)
