@@ -331,6 +331,15 @@ def test_simulate_runs_two_strategies_with_a_users_task(tmp_path: Path) -> None:
     assert "artemis" in done.stdout and "sgd" in done.stdout  # the comparison table
 
 
+def _cmdline(proc: psutil.Process) -> str:
+    """`proc`'s command line, or "" for a process that has exited (a zombie not yet reaped
+    by its parent, or gone): the SuperLink's short-lived children come and go."""
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_the_run_and_the_superlink(tmp_path: Path) -> None:
     """A run that cannot finish on its own (10^9 rounds), interrupted once it is training:
@@ -365,7 +374,7 @@ def test_ctrl_c_stops_the_run_and_the_superlink(tmp_path: Path) -> None:
                 pid = int(match.group(1))
                 # wait until the run's server process exists, then interrupt
                 children = psutil.Process(pid).children(recursive=True)
-                if any("flwr-simulation" in " ".join(c.cmdline()) for c in children):
+                if any("flwr-simulation" in _cmdline(c) for c in children):
                     break
             time.sleep(0.5)
         assert pid is not None, log.read_text()
