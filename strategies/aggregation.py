@@ -34,6 +34,7 @@ from collections.abc import Callable
 
 import torch
 
+from strategies.consistency import tensor_digest
 from strategies.memory_store import TensorStore
 
 #: n ↦ pN, the expected number of participants among n counted clients
@@ -47,26 +48,40 @@ def add_uplink(
     alpha: float,
     h_store: TensorStore | None,
     pp1: bool,
+    scratch: torch.Tensor,
 ) -> None:
     """Take in one accepted reply (i, Δ̂_i) as it arrives: Σ += Δ̂_i (PP1: Δ̂_i + h_i), then
     h_i ← h_i + α_up Δ̂_i (PP1 and PP2). The round's aggregate is this running sum, so the
     server holds O(d) of it, not the pN decoded replies (O(pN·d)); summed in the order the
     replies are taken in, it is the same floats as summing them all at the end.
 
+    In place, with no d-vector allocated: h_i is changed where the store keeps it
+    (`TensorStore.modify`), the sums go through `scratch`, and the store is given the new
+    h_i's `tensor_digest` (`TensorStore.set_digest`: the digest the next downlink to client
+    i expects, without reading h_i again). Each float is the one ``h_i + α·Δ̂_i`` and
+    ``Σ + (Δ̂_i + h_i)`` make out of place (one rounding per operation, in the same order).
+
     Args:
         total: Σ so far, updated in place.
         node: i.
-        delta_hat: Δ̂_i.
+        delta_hat: Δ̂_i (not changed).
         alpha: α_up.
         h_store: every client's h_i, updated in place; None without uplink memory.
         pp1: add h_i to the sum (PP1; ignored without uplink memory).
+        scratch: a float32 d-vector the function may overwrite.
     """
-    if h_store is not None:  # h_i ← h_i + α Δ̂_i (PP1 and PP2)
-        h_i = h_store.get(node)
-        h_store.set(node, h_i + alpha * delta_hat)
-        if pp1:  # PP1: ĝ sums Δ̂_i + h_i
-            delta_hat = delta_hat + h_i
-    total += delta_hat
+    if h_store is None:
+        total += delta_hat
+        return
+    h_i = h_store.modify(node)
+    if pp1:  # PP1: ĝ sums Δ̂_i + h_i (h_i before its update)
+        torch.add(delta_hat, h_i, out=scratch)
+        total += scratch
+    else:
+        total += delta_hat
+    torch.mul(delta_hat, alpha, out=scratch)  # h_i ← h_i + α Δ̂_i (PP1 and PP2)
+    h_i += scratch
+    h_store.set_digest(node, tensor_digest(h_i))
 
 
 def finish_aggregate(
@@ -75,18 +90,22 @@ def finish_aggregate(
     """ĝ from the round's sum (`add_uplink`), and the new single memory h (PP2; None otherwise).
 
     Args:
-        total: Σ_{i∈S_k} Δ̂_i (PP1: Σ (Δ̂_i + h_i)) over the accepted replies.
+        total: Σ_{i∈S_k} Δ̂_i (PP1: Σ (Δ̂_i + h_i)) over the accepted replies; consumed: it
+            is divided in place (it becomes Σ/(pN), PP1's ĝ), so that the round allocates
+            no d-vector for the mean.
         expected: pN, the expected number of participants (> 0).
         alpha: α_up.
-        h_global: PP2's h, or None (PP1, or no uplink memory).
+        h_global: PP2's h (not changed: h' is a new tensor), or None (PP1, or no uplink
+            memory).
 
     Returns:
         (ĝ, h') with ĝ = Σ/(pN) (+ h under PP2) and h' = h + α_up Σ/(pN) under PP2, else
         (ĝ, None).
     """
-    mean = total / expected
+    mean = total.div_(expected)
     if h_global is not None:  # PP2: ĝ = mean + h, h ← h + α mean
-        return mean + h_global, h_global + alpha * mean
+        g_hat = mean + h_global
+        return g_hat, h_global + mean.mul_(alpha)
     return mean, None
 
 

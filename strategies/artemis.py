@@ -214,7 +214,7 @@ class BroadcastServer(ServerHalf):
         if self.e_server is not None:
             to_send = to_send + s.down_ef_rate * self.e_server
         wire, decoded = encode(self.down_compressor, to_send, derive_seed(s.seed, k, 0, 2))
-        omega = decoded * s.down_scale
+        omega = decoded if s.down_scale == 1.0 else decoded * s.down_scale  # ·1: the same bits
         if self.e_server is not None:
             self.e_server = to_send - omega
         self.w, self.H = degraded_step(self.w, self.H, omega, s.server_lr, s.down_memory_rate)
@@ -230,7 +230,7 @@ class BroadcastServer(ServerHalf):
         if self.e_server is not None:
             q = q + s.down_ef_rate * self.e_server  # q_k = x_{k+1} − x̂_k + η e_k
         wire, decoded = encode(self.down_compressor, q, derive_seed(s.seed, k, 0, 2))
-        q_hat = decoded * s.down_scale  # q̂_k = C_dwn(q_k)
+        q_hat = decoded if s.down_scale == 1.0 else decoded * s.down_scale  # q̂_k = C_dwn(q_k)
         if self.e_server is not None:
             self.e_server = q - q_hat  # e_{k+1} = q_k − q̂_k
         self.w = shared_model_step(self.w, q_hat, s.model_step)  # x̂_{k+1} = x̂_k + β q̂_k

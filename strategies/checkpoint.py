@@ -66,8 +66,9 @@ _LATER_SETTINGS: dict[str, Any] = {
     "preset.client_momentum": False,
     "max_staleness": 0,
 }
-#: per-round scratch, cleared by `ServerHalf.begin_round` (empty or stale between rounds)
-SCRATCH = frozenset({"pending", "_sum"})
+#: per-round scratch, cleared by `ServerHalf.begin_round` (empty or stale between rounds),
+#: and the scratch d-vector of `aggregation.add_uplink` (no state between two calls)
+SCRATCH = frozenset({"pending", "_sum", "_scratch"})
 #: replies in flight (max-staleness τ > 0: `ServerHalf.outstanding`): dropped on resume, as
 #: if they had timed out, since a resumed run is a new Flower run that cannot pull the old
 #: run's replies; the clients roll back (the next downlink acks an older round)

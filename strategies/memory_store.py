@@ -15,6 +15,14 @@ The file is read and written with positioned I/O, not memory-mapped: the pages o
 mapping that a round touched stay in the process's resident set (a server that wrote the
 memories of 100 clients per round for 20 rounds held 2000 rows resident), while written
 pages live in the kernel's page cache, which the kernel reclaims as it needs.
+
+Costs per d-vector at d = 10^7 (one 40 MB row), what the server's hot path avoids: a fresh
+d-vector costs its page faults (~2-3 ns/coordinate, twice to 10x the pass that fills it), so
+`get` (a copy) is for callers that keep the vector, `view` (the vector itself, read-only)
+and `modify` (the vector itself, changed in place) for the server's receive path, and the
+cache reuses the tensor of the row it evicts. The store also keeps each vector's state
+digest (`digest`, `set_digest`; `strategies.consistency`) while it is known, so that the
+digest a downlink expects needs no read of h_i.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from strategies.consistency import tensor_digest
 
 log = logging.getLogger("flwr.fedsqueeze.strategies")
 
@@ -69,6 +79,9 @@ class TensorStore:
         self._capacity = 0  # rows the file holds
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._dirty: set[int] = set()
+        #: `tensor_digest` of stored vectors, while known (`set_digest`, `digest`)
+        self._digests: dict[int, bytes] = {}
+        self._initial_digest: bytes | None = None
         self._budget = ram_budget_bytes
         self._dir = Path(directory) if directory else None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -98,8 +111,10 @@ class TensorStore:
         self._resize(capacity)
         log.info("client memories moved to disk: %s (%d rows x %d)", self._file, capacity, self.dim)
         ram, self._ram = self._ram or {}, None
+        digests = dict(self._digests)
         for key, value in ram.items():
             self.set(key, value)
+        self._digests.update(digests)  # the same vectors
 
     def _disk(self) -> int:
         """The file descriptor of a store that has moved to disk."""
@@ -115,19 +130,61 @@ class TensorStore:
         self._resize(self._capacity * 2)
 
     def get(self, key: int) -> torch.Tensor:
+        """Client `key`'s vector, a copy (`initial` for a key never set)."""
+        return self.view(key).clone()
+
+    def view(self, key: int) -> torch.Tensor:
+        """Client `key`'s vector itself, not a copy: to be read, not changed, and only until
+        the next call on the store (on disk, a cached row's tensor is reused for another row
+        once the row leaves the cache). `initial` for a key never set."""
         if self._ram is not None:
             value = self._ram.get(key)
-            return self.initial.clone() if value is None else value.clone()
+            return self.initial if value is None else value
         if key in self._cache:
             self._cache.move_to_end(key)
-            return self._cache[key].clone()
+            return self._cache[key]
         row = self._rows.get(key)
         if row is None:
-            return self.initial.clone()
-        value = torch.empty(self.dim)
+            return self.initial
+        value = self._slot()
         self._read_row(row, value.numpy())
-        self._remember(key, value)
-        return value.clone()
+        self._cache[key] = value
+        return value
+
+    def modify(self, key: int) -> torch.Tensor:
+        """Client `key`'s vector itself (`initial` for a key never set), for the caller to
+        change in place before its next call on the store; the store counts it as changed
+        (on disk: written back when it leaves the cache, or by `flush`) and forgets its
+        digest (`set_digest`)."""
+        if key not in self:
+            self.set(key, self.initial)
+        self._digests.pop(key, None)
+        if self._ram is not None:
+            return self._ram[key]
+        value = self.view(key)
+        self._dirty.add(key)
+        return value
+
+    def digest(self, key: int) -> bytes:
+        """`tensor_digest` of client `key`'s vector: the one given to `set_digest` since the
+        vector last changed, else computed (and kept) now."""
+        known = self._digests.get(key)
+        if known is not None:
+            return known
+        if key not in self:
+            if self._initial_digest is None:
+                self._initial_digest = tensor_digest(self.initial)
+            return self._initial_digest
+        known = self._digests[key] = tensor_digest(self.view(key))
+        return known
+
+    def set_digest(self, key: int, digest: bytes) -> None:
+        """Remember `digest`, the `tensor_digest` of client `key`'s vector as it is now
+        (computed by the caller while the vector is at hand, so that `digest` need not read
+        it again)."""
+        if key not in self:
+            raise KeyError(f"TensorStore: no vector for client {key}")
+        self._digests[key] = digest
 
     def _read_row(self, row: int, out: np.ndarray) -> None:
         view, offset = out.data.cast("B"), row * self._row_bytes
@@ -138,9 +195,13 @@ class TensorStore:
             view, offset = view[n:], offset + n
 
     def set(self, key: int, value: torch.Tensor) -> None:
-        value = value.detach().to("cpu", torch.float32).reshape(-1).clone()
+        """Store a copy of `value` as client `key`'s vector."""
+        self._digests.pop(key, None)
+        value, d = value.detach().to("cpu", torch.float32).reshape(-1), self.dim
+        if value.numel() != d:
+            raise ValueError(f"TensorStore: {value.numel()} values for client {key}, not {d}")
         if self._ram is not None:
-            self._ram[key] = value
+            self._ram[key] = value.clone()
             if len(self._ram) * self.dim * 4 > self._budget:
                 self._to_disk(len(self._ram) * 2)
             return
@@ -148,16 +209,23 @@ class TensorStore:
             if len(self._rows) >= self._capacity:
                 self._grow()
             self._rows[key] = len(self._rows)
-        self._remember(key, value)
+        slot = self._cache.get(key)
+        if slot is None:  # (when `value` is the evicted row's tensor, it is copied onto itself)
+            slot = self._cache[key] = self._slot()
+        slot.copy_(value)
+        self._cache.move_to_end(key)
         self._dirty.add(key)
 
-    def _remember(self, key: int, value: torch.Tensor) -> None:
-        self._cache[key] = value
-        self._cache.move_to_end(key)
-        while len(self._cache) > self.cache_rows:
-            old_key, old_value = self._cache.popitem(last=False)
-            if old_key in self._dirty:
-                self._write(old_key, old_value)
+    def _slot(self) -> torch.Tensor:
+        """A tensor for one more cached row: when the cache is full, the least recently used
+        row's (written to the file first if it changed), else a new one. Reusing the rows'
+        tensors spares the page faults of a fresh d-vector per row read (~2 ns/coordinate)."""
+        if len(self._cache) < self.cache_rows:
+            return torch.empty(self.dim)
+        old_key, old_value = self._cache.popitem(last=False)
+        if old_key in self._dirty:
+            self._write(old_key, old_value)
+        return old_value
 
     def _write(self, key: int, value: torch.Tensor) -> None:
         view, offset = value.numpy().data.cast("B"), self._rows[key] * self._row_bytes
@@ -189,6 +257,7 @@ class TensorStore:
             raise ValueError(
                 f"rows of shape {tuple(rows.shape)} for {len(keys)} keys of {self.dim}"
             )
+        self._digests.clear()
         if self._ram is not None:
             self._ram = {}
         else:

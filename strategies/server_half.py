@@ -182,6 +182,9 @@ class ServerHalf(ABC):
         self.opt_state = self.optimizer.init(self.dim)
         #: this round's running sum of the accepted replies (`_add_to_sum`); None before the first
         self._sum: torch.Tensor | None = None
+        #: a d-vector of scratch space for `aggregation.add_uplink` (kept: a fresh one per
+        #: reply would cost its page faults); None before the first reply
+        self._scratch: torch.Tensor | None = None
         self._store_dir = store_dir
         self._expected_clients = expected_clients
         self._round = 0
@@ -282,7 +285,7 @@ class ServerHalf(ABC):
             and self.h_store is not None
             and (node in self.h_store or not self._h_is_positive_zero())
         ):
-            h_j = self.h_store.get(node)
+            h_j = self.h_store.view(node)
             self.h_global = aggregation.pp2_join(self.h_global, h_j, n, self.expected_participants)
         book.counted = True
         counted.add(node)
@@ -304,7 +307,7 @@ class ServerHalf(ABC):
         counted = self._counted()
         n = len(counted)
         if self.h_global is not None and self.h_store is not None:  # Σ h_i −= h_j
-            h_j = self.h_store.get(node)
+            h_j = self.h_store.view(node)
             self.h_global = aggregation.pp2_leave(self.h_global, h_j, n, self.expected_participants)
         self.books[node].counted = False
         counted.discard(node)
@@ -317,7 +320,7 @@ class ServerHalf(ABC):
         """h_i ← 0 on the server; under PP2 h loses the client's share h_i / (pN)."""
         if self.h_store is None:
             return
-        h_i = self.h_store.get(node)
+        h_i = self.h_store.view(node)
         if self.h_global is not None and self.books[node].counted:
             self.h_global = aggregation.pp2_reset(self.h_global, h_i, self.expected_participants())
         self.h_store.set(node, torch.zeros(self.dim))
@@ -366,8 +369,10 @@ class ServerHalf(ABC):
         message.uplink_seed = derive_seed(self.settings.seed, k, self.seed_key(node), 1)
         if message.reset:
             self.stats.resets_sent += 1
-        h_i = None if self.h_store is None else self.h_store.get(node)
-        expected = tensor_digest(h_i) + b"".join(self._expected_digest_down(node, commit))
+        # h_i's digest as the store knows it (`aggregation.add_uplink` gives it the digest of
+        # each h_i it updates): no read of h_i per downlink
+        up = tensor_digest(None) if self.h_store is None else self.h_store.digest(node)
+        expected = up + b"".join(self._expected_digest_down(node, commit))
         self.pending[node] = PendingReply(message.target_version, expected, commit)
         return message
 
@@ -482,7 +487,8 @@ class ServerHalf(ABC):
             self.stats.rejected += 1
             book.needs_reset = True
             return "dropped"
-        delta_hat = delta_hat * self.settings.up_scale
+        if self.settings.up_scale != 1.0:  # Δ̂_i·1 = Δ̂_i bit for bit: no pass then
+            delta_hat = delta_hat * self.settings.up_scale
         book.acked_round = k
         book.version = pending.target_version
         book.needs_reset = False
@@ -513,13 +519,18 @@ class ServerHalf(ABC):
         (`aggregation.add_uplink`): the server holds O(d) of the round, not pN replies."""
         if self._sum is None:
             self._sum = torch.zeros(self.dim)
+        if self._scratch is None:
+            self._scratch = torch.empty(self.dim)
         pp1 = self.h_global is None
         s = self.settings
-        aggregation.add_uplink(self._sum, node, delta_hat, s.up_memory_rate, self.h_store, pp1)
+        aggregation.add_uplink(
+            self._sum, node, delta_hat, s.up_memory_rate, self.h_store, pp1, self._scratch
+        )
 
     def aggregate(self, expected: float) -> torch.Tensor:
         """ĝ from the accepted Δ̂_i (PP1 / PP2 / no memory); h_i were updated as each reply
-        was taken in, h (PP2) is updated here."""
+        was taken in, h (PP2) is updated here. The round's sum is consumed (divided in place
+        by `aggregation.finish_aggregate`): call once per round."""
         total = self._sum if self._sum is not None else torch.zeros(self.dim)
         g_hat, self.h_global = aggregation.finish_aggregate(
             total, expected, self.settings.up_memory_rate, self.h_global

@@ -16,7 +16,7 @@ from benchmarks.memory import PeakMemory
 from compression import parse_compressor
 from core.runconfig import DEFAULTS, load_config, parse_delay, parse_failure, parse_options
 from strategies.client_half import client_uplink, initial_client_state
-from strategies.consistency import DIGEST_BYTES, state_digest
+from strategies.consistency import DIGEST_BYTES, state_digest, tensor_digest
 from strategies.flower import (
     downlink_from_record,
     downlink_to_record,
@@ -29,6 +29,7 @@ from strategies.messages import Uplink
 from strategies.registry import ALGORITHMS, get_preset, make_server, settings_from_config
 from strategies.sampling import sample_clients
 from strategies.settings import resolve_settings
+from strategies.validation import all_finite
 from tasks.synthetic import make_lsq_task
 
 N, D = 5, 12
@@ -242,6 +243,55 @@ def test_tensor_store_on_disk_keeps_only_its_cache_resident(tmp_path) -> None:
     assert keys == list(range(40)) and torch.equal(rows[17], torch.full((d,), 17.0))
     del rows
     store.close()
+
+
+@pytest.mark.parametrize("budget", [2**20, 0])  # in RAM, on disk
+def test_tensor_store_modify_in_place_and_digests(tmp_path, budget: int) -> None:
+    """`modify` changes the stored vector itself (on disk through the cache, whose evicted
+    rows' tensors are reused for other rows), `digest` is `tensor_digest` of the current
+    vector whether it was given (`set_digest`), forgotten by a change, or never set."""
+    d = 8
+    w0 = torch.arange(d, dtype=torch.float32)
+    store = TensorStore(
+        d, ram_budget_bytes=budget, cache_rows=1, directory=tmp_path, expected_clients=4, initial=w0
+    )
+    assert store.on_disk == (budget == 0)
+    assert store.digest(5) == tensor_digest(w0) and 5 not in store
+    for i in range(4):  # a new key starts at `initial`
+        row = store.modify(i)
+        assert torch.equal(row, w0)
+        row += float(i)
+        if i % 2:
+            store.set_digest(i, tensor_digest(row))
+    for i in range(4):  # each row read back through a one-row cache
+        assert torch.equal(store.get(i), w0 + i)
+        assert torch.equal(store.view(i), w0 + i)
+        assert store.digest(i) == tensor_digest(w0 + i)
+    store.modify(1).mul_(2)  # the digest given before no longer holds
+    assert store.digest(1) == tensor_digest((w0 + 1) * 2)
+    store.set(2, torch.ones(d))
+    assert store.digest(2) == tensor_digest(torch.ones(d))
+    with pytest.raises(ValueError, match="values for client 7"):
+        store.set(7, torch.ones(d + 1))
+    with pytest.raises(KeyError):
+        store.set_digest(9, b"x" * 16)
+    keys, rows = store.export()
+    assert keys == [0, 1, 2, 3] and torch.equal(rows[1], (w0 + 1) * 2)
+    del rows
+    store.close()
+
+
+def test_all_finite_agrees_with_isfinite() -> None:
+    """The one-sum check gives isfinite's verdict, also where the sum of finite values
+    overflows."""
+    big = torch.full((4,), 3e38)  # finite, sum overflows to inf
+    cases = [torch.zeros(0), torch.randn(1000), big, -big]
+    for bad in (math.inf, -math.inf, math.nan):
+        x = torch.randn(1000)
+        x[517] = bad
+        cases += [x, torch.cat([big, x])]
+    for x in cases:
+        assert all_finite(x) == bool(torch.isfinite(x).all())
 
 
 def test_a_round_holds_a_running_sum_not_one_vector_per_reply() -> None:
