@@ -68,6 +68,19 @@ def _section_bits(*nbits: int) -> int:
     return total
 
 
+def _fixed_magnitudes(
+    unary: npt.NDArray[np.uint8], rem: npt.NDArray[np.uint8], nnz: int, s: int
+) -> npt.NDArray[np.int64]:
+    """The sparse code's |l_j| (1..s) sent in fixed width ceil(log2 s) as |l_j| - 1 (its
+    unary stream must be empty); both decode paths read them so."""
+    if unary.size:
+        raise CodecError("fixed-width magnitudes with a unary stream")
+    mags = bits.unpack_fixed(rem, nnz, (s - 1).bit_length()).astype(np.int64) + 1
+    if nnz and int(mags.max()) > s:
+        raise CodecError(f"level above s = {s}")
+    return mags
+
+
 class LevelQuantizer(Compressor):
     """Shared part of QSGD and natural dithering: per bucket B a float32 norm ||x_B||, and per
     coordinate a signed level l_j in {-s..s}, sent with the smallest of the three codes of
@@ -439,11 +452,7 @@ class LevelQuantizer(Compressor):
         neg = np.unpackbits(signs_raw, count=nnz).astype(bool)
         mags_unary, mags_rem = r.section(), r.section()
         if k_mags == _FIXED_MAGS:
-            if mags_unary.size:
-                raise CodecError("fixed-width magnitudes with a unary stream")
-            mags = bits.unpack_fixed(mags_rem, nnz, (s - 1).bit_length()).astype(np.int64) + 1
-            if nnz and int(mags.max()) > s:
-                raise CodecError(f"level above s = {s}")
+            mags = _fixed_magnitudes(mags_unary, mags_rem, nnz, s)
         else:
             try:
                 mags = bits.rice_decode(mags_unary, mags_rem, nnz, k_mags, limit=s - 1) + 1
@@ -487,11 +496,7 @@ class LevelQuantizer(Compressor):
             raise CodecError("sign section has the wrong length")
         mags_unary, mags_rem = r.section(), r.section()
         if k_mags == _FIXED_MAGS:
-            if mags_unary.size:
-                raise CodecError("fixed-width magnitudes with a unary stream")
-            mags = bits.unpack_fixed(mags_rem, nnz, (s - 1).bit_length()).astype(np.int64) + 1
-            if nnz and int(mags.max()) > s:
-                raise CodecError(f"level above s = {s}")
+            mags = _fixed_magnitudes(mags_unary, mags_rem, nnz, s)
         else:
             try:
                 mags, _ = _level_codes.rice_decode(mags_unary, mags_rem, nnz, k_mags, s - 1)
