@@ -328,21 +328,17 @@ INSERT_ROUND = insert(ROUNDS_TABLE).values(_values(ROUNDS_TABLE, ("run_id", *ROU
 INSERT_CLIENT_ROUND = insert(CLIENT_ROUNDS_TABLE).values(
     _values(CLIENT_ROUNDS_TABLE, ("round_id", *CLIENT_FIELDS))
 )
-UPSERT_PARTICIPATION_SQLITE = _upsert_counters(
-    sqlite.insert(PARTICIPATION_TABLE).values(
-        _values(PARTICIPATION_TABLE, ("node_id", "run_id", *COUNTER_FIELDS, "last_round_at"))
-    ),
-    PARTICIPATION_TABLE,
-    ("node_id", "run_id"),
-    func.max,
-)
-UPSERT_NODE_PARTICIPATION_SQLITE = _upsert_counters(
-    sqlite.insert(NODE_PARTICIPATION_TABLE).values(
-        _values(NODE_PARTICIPATION_TABLE, ("node_id", "shard", *COUNTER_FIELDS, "last_round_at"))
-    ),
-    NODE_PARTICIPATION_TABLE,
-    ("node_id", "shard"),
-    func.max,
+
+
+def _sqlite_upsert_counters(table: Table, keys: Sequence[str]) -> Any:
+    """SQLite's upsert of one row of `table`'s counters (keyed by `keys`)."""
+    row = _values(table, (*keys, *COUNTER_FIELDS, "last_round_at"))
+    return _upsert_counters(sqlite.insert(table).values(row), table, keys, func.max)
+
+
+UPSERT_PARTICIPATION_SQLITE = _sqlite_upsert_counters(PARTICIPATION_TABLE, ("node_id", "run_id"))
+UPSERT_NODE_PARTICIPATION_SQLITE = _sqlite_upsert_counters(
+    NODE_PARTICIPATION_TABLE, ("node_id", "shard")
 )
 SEEN_UPDATE = (
     update(CLIENTS_TABLE)
