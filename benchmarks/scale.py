@@ -465,18 +465,22 @@ def print_table(records: Sequence[dict[str, Any]], title: str) -> None:
 
     table = Table(title=title)
     for name in (
-        "N", "p", "d", "pp", "R", "|S_k|", "s/round", "cpu s", "ns/(|S_k|·d)",
+        "strategy", "N", "p", "d", "pp", "R", "|S_k|", "s/round", "cpu s", "ns/(|S_k|·d)",
         "peak RSS MB", "+RAM MB", "RAM/4d", "disk MB", "skipped",
     ):  # fmt: skip
-        table.add_column(name, justify="right" if name not in ("pp", "skipped") else "left")
+        table.add_column(
+            name, justify="right" if name not in ("strategy", "pp", "skipped") else "left"
+        )
     for r in records:
         if r.get("skipped"):
             table.add_row(
-                str(r["clients"]), f"{r['participation']:g}", f"{r['d']:.0e}", r["pp_variant"],
+                r["strategy"], str(r["clients"]), f"{r['participation']:g}", f"{r['d']:.0e}",
+                r["pp_variant"],
                 *["-"] * 9, r["skipped_reason"],
             )  # fmt: skip
             continue
         table.add_row(
+            r["strategy"],
             str(r["clients"]),
             f"{r['participation']:g}",
             f"{r['d']:.0e}",
@@ -493,6 +497,40 @@ def print_table(records: Sequence[dict[str, Any]], title: str) -> None:
             "",
         )
     Console(width=max(150, shutil.get_terminal_size().columns)).print(table)
+
+
+def select_grid(base: dict[str, tuple[Any, ...]], args: argparse.Namespace) -> dict[str, Any]:
+    """`base` with the axes given on the command line (--clients, --participation, --d,
+    --pp-variant) replaced; ValueError naming the bad value otherwise."""
+    grid = dict(base)
+    parsers: dict[str, Any] = {"clients": int, "participation": float, "d": int}
+    for axis in ("clients", "participation", "d", "pp_variant"):
+        text = getattr(args, axis)
+        if text is None:
+            continue
+        flag = "--" + axis.replace("_", "-")
+        values: list[Any] = []
+        for item in (v.strip() for v in text.split(",")):
+            if not item:
+                continue
+            if axis == "pp_variant":
+                if item not in FULL_GRID["pp_variant"]:
+                    raise ValueError(f"{flag}: {item!r} is not one of pp1, pp2")
+                values.append(item)
+                continue
+            try:
+                value = parsers[axis](float(item)) if axis != "participation" else float(item)
+            except ValueError:
+                raise ValueError(f"{flag}: {item!r} is not a number") from None
+            if axis == "participation" and not 0 < value <= 1:
+                raise ValueError(f"{flag}: {item} is not in (0, 1]")
+            if axis != "participation" and (value < 1 or value != float(item)):
+                raise ValueError(f"{flag}: {item} is not a positive integer")
+            values.append(value)
+        if not values:
+            raise ValueError(f"{flag}: no values given")
+        grid[axis] = tuple(values)
+    return grid
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -513,6 +551,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--timeout", type=float, default=1500.0, help="seconds per worker process (per d)"
     )
+    for axis, kind in (("clients", "N"), ("participation", "p"), ("d", "d"), ("pp-variant", "")):
+        parser.add_argument(
+            f"--{axis}",
+            metavar="LIST",
+            help=f"comma-separated values of the grid's {axis}"
+            + (f" ({kind})" if kind else "")
+            + " instead of the full (or quick) grid's",
+        )
     parser.add_argument("--worker", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -531,13 +577,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.timeout <= 0:
         console.print("[red]error:[/] --timeout must be > 0")
         return 2
+    try:
+        grid = select_grid(QUICK_GRID if args.quick else FULL_GRID, args)
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
     import psutil
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="fedsqueeze-bench-scale-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    narrowed = grid != (QUICK_GRID if args.quick else FULL_GRID)
     cases = plan(
-        QUICK_GRID if args.quick else FULL_GRID,
-        QUICK_EXTRA if args.quick else (),
+        grid,
+        QUICK_EXTRA if args.quick and not narrowed else (),
         strategies,
         QUICK_WORK_PER_CASE if args.quick else WORK_PER_CASE,
         int(psutil.virtual_memory().available),

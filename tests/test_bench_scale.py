@@ -3,12 +3,13 @@ process), and its planning of the full grid (what is skipped and why)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import pytest
 
-from benchmarks.scale import FULL_GRID, QUICK_EXTRA, QUICK_GRID, main, plan
+from benchmarks.scale import FULL_GRID, QUICK_EXTRA, QUICK_GRID, main, plan, select_grid
 
 FIELDS = (
     "clients",
@@ -80,3 +81,25 @@ def test_bad_arguments_exit_2(capsys) -> None:
     assert main(["--quick", "--strategies", "fedmagic"]) == 2
     assert main(["--quick", "--timeout", "0"]) == 2
     assert "fedmagic" in capsys.readouterr().err
+    for bad in (
+        ["--clients", "10,ten"],
+        ["--participation", "1.5"],
+        ["--d", "2.5"],
+        ["--pp-variant", "pp3"],
+        ["--clients", ","],
+    ):
+        assert main(["--quick", *bad]) == 2, bad
+    err = capsys.readouterr().err
+    assert "'ten' is not a number" in err and "pp3" in err and "1.5 is not in (0, 1]" in err
+
+
+def test_the_grid_can_be_narrowed_to_given_values() -> None:
+    args = argparse.Namespace(clients="100, 1000", participation="0.1", d="1e6", pp_variant=None)
+    grid = select_grid(FULL_GRID, args)
+    assert grid["clients"] == (100, 1000) and grid["participation"] == (0.1,)
+    assert grid["d"] == (10**6,) and grid["pp_variant"] == FULL_GRID["pp_variant"]
+    cases = plan(grid, (), ["rand-mcm"], 10**9, free_ram=16 * 10**9, free_disk=70 * 10**9)
+    assert {(c.clients, c.participation, c.d) for c in cases} == {
+        (100, 0.1, 10**6),
+        (1000, 0.1, 10**6),
+    }
