@@ -28,7 +28,8 @@ model-space memory; starting it at 0 instead makes the first perturbed models
 and with α_dwn = 1/(2(ω+1)) H needs hundreds of rounds to reach w: a CNN trained at such
 models diverges. A resync resets H (H_i) to w_0 on both sides. The
 server keeps the H_i in a `TensorStore` (RAM, or a memory-mapped file with an LRU cache when
-N·d does not fit), updating H_i only once client i's reply is accepted.
+N·d does not fit), updating H_i only once client i's reply is accepted (from the bytes of
+Ω_i kept with the pending reply, so pending replies cost no d-vectors).
 """
 
 from __future__ import annotations
@@ -150,15 +151,19 @@ class PreservedServer(ServerHalf):
             message = catch_up(self, book, k, self.log, self._snapshot_now, self.snapshot_nbytes)
             return message, DownlinkCommit()
         s = self.settings
-        H_i = self.H_store.get(node)
+        # H_i read in place; Ω_i, ŵ_i and H_i + α_dwn Ω_i live only for this call: the pending
+        # reply keeps Ω_i's bytes and the two digests, so the server's RAM per round stays O(d)
+        # however many replies are pending (was two d-vectors per sampled client)
+        H_i = self.H_store.view(node)
         seed = derive_seed(s.seed, k, self.seed_key(node), 2)
         wire, omega = encode(self.down_compressor, self.w - H_i, seed)
         w_hat_i, H_next = perturbed_step(H_i, omega, s.down_memory_rate)
+        digests = (tensor_digest(H_next), tensor_digest(w_hat_i))
         message = Downlink(
             k, "fresh", book.version, self.version, 0, False, 0, [wire.payload],
             wire.predicted_nbytes,
         )  # fmt: skip
-        return message, DownlinkCommit(down_memory=H_next, model=w_hat_i)
+        return message, DownlinkCommit(payload=wire.payload, digests=digests)
 
     def _expected_digest_down(self, node: int, commit: DownlinkCommit) -> tuple[bytes, bytes]:
         if self.H_store is None:
@@ -166,11 +171,21 @@ class PreservedServer(ServerHalf):
                 digests = (tensor_digest(self.H), tensor_digest(self.w_hat))
                 self._digest_cache = (self.version, digests)
             return self._digest_cache[1]
-        return tensor_digest(commit.down_memory), tensor_digest(commit.model)
+        if commit.digests is None:
+            raise RuntimeError("Rand-MCM: a pending reply without its downlink digests")
+        return commit.digests
 
     def _commit_client(self, node: int, commit: DownlinkCommit) -> None:
-        if self.H_store is not None and commit.down_memory is not None:
-            self.H_store.set(node, commit.down_memory)
+        """H_i ← H_i + α_dwn Ω_i, Ω_i decoded again from the bytes sent: bit for bit the
+        H_next of `_downlink_payload` (the same float32 product and sum), since H_i changes
+        only here and in `_reset_client`, both of which void any other pending reply."""
+        if self.H_store is None or commit.payload is None:
+            return
+        (omega,) = decode_wires([commit.payload], "cpu", self.dim)
+        omega.mul_(self.settings.down_memory_rate)
+        self.H_store.modify(node).add_(omega)
+        if commit.digests is not None:
+            self.H_store.set_digest(node, commit.digests[0])
 
     def _reset_client(self, node: int) -> None:
         if self.H_store is not None:

@@ -62,13 +62,14 @@ class ClientBook:
 
 @dataclass(frozen=True)
 class DownlinkCommit:
-    """The per-client downlink state the server computed when it sent client i its message,
-    kept once i's reply is accepted: Rand-MCM's H_i ← H_i + α_dwn Ω_i (`down_memory`) and
-    the perturbed model ŵ_i = H_i + Ω_i the client computes its update at (`model`). Empty
-    for the families that broadcast one message to all."""
+    """What the server needs, once client i's reply is accepted, to update the per-client
+    downlink state it computed when it sent i its message: Rand-MCM keeps the bytes of Ω_i
+    (`payload`, to apply H_i ← H_i + α_dwn Ω_i then) and the digests of H_i + α_dwn Ω_i and
+    of the perturbed model ŵ_i = H_i + Ω_i (`digests`), no d-vectors. Empty for the
+    families that broadcast one message to all."""
 
-    down_memory: torch.Tensor | None = None
-    model: torch.Tensor | None = None
+    payload: bytes | None = None
+    digests: tuple[bytes, bytes] | None = None
 
 
 @dataclass

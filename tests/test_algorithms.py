@@ -19,6 +19,7 @@ import torch
 from compression import decode, parse_compressor
 from strategies.encoding import derive_seed
 from strategies.local import run_local
+from strategies.mcm import PreservedServer
 from strategies.registry import PRESETS, get_preset
 from strategies.settings import resolve_settings
 from tasks.synthetic import make_lsq_task
@@ -269,3 +270,35 @@ def test_memoryless_methods_stall(claims: dict[str, float], name: str) -> None:
     best_memory = max(claims["diana"], claims["artemis"], claims["mcm"])
     assert claims[name] >= 100 * best_memory, claims
     assert claims[name] > 1e-4, claims  # a floor, not slow convergence to 0
+
+
+def test_rand_mcm_server_and_client_downlink_memories_agree_bit_for_bit() -> None:
+    """The server applies H_i ← H_i + α_dwn Ω_i from Ω_i's bytes when i's reply is accepted
+    (it keeps no d-vectors per pending reply): after partial participation with lost replies,
+    every H_i it holds equals the client's, bit for bit, and no digest ever disagreed."""
+    _, grad = _small_problem()
+    w0 = torch.full((10,), 0.5)
+    s = resolve_settings(get_preset("rand-mcm"), 10, participation=0.5, pp_variant="pp1", seed=5)
+    lost = {(3, 0), (4, 1), (6, 4), (9, 2)}  # (round, client), all of them sampled
+    run = run_local(
+        s, w0, lambda i, w: (grad(i, w), 0.0), 6, 10, lose_reply=lambda k, i: (k, i) in lost
+    )
+    assert run.faults == {"crash": len(lost)}
+    assert sum(h.digest_mismatches + h.resyncs for h in run.history) == 0
+    server = run.server
+    assert isinstance(server, PreservedServer)
+    moved = 0
+    for i in range(6):
+        last = max((k for k, nodes in enumerate(run.sampled, 1) if i in nodes), default=0)
+        # the client's latest state is the server's once its reply was accepted
+        state = run.committed[i] if (last, i) in lost else (run.pending[i] or run.committed[i])
+        assert state.down_memory is not None
+        server_H = server.client_down_memory(i)
+        assert torch.equal(server_H, state.down_memory), i
+        moved += int(not torch.equal(server_H, w0))
+    assert moved >= 4  # the memories did move
+    assert all(
+        not isinstance(v, torch.Tensor)
+        for p in server.pending.values()
+        for v in vars(p.commit).values()
+    )
