@@ -24,11 +24,13 @@ Compression knows nothing of Flower: it maps tensors to bytes and back. One modu
     bits.py        bit-level codes (fixed width, base 3, Rice, LEB128)
     _tensors.py    helpers several operators share (buckets, raw bytes, decode checks)
     _buckets.py    one-pass CPU kernels of QSGD and scaled sign for d >= 2^22 (numba,
-                   _buckets_jit.py), counter-based uniforms
+                   _buckets_jit.py), counter-based uniforms; kernels_from(n) lowers the
+                   threshold inside a block (long-lived processes: the server half)
     _level_codes.py  the level codes (dense, rice, sparse) in compiled passes for d >= 2^22
                    (numba, _level_codes_jit.py): the numpy code's bytes and checks
 """
 
+from compression._buckets import LONG_LIVED_MIN_NUMEL, kernels_from
 from compression.base import Compressor
 from compression.compressed import Compressed
 from compression.decoding import decode
@@ -42,6 +44,7 @@ from compression.sparse import RandK, TopK, randk_indices
 from compression.wire import CodecError
 
 __all__ = [
+    "LONG_LIVED_MIN_NUMEL",
     "OPERATORS",
     "QSGD",
     "CodecError",
@@ -55,6 +58,7 @@ __all__ = [
     "Sign",
     "TopK",
     "decode",
+    "kernels_from",
     "parse_compressor",
     "randk_indices",
 ]

@@ -34,6 +34,9 @@ sum that overflows float32); its outputs are then garbage and the caller raises.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import numpy as np
@@ -46,8 +49,46 @@ import numpy.typing as npt
 #: message is sent by a fresh ClientApp process, so for models below a few million
 #: coordinates that would cost more than the kernels save (docs/compression.md).
 MIN_NUMEL = 1 << 22
+#: What a long-lived process that encodes and decodes many messages (a server half, a
+#: benchmark) passes to `kernels_from`: from 2^14 coordinates on, the kernels beat the torch
+#: code 1.4-13x per message once numba is loaded (docs/compression.md).
+LONG_LIVED_MIN_NUMEL = 1 << 14
 
-__all__ = ["levels_dense", "qsgd_levels", "seed_key", "sign_pack", "sign_unpack"]
+_kernels_from: ContextVar[int | None] = ContextVar("kernels_from", default=None)
+
+
+def min_numel() -> int:
+    """Smallest d from which the CPU runs the kernels here and now: the value a
+    `kernels_from` block in this thread (or task) set, else :data:`MIN_NUMEL`."""
+    value = _kernels_from.get()
+    return MIN_NUMEL if value is None else value
+
+
+@contextmanager
+def kernels_from(numel: int) -> Iterator[None]:
+    """Run the compiled CPU kernels from `numel` coordinates on inside the block (this
+    thread or task only). Decoded vectors are the same bit for bit on both paths, so a
+    process may use them where its peers do not; the random draws of an encode differ (the
+    kernels' counter-based uniforms against torch's generator), so the bytes of a message
+    depend on the path, as they do on the seed."""
+    if numel < 1:
+        raise ValueError(f"kernels_from: numel must be >= 1, got {numel}")
+    token = _kernels_from.set(numel)
+    try:
+        yield
+    finally:
+        _kernels_from.reset(token)
+
+
+__all__ = [
+    "kernels_from",
+    "levels_dense",
+    "min_numel",
+    "qsgd_levels",
+    "seed_key",
+    "sign_pack",
+    "sign_unpack",
+]
 
 _GAMMA = 0x9E3779B97F4A7C15
 _M1 = 0xBF58476D1CE4E5B9

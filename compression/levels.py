@@ -101,7 +101,7 @@ class LevelQuantizer(Compressor):
 
     @classmethod
     def _compiled(cls, d: int) -> bool:
-        return cls._compiled_codes and d >= _buckets.MIN_NUMEL
+        return cls._compiled_codes and d >= _buckets.min_numel()
 
     @abstractmethod
     def _level_table(self, device: torch.device) -> torch.Tensor:
@@ -113,7 +113,7 @@ class LevelQuantizer(Compressor):
         table = self._level_table(device)
         if "levels" in fields:
             levels: torch.Tensor = fields["levels"]
-            if device.type == "cpu" and d >= _buckets.MIN_NUMEL:
+            if device.type == "cpu" and d >= _buckets.min_numel():
                 # one compiled pass (decode has checked the levels in -s..s)
                 lev16 = levels.numpy()
                 dense = _buckets.levels_dense(lev16, norms.numpy(), table.numpy(), self.s, b)

@@ -111,7 +111,7 @@ class QSGD(LevelQuantizer):
         d = f32.numel()
         b = bucket_size(self.bucket, d)
         thinned = self.s == 1 and self.norm == "l2"
-        on_cpu = f32.device.type == "cpu" and self._cpu_kernel and d >= _buckets.MIN_NUMEL
+        on_cpu = f32.device.type == "cpu" and self._cpu_kernel and d >= _buckets.min_numel()
         if on_cpu and not (thinned and b >= _THIN_MIN_BUCKET):
             return self._compress_cpu(f32, b, seed)
         norms = bucket_reduce(f32, b, 2.0 if self.norm == "l2" else math.inf)

@@ -88,7 +88,7 @@ class ScaledSign(Compressor):
     def _compress(self, f32: torch.Tensor, flat: torch.Tensor, seed: int) -> Fields:
         d = f32.numel()
         b = bucket_size(self.bucket, d)
-        if f32.device.type == "cpu" and self._cpu_kernel and d >= _buckets.MIN_NUMEL:
+        if f32.device.type == "cpu" and self._cpu_kernel and d >= _buckets.min_numel():
             packed = _buckets.sign_pack(f32.numpy(), b)
             if packed is None:
                 check_finite_sum(f32)
@@ -104,7 +104,7 @@ class ScaledSign(Compressor):
     def _dense(self, fields: Fields, d: int, device: torch.device) -> torch.Tensor:
         scales: torch.Tensor = fields["scales"]
         b = bucket_size(self.bucket, d)
-        kernel = device.type == "cpu" and self._cpu_kernel and d >= _buckets.MIN_NUMEL
+        kernel = device.type == "cpu" and self._cpu_kernel and d >= _buckets.min_numel()
         if kernel and scales.numel() > 1:
             return torch.from_numpy(_buckets.sign_unpack(fields["signs"], scales.numpy(), b, d))
         if scales.numel() == 1:

@@ -112,6 +112,8 @@ class PreservedServer(ServerHalf):
     """Server half of MCM (kind "preserved") and Rand-MCM (kind "preserved-rand")."""
 
     kinds = ("preserved", "preserved-rand")
+    #: Rand-MCM's two scratch d-vectors of `_downlink_payload` (no state between calls)
+    checkpoint_exclude = ("_down_scratch",)
 
     def __init__(
         self,
@@ -139,6 +141,7 @@ class PreservedServer(ServerHalf):
         )
         self._snapshot_cache = SnapshotCache()
         self._digest_cache: tuple[int, tuple[bytes, bytes]] | None = None
+        self._down_scratch: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _snapshot_now(self) -> tuple[list[bytes], int]:
         """A snapshot of (ŵ, H), what MCM's clients at the current version hold."""
@@ -156,8 +159,14 @@ class PreservedServer(ServerHalf):
         # however many replies are pending (was two d-vectors per sampled client)
         H_i = self.H_store.view(node)
         seed = derive_seed(s.seed, k, self.seed_key(node), 2)
-        wire, omega = encode(self.down_compressor, self.w - H_i, seed)
-        w_hat_i, H_next = perturbed_step(H_i, omega, s.down_memory_rate)
+        if self._down_scratch is None:  # two d-vectors kept: fresh ones cost page faults
+            self._down_scratch = (torch.empty(self.dim), torch.empty(self.dim))
+        a, b = self._down_scratch
+        wire, omega = encode(self.down_compressor, torch.sub(self.w, H_i, out=a), seed)
+        # `perturbed_step` into the scratch, bit for bit: ŵ_i = H_i + Ω_i,
+        # H_i + α_dwn Ω_i = (α_dwn Ω_i) + H_i (one rounding per operation either way)
+        w_hat_i = torch.add(H_i, omega, out=a)
+        H_next = torch.mul(omega, s.down_memory_rate, out=b).add_(H_i)
         digests = (tensor_digest(H_next), tensor_digest(w_hat_i))
         message = Downlink(
             k, "fresh", book.version, self.version, 0, False, 0, [wire.payload],

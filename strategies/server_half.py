@@ -23,19 +23,28 @@ One round k, driven by the Flower glue (`strategies.flower`) or by `strategies.l
 A family (`strategies.artemis`, `strategies.mcm`, `strategies.signsgd`) subclasses
 `ServerHalf` and implements the abstract hooks: what to send client i, the digest of the
 downlink state (H, w) client i will hold, and how the model moves given ĝ.
+
+Steps 3-5 encode and decode with the codecs' compiled CPU kernels from
+`compression.LONG_LIVED_MIN_NUMEL` coordinates on (`compression.kernels_from`): a server half
+lives as long as its run, so numba's one-time load pays for itself, where a client's fresh
+ClientApp process keeps the torch code below 2^22. Decoded vectors are the same bit for bit
+on both paths, so the two sides still agree; the server's compressed downlinks use the
+kernels' random draws.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 
+from compression import LONG_LIVED_MIN_NUMEL, kernels_from
 from strategies import aggregation, server_opt
 from strategies.consistency import digest_difference, tensor_digest
 from strategies.encoding import derive_seed, get_compressor
@@ -47,6 +56,22 @@ from strategies.validation import decode_uplink, default_max_uplink_bytes
 
 # a child of Flower's logger, so that our lines appear in `flwr run` log streams
 log = logging.getLogger("flwr.fedsqueeze.strategies")
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _with_kernels(method: Callable[P, R]) -> Callable[P, R]:
+    """`method` run with the codecs' compiled kernels from `LONG_LIVED_MIN_NUMEL` on (see
+    the module docstring)."""
+
+    @functools.wraps(method)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        with kernels_from(LONG_LIVED_MIN_NUMEL):
+            return method(*args, **kwargs)
+
+    return run
 
 
 @dataclass
@@ -351,6 +376,7 @@ class ServerHalf(ABC):
             )  # fmt: skip
         return kept
 
+    @_with_kernels
     def downlink_for(self, k: int, node: int) -> Downlink:
         book = self.books.setdefault(node, ClientBook())
         late = self.outstanding.pop(node, None)
@@ -377,6 +403,7 @@ class ServerHalf(ABC):
         self.pending[node] = PendingReply(message.target_version, expected, commit)
         return message
 
+    @_with_kernels
     def receive(self, k: int, node: int, uplink: Uplink | None, error: str = "") -> str:
         """Validate and take in one reply; return its outcome ('ok', 'failed', 'dropped').
 
@@ -538,6 +565,7 @@ class ServerHalf(ABC):
         )
         return g_hat
 
+    @_with_kernels
     def finish_round(self, k: int, expected: float) -> RoundStats:
         """ĝ = aggregate, then the family moves the model and prepares the next downlink."""
         if expected <= 0:

@@ -302,3 +302,36 @@ def test_rand_mcm_server_and_client_downlink_memories_agree_bit_for_bit() -> Non
         for p in server.pending.values()
         for v in vars(p.commit).values()
     )
+
+
+@pytest.mark.parametrize("name", ["artemis", "rand-mcm", "mcm", "dore", "signsgd-mv"])
+def test_a_server_on_the_compiled_codecs_agrees_with_clients_on_the_torch_code(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server half encodes and decodes with the kernels from 2^14 coordinates on; the
+    clients of `run_local` (outside its block) keep the torch code below 2^22. Their digests
+    agree in every round, and the run converges as with a server on the torch code, with
+    other draws where the codec draws any."""
+    import strategies.server_half as server_half
+
+    d = 3 * 2**14
+    target = torch.randn(d, generator=torch.Generator().manual_seed(1))
+
+    def gradient(i: int, w: torch.Tensor) -> tuple[torch.Tensor, float]:
+        return w - target * (1 + 0.1 * i), 0.0
+
+    def run(kernels_from: int) -> torch.Tensor:
+        monkeypatch.setattr(server_half, "LONG_LIVED_MIN_NUMEL", kernels_from)
+        lr = 0.05
+        s = resolve_settings(get_preset(name), d, server_lr=lr, participation=0.5, seed=3)
+        result = run_local(s, torch.zeros(d), gradient, 4, 10)
+        assert sum(h.digest_mismatches + h.resyncs for h in result.history) == 0
+        assert sum(h.digest_checks for h in result.history) == sum(map(len, result.sampled))
+        return result.server.evaluation_model()
+
+    compiled, torch_code = run(2**14), run(1 << 62)
+    start = float((target * 1.15).norm())  # from w_0 = 0 to the mean of the optima
+    for w in (compiled, torch_code):
+        assert float((w - target * 1.15).norm()) < 0.9 * start
+    # QSGD's draws differ between the paths; sign and its majority vote draw nothing
+    assert torch.equal(compiled, torch_code) == (name == "signsgd-mv")

@@ -198,3 +198,34 @@ def test_small_messages_do_not_import_numba() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_kernels_from_scopes_the_compiled_path_to_a_block_and_a_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    from compression import kernels_from
+
+    monkeypatch.setattr(_buckets, "MIN_NUMEL", 1 << 22)  # production's default, not the fixture's
+
+    d = 3 * 2**14  # below MIN_NUMEL: the torch code outside the block
+    x = torch.randn(d, generator=torch.Generator().manual_seed(4))
+    c = parse_compressor("qsgd:s=2,bucket=64")
+    outside = c.compress(x, seed=9).to_bytes()
+    seen: list[int] = []
+    with kernels_from(2**14):
+        inside = c.compress(x, seed=9).to_bytes()
+        assert _buckets.min_numel() == 2**14
+        worker = threading.Thread(target=lambda: seen.append(_buckets.min_numel()))
+        worker.start()
+        worker.join()
+        decoded_inside = [decode(p).dense() for p in (outside, inside)]
+    assert seen == [_buckets.MIN_NUMEL]  # another thread keeps the default
+    assert _buckets.min_numel() == _buckets.MIN_NUMEL  # and so does this one after the block
+    assert inside != outside  # the kernels' draws, not torch's
+    # a payload decodes to the same vector on either path
+    for payload, vector in zip((outside, inside), decoded_inside, strict=True):
+        assert torch.equal(decode(payload).dense(), vector)
+    with pytest.raises(ValueError, match="numel"), kernels_from(0):
+        pass
