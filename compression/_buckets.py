@@ -27,7 +27,8 @@ of p.
 
 The kernels (:mod:`compression._buckets_jit`) are compiled by numba on first use
 (``cache=True``: later processes load the machine code from ``__pycache__``); numba is
-imported only then, as in :mod:`compression._thin`, and only for d >= :data:`MIN_NUMEL`.
+imported only then, as in :mod:`compression._thin`, and only for d >= :data:`MIN_NUMEL`
+(or the threshold of a `kernels_from` block).
 A kernel returns -1 when a bucket's norm or scale is not finite (NaN or inf in x, or a
 sum that overflows float32); its outputs are then garbage and the caller raises.
 """
@@ -49,9 +50,10 @@ import numpy.typing as npt
 #: message is sent by a fresh ClientApp process, so for models below a few million
 #: coordinates that would cost more than the kernels save (docs/compression.md).
 MIN_NUMEL = 1 << 22
-#: What a long-lived process that encodes and decodes many messages (a server half, a
-#: benchmark) passes to `kernels_from`: from 2^14 coordinates on, the kernels beat the torch
-#: code 1.4-13x per message once numba is loaded (docs/compression.md).
+#: What a long-lived process that encodes and decodes many messages (the server half,
+#: `strategies.server_half`) passes to `kernels_from`: from 2^14 coordinates on, the
+#: kernels beat the torch code 1.4-13x per message once numba is loaded
+#: (docs/compression.md).
 LONG_LIVED_MIN_NUMEL = 1 << 14
 
 _kernels_from: ContextVar[int | None] = ContextVar("kernels_from", default=None)

@@ -83,10 +83,19 @@ PRESETS: dict[str, Preset] = {
 
 
 def perturbed_step(
-    down_memory: torch.Tensor, omega: torch.Tensor, alpha: float
+    down_memory: torch.Tensor,
+    omega: torch.Tensor,
+    alpha: float,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ŵ = H + Ω; H ← H + α_dwn Ω (same code on both sides)."""
-    return down_memory + omega, down_memory + alpha * omega
+    """ŵ = H + Ω; H ← H + α_dwn Ω (same code on both sides), written into `out`'s two
+    d-vectors when given (the server's kept scratch), else into new ones. H + α_dwn Ω is
+    computed as (α_dwn Ω) + H: one rounding per operation, the same bits in either order."""
+    model_out, memory_out = out if out is not None else (None, None)
+    return (
+        torch.add(down_memory, omega, out=model_out),
+        torch.mul(omega, alpha, out=memory_out).add_(down_memory),
+    )
 
 
 # ----------------------------------------------------------------------------- client half
@@ -161,12 +170,9 @@ class PreservedServer(ServerHalf):
         seed = derive_seed(s.seed, k, self.seed_key(node), 2)
         if self._down_scratch is None:  # two d-vectors kept: fresh ones cost page faults
             self._down_scratch = (torch.empty(self.dim), torch.empty(self.dim))
-        a, b = self._down_scratch
-        wire, omega = encode(self.down_compressor, torch.sub(self.w, H_i, out=a), seed)
-        # `perturbed_step` into the scratch, bit for bit: ŵ_i = H_i + Ω_i,
-        # H_i + α_dwn Ω_i = (α_dwn Ω_i) + H_i (one rounding per operation either way)
-        w_hat_i = torch.add(H_i, omega, out=a)
-        H_next = torch.mul(omega, s.down_memory_rate, out=b).add_(H_i)
+        to_send = torch.sub(self.w, H_i, out=self._down_scratch[0])
+        wire, omega = encode(self.down_compressor, to_send, seed)
+        w_hat_i, H_next = perturbed_step(H_i, omega, s.down_memory_rate, self._down_scratch)
         digests = (tensor_digest(H_next), tensor_digest(w_hat_i))
         message = Downlink(
             k, "fresh", book.version, self.version, 0, False, 0, [wire.payload],
