@@ -503,30 +503,30 @@ def select_grid(base: dict[str, tuple[Any, ...]], args: argparse.Namespace) -> d
     """`base` with the axes given on the command line (--clients, --participation, --d,
     --pp-variant) replaced; ValueError naming the bad value otherwise."""
     grid = dict(base)
-    parsers: dict[str, Any] = {"clients": int, "participation": float, "d": int}
     for axis in ("clients", "participation", "d", "pp_variant"):
         text = getattr(args, axis)
         if text is None:
             continue
         flag = "--" + axis.replace("_", "-")
         values: list[Any] = []
-        for item in (v.strip() for v in text.split(",")):
-            if not item:
-                continue
+        for item in filter(None, (v.strip() for v in text.split(","))):
             if axis == "pp_variant":
                 if item not in FULL_GRID["pp_variant"]:
                     raise ValueError(f"{flag}: {item!r} is not one of pp1, pp2")
                 values.append(item)
                 continue
             try:
-                value = parsers[axis](float(item)) if axis != "participation" else float(item)
+                number = float(item)
             except ValueError:
                 raise ValueError(f"{flag}: {item!r} is not a number") from None
-            if axis == "participation" and not 0 < value <= 1:
-                raise ValueError(f"{flag}: {item} is not in (0, 1]")
-            if axis != "participation" and (value < 1 or value != float(item)):
+            if axis == "participation":
+                if not 0 < number <= 1:
+                    raise ValueError(f"{flag}: {item} is not in (0, 1]")
+                values.append(number)
+            elif number < 1 or not number.is_integer():  # inf and nan too
                 raise ValueError(f"{flag}: {item} is not a positive integer")
-            values.append(value)
+            else:
+                values.append(int(number))
         if not values:
             raise ValueError(f"{flag}: no values given")
         grid[axis] = tuple(values)
@@ -577,8 +577,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.timeout <= 0:
         console.print("[red]error:[/] --timeout must be > 0")
         return 2
+    base = QUICK_GRID if args.quick else FULL_GRID
     try:
-        grid = select_grid(QUICK_GRID if args.quick else FULL_GRID, args)
+        grid = select_grid(base, args)
     except ValueError as exc:
         console.print(f"[red]error:[/] {exc}")
         return 2
@@ -586,10 +587,9 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="fedsqueeze-bench-scale-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    narrowed = grid != (QUICK_GRID if args.quick else FULL_GRID)
     cases = plan(
         grid,
-        QUICK_EXTRA if args.quick and not narrowed else (),
+        QUICK_EXTRA if args.quick and grid == base else (),  # not when the grid was narrowed
         strategies,
         QUICK_WORK_PER_CASE if args.quick else WORK_PER_CASE,
         int(psutil.virtual_memory().available),
